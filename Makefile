@@ -1,0 +1,45 @@
+# make test  — set up .venv if needed, build the extension, run pytest and the C++ tests
+# make demo  — the main job on the bundled default data
+# make bench — the pytest-benchmark suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export MAX_JOBS ?= 2
+
+.PHONY: install test test-python test-cpp bench demo clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch is installed only when absent: on these machines `torch==2.13.0` is a local CPU wheel, and
+# letting pip resolve a plain `torch` would pull a multi-GB CUDA build.
+$(VENV)/.deps: $(PY)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install numpy scipy safetensors tqdm pytest pytest-benchmark ninja matplotlib scikit-learn
+	touch $@
+
+$(VENV)/.built: $(VENV)/.deps setup.py pyproject.toml $(wildcard csrc/*/*.cpp csrc/*/*.hpp csrc/ops/*/*.cpp csrc/ops/*/*.cu)
+	$(PY) -m pip install --no-build-isolation --no-deps -e .
+	touch $@
+
+install: $(VENV)/.built
+
+test: test-python test-cpp
+
+test-python: install
+	$(PY) -m pytest -q tests
+
+test-cpp:
+	cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release >/dev/null
+	cmake --build build/cmake -j 2
+	ctest --test-dir build/cmake --output-on-failure
+
+bench: install
+	$(PY) -m pip install lapx >/dev/null 2>&1 || echo "lapx not installable: its column is skipped"
+	$(PY) -m pytest benchmarks -q --benchmark-columns=median,iqr,rounds --benchmark-sort=name
+
+demo: install
+	$(PY) -m starfast.train
+
+clean:
+	rm -rf build $(VENV) starfast/_C*.so *.egg-info

@@ -1,0 +1,64 @@
+"""Dense square linear assignment: the public entry point and its scipy reference.
+
+``linear_assignment(cost, maximize=False)`` returns, for every row, the column it is assigned to
+in an optimal assignment. It accepts one ``[n, n]`` problem or a batch ``[B, n, n]`` on any
+device (problems are solved on the CPU by the compiled Jonker–Volgenant solver in ``csrc/lap``,
+in parallel threads over the batch with the GIL released) and returns int64 on the input's
+device. ``linear_assignment_reference`` solves the same problems with scipy, one at a time.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from starfast import ops
+
+
+def _validate(cost: torch.Tensor) -> None:
+    if not isinstance(cost, torch.Tensor):
+        raise TypeError(f"linear_assignment: cost must be a torch.Tensor, got {type(cost).__name__}")
+    if cost.dim() not in (2, 3):
+        raise ValueError(f"linear_assignment: cost must be [n, n] or [B, n, n], got shape {tuple(cost.shape)}")
+    if cost.shape[-1] != cost.shape[-2]:
+        raise ValueError(
+            f"linear_assignment: cost must be square, got shape {tuple(cost.shape)}; pad rectangular "
+            "problems with zeros (or a large constant) to make them square"
+        )
+    if cost.is_complex() or not cost.is_floating_point():
+        raise ValueError(f"linear_assignment: cost must be float32 or float64, got {cost.dtype}")
+    if cost.numel() and not bool(torch.isfinite(cost).all()):
+        raise ValueError("linear_assignment: cost has NaN or infinite entries")
+
+
+def linear_assignment(cost: torch.Tensor, maximize: bool = False) -> torch.Tensor:
+    """Optimal assignment of rows to columns for one ``[n, n]`` or a batch ``[B, n, n]`` of costs.
+
+    Returns a LongTensor ``[n]`` (or ``[B, n]``) holding the column of each row, on ``cost``'s
+    device. Raises ``ValueError`` for non-square, wrong-rank, non-float or non-finite input.
+    """
+    _validate(cost)
+    work = cost.detach()
+    if work.dtype not in (torch.float32, torch.float64):
+        work = work.double()
+    if not ops.HAVE_EXTENSION:
+        return linear_assignment_reference(work, maximize).to(cost.device)
+    result = ops.linear_assignment_op(work.cpu(), bool(maximize))
+    return result.to(cost.device)
+
+
+def linear_assignment_reference(cost: torch.Tensor, maximize: bool = False) -> torch.Tensor:
+    """The same contract as :func:`linear_assignment`, solved by scipy one problem at a time."""
+    _validate(cost)
+    problems = cost.detach().cpu().double().numpy().reshape(-1, cost.shape[-2], cost.shape[-1])
+    columns = np.empty(problems.shape[:2], dtype=np.int64)
+    for b, problem in enumerate(problems):
+        rows, cols = linear_sum_assignment(problem, maximize=maximize)
+        columns[b, rows] = cols
+    return torch.from_numpy(columns).reshape(cost.shape[:-1]).to(cost.device)
+
+
+def assignment_objective(cost: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """``sum_i cost[..., i, columns[..., i]]`` in float64: the value of an assignment."""
+    picked = torch.gather(cost.double(), -1, columns.unsqueeze(-1)).squeeze(-1)
+    return picked.sum(-1)
