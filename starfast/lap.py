@@ -15,7 +15,7 @@ from scipy.optimize import linear_sum_assignment
 from starfast import ops
 
 
-def _validate(cost: torch.Tensor) -> None:
+def _validate(cost: torch.Tensor, check_finite: bool = True) -> None:
     if not isinstance(cost, torch.Tensor):
         raise TypeError(f"linear_assignment: cost must be a torch.Tensor, got {type(cost).__name__}")
     if cost.dim() not in (2, 3):
@@ -27,7 +27,9 @@ def _validate(cost: torch.Tensor) -> None:
         )
     if cost.is_complex() or not cost.is_floating_point():
         raise ValueError(f"linear_assignment: cost must be float32 or float64, got {cost.dtype}")
-    if cost.numel() and not bool(torch.isfinite(cost).all()):
+    # The compiled solver validates finiteness in its first pass over the matrix (cheaper than a
+    # separate torch.isfinite here, which costs more than solving a weight-matching problem).
+    if check_finite and cost.numel() and not bool(torch.isfinite(cost).all()):
         raise ValueError("linear_assignment: cost has NaN or infinite entries")
 
 
@@ -37,13 +39,16 @@ def linear_assignment(cost: torch.Tensor, maximize: bool = False) -> torch.Tenso
     Returns a LongTensor ``[n]`` (or ``[B, n]``) holding the column of each row, on ``cost``'s
     device. Raises ``ValueError`` for non-square, wrong-rank, non-float or non-finite input.
     """
-    _validate(cost)
+    _validate(cost, check_finite=not ops.HAVE_EXTENSION)
     work = cost.detach()
     if work.dtype not in (torch.float32, torch.float64):
         work = work.double()
     if not ops.HAVE_EXTENSION:
         return linear_assignment_reference(work, maximize).to(cost.device)
-    result = ops.linear_assignment_op(work.cpu(), bool(maximize))
+    try:
+        result = ops.linear_assignment_op(work.cpu(), bool(maximize))
+    except ValueError as error:  # non-finite entries, found by the solver: drop the C++ trace
+        raise ValueError(str(error).split("\n")[0]) from None
     return result.to(cost.device)
 
 

@@ -23,6 +23,16 @@ struct CostView {
   }
 };
 
+template <typename T>
+void throw_non_finite(int64_t n, const T* cost) {
+  for (int64_t k = 0; k < n * n; ++k) {
+    if (!std::isfinite(static_cast<double>(cost[k]))) {
+      throw std::invalid_argument("linear_assignment: cost has a NaN or infinite entry at (" +
+                                  std::to_string(k / n) + ", " + std::to_string(k % n) + ")");
+    }
+  }
+}
+
 template <typename T, bool Maximize>
 void solve_impl(const CostView<T, Maximize>& c, int64_t* x, Workspace& ws) {
   const int64_t n = c.n;
@@ -37,20 +47,24 @@ void solve_impl(const CostView<T, Maximize>& c, int64_t* x, Workspace& ws) {
   int64_t* argmin = ws.col_argmin.data();
 
   // Column reduction: v[j] = min_i c(i, j), computed row by row so memory is read in order.
+  // The same pass validates the input: h * 0 is NaN exactly when h is NaN or infinite.
   for (int64_t j = 0; j < n; ++j) {
     v[j] = kInf;
     argmin[j] = 0;
   }
+  double poison = 0.0;
   for (int64_t i = 0; i < n; ++i) {
     const T* row = c.row(i);
     for (int64_t j = 0; j < n; ++j) {
       const double h = CostView<T, Maximize>::at(row, j);
+      poison += h * 0.0;
       if (h < v[j]) {
         v[j] = h;
         argmin[j] = i;
       }
     }
   }
+  if (poison != 0.0) throw_non_finite(n, c.data);
   for (int64_t i = 0; i < n; ++i) {
     x[i] = -1;
     matches[i] = 0;
@@ -219,16 +233,6 @@ void solve_impl(const CostView<T, Maximize>& c, int64_t* x, Workspace& ws) {
   }
 }
 
-template <typename T>
-void check_finite(int64_t n, const T* cost) {
-  for (int64_t k = 0; k < n * n; ++k) {
-    if (!std::isfinite(static_cast<double>(cost[k]))) {
-      throw std::invalid_argument("linear_assignment: cost has a NaN or infinite entry at (" +
-                                  std::to_string(k / n) + ", " + std::to_string(k % n) + ")");
-    }
-  }
-}
-
 }  // namespace
 
 void Workspace::resize(int64_t n) {
@@ -247,7 +251,6 @@ void Workspace::resize(int64_t n) {
 template <typename T>
 double solve(int64_t n, const T* cost, bool maximize, int64_t* row_to_col, Workspace& ws) {
   if (n < 0) throw std::invalid_argument("linear_assignment: negative size");
-  check_finite(n, cost);
   if (n == 0) return 0.0;
   if (maximize) {
     solve_impl(CostView<T, true>{cost, n}, row_to_col, ws);
