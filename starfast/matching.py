@@ -1,0 +1,238 @@
+"""Weight matching (Ainsworth et al., "Git Re-Basin", 2022), batched over many source models.
+
+``match_weights(target, sources, spec)`` finds, for every source row, the permutation π that
+maximises ⟨target, π(source)⟩ by coordinate descent over the spec's groups: each sweep visits the
+groups in a random order and, for one group, solves the linear assignment that is optimal with
+all other groups held fixed. All N sources advance together: one group's N cost matrices come
+from one matmul on the rows' device and go to one batched ``linear_assignment`` call.
+
+Implementation choice (why it is fast): the sources are kept *already permuted* in a working
+bank, and each group's assignment is solved relative to the current permutation (cost against
+the permuted bank, then ``new = current[relative]``). Building a cost matrix therefore never
+re-gathers the other groups' axes; only the parameters a group touches are re-gathered, and only
+after it improved. A relative assignment is accepted only when it strictly raises that source's
+objective, so the objective never decreases and ties never flip a converged answer. A source
+stops after a sweep with no accepted change (or after ``max_iter`` sweeps).
+
+Starting point: the identity (Git Re-Basin's choice, the default), warm-start permutations, or
+``init="sorted"``: every group solved once, independently, on each unit's weights *sorted*, which
+is invariant to all other groups' permutations. Coordinate descent from the identity can stall
+when one group is shared by the whole network (a transformer's residual stream mixes every
+block's weights into one cost matrix); the sorted start recovers a permuted copy exactly and gives
+a coupling-free first guess for unrelated models.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from starfast.flat import ParamSpace
+from starfast.lap import linear_assignment
+from starfast.ops import permute
+from starfast.spec import Group, PermutationSpec
+
+Perm = Dict[str, torch.Tensor]
+ModelLike = Union[nn.Module, Mapping[str, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class MatchResult:
+    """What :func:`match_weights` found for each source (leading dim N, or none for one source).
+
+    ``perms``: group -> ``[N, size]`` gather indices, ``index_maps``: ``[N, P]`` (``permute(source,
+    index_map) == permuted``), ``permuted``: ``[N, P]`` the permuted sources, ``objective``:
+    ``[sweeps + 1, N]`` ⟨target, π(source)⟩ at the start and after every sweep (float64),
+    ``sweeps``: ``[N]`` sweeps run per source (the last one made no change unless max_iter hit).
+    """
+
+    perms: Perm
+    index_maps: torch.Tensor
+    permuted: torch.Tensor
+    objective: torch.Tensor
+    sweeps: torch.Tensor
+
+
+def match_weights(
+    target: ModelLike,
+    sources: Union[ModelLike, Sequence[ModelLike]],
+    spec: PermutationSpec,
+    *,
+    space: Optional[ParamSpace] = None,
+    init: Union[Perm, str, None] = None,
+    max_iter: int = 100,
+    seed: int = 0,
+) -> MatchResult:
+    """Permutations of ``sources`` that best align them with ``target`` (see module docstring).
+
+    ``target``: a module, a state dict or a row ``[P]``. ``sources``: one of those, a list of
+    them, or a bank ``[N, P]``. Rows need ``space`` (inferred from a module target). ``init``:
+    ``None`` (identity), ``"sorted"`` (see module docstring) or warm-start permutations
+    (group -> ``[N, size]`` or ``[size]``), e.g. last epoch's matches.
+    ``seed`` fixes the random group order of every sweep (the same order for all sources).
+    Returns a :class:`MatchResult`; with a single (non-bank) source its tensors have no N dim.
+    """
+    if max_iter < 1:
+        raise ValueError(f"match_weights: max_iter must be >= 1, got {max_iter}")
+    if space is None:
+        if not isinstance(target, nn.Module):
+            raise ValueError("match_weights: pass space=ParamSpace(model) when the target is a row or state dict")
+        space = ParamSpace(target)
+    target_row = _as_row(target, space, "target")
+    bank, single = _as_bank(sources, space)
+    bank = bank.to(device=target_row.device, dtype=target_row.dtype)
+    num_sources = bank.shape[0]
+    groups = [group for group in spec.groups if any(axis.name in space for axis in group.axes)]
+
+    target_views = space.views(target_row)
+    if isinstance(init, str):
+        if init != "sorted":
+            raise ValueError(f"match_weights: init must be None, 'sorted' or a dict of permutations, got {init!r}")
+        init = _sorted_init(groups, space, target_views, space.views(bank))
+    perms = _initial_perms(spec, init, num_sources, target_row.device)
+    permuted = permute(bank, spec.index_map(space, perms)) if init is not None else bank.clone()
+    permuted_views = space.views(permuted)
+
+    history = [_objective(target_row, permuted)]
+    sweeps = torch.zeros(num_sources, dtype=torch.long)
+    active = torch.ones(num_sources, dtype=torch.bool)
+    order_rng = torch.Generator().manual_seed(seed)
+    for _ in range(max_iter):
+        if not bool(active.any()):
+            break
+        changed = torch.zeros(num_sources, dtype=torch.bool)
+        rows = active.nonzero().squeeze(1)
+        for group_index in torch.randperm(len(groups), generator=order_rng).tolist():
+            group = groups[group_index]
+            cost = _group_cost(group, space, target_views, permuted_views, rows)
+            relative = linear_assignment(cost, maximize=True)
+            current = torch.diagonal(cost, dim1=1, dim2=2).double().sum(-1)
+            gain = _assignment_value(cost, relative) - current
+            improved = (gain > 1e-12 * torch.clamp(current.abs(), min=1.0)).cpu()
+            if not bool(improved.any()):
+                continue
+            accepted = rows[improved]
+            step = relative[improved.to(relative.device)]
+            perms[group.name][accepted] = torch.gather(perms[group.name][accepted], 1, step)
+            _regather(group, space, permuted_views, accepted.to(target_row.device), step)
+            changed[accepted] = True
+        sweeps[active] += 1
+        active &= changed
+        history.append(_objective(target_row, permuted))
+
+    index_maps = spec.index_map(space, perms)
+    result = MatchResult(perms, index_maps, permuted, torch.stack(history), sweeps)
+    return _squeeze(result) if single else result
+
+
+def _group_cost(group: Group, space: ParamSpace, target_views, permuted_views, rows: torch.Tensor) -> torch.Tensor:
+    """``cost[b, j, k] = Σ_axes ⟨target unit j, permuted source b unit k⟩`` for the active rows."""
+    n = group.size
+    cost = None
+    rows = rows.to(next(iter(permuted_views.values())).device)
+    for axis in group.axes:
+        if axis.name not in space:
+            continue  # a buffer: not part of the weights being matched
+        a = target_views[axis.name].narrow(axis.axis, axis.offset, n).movedim(axis.axis, 0).reshape(n, -1)
+        b = permuted_views[axis.name].index_select(0, rows)
+        b = b.narrow(axis.axis + 1, axis.offset, n).movedim(axis.axis + 1, 1).reshape(len(rows) * n, -1)
+        term = (b @ a.T).view(len(rows), n, n).transpose(1, 2)
+        cost = term if cost is None else cost + term
+    return cost.contiguous()
+
+
+def _sorted_init(groups: List[Group], space: ParamSpace, target_views, bank_views) -> Perm:
+    """Each group's assignment on per-unit sorted weights (blind to every other permutation)."""
+    perms = {}
+    for group in groups:
+        n, cost = group.size, None
+        for axis in group.axes:
+            if axis.name not in space:
+                continue
+            a = target_views[axis.name].narrow(axis.axis, axis.offset, n).movedim(axis.axis, 0).reshape(n, -1)
+            b = bank_views[axis.name].narrow(axis.axis + 1, axis.offset, n).movedim(axis.axis + 1, 1)
+            b = b.reshape(b.shape[0] * n, -1).sort(dim=1).values
+            term = (b @ a.sort(dim=1).values.T).view(-1, n, n).transpose(1, 2)
+            cost = term if cost is None else cost + term
+        perms[group.name] = linear_assignment(cost.contiguous(), maximize=True)
+    return perms
+
+
+def _regather(group: Group, space: ParamSpace, permuted_views, rows: torch.Tensor, step: torch.Tensor) -> None:
+    """Apply the accepted relative permutations ``step [R, n]`` to rows ``rows`` of the bank."""
+    n = group.size
+    for axis in group.axes:
+        if axis.name not in space:
+            continue
+        view = permuted_views[axis.name]
+        dim = axis.axis + 1
+        segment = view.index_select(0, rows).narrow(dim, axis.offset, n)
+        shape = [len(rows)] + [1] * (segment.dim() - 1)
+        shape[dim] = n
+        index = step.view(shape).expand_as(segment)
+        updated = view.index_select(0, rows)
+        updated.narrow(dim, axis.offset, n).copy_(torch.gather(segment, dim, index))
+        view.index_copy_(0, rows, updated)
+
+
+def _assignment_value(cost: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    return torch.gather(cost, 2, columns.unsqueeze(2).to(cost.device)).squeeze(2).double().sum(-1)
+
+
+def _objective(target_row: torch.Tensor, permuted: torch.Tensor) -> torch.Tensor:
+    return (permuted.double() @ target_row.double()).cpu()
+
+
+def _initial_perms(spec: PermutationSpec, init: Optional[Perm], num_sources: int, device) -> Perm:
+    identity = spec.identity(device=device)
+    perms = {name: index.expand(num_sources, -1).clone() for name, index in identity.items()}
+    if init is None:
+        return perms
+    unknown = set(init) - set(perms)
+    if unknown:
+        raise ValueError(f"match_weights: init has groups {sorted(unknown)} that the spec does not have")
+    for name, index in init.items():
+        index = index.to(device=device, dtype=torch.long)
+        if index.dim() == 1:
+            index = index.expand(num_sources, -1)
+        if tuple(index.shape) != tuple(perms[name].shape):
+            raise ValueError(
+                f"match_weights: init[{name!r}] has shape {tuple(index.shape)}, expected {tuple(perms[name].shape)}"
+            )
+        perms[name] = index.clone()
+    return perms
+
+
+def _as_row(model: ModelLike, space: ParamSpace, what: str) -> torch.Tensor:
+    if isinstance(model, torch.Tensor):
+        if model.dim() != 1 or model.shape[0] != space.size:
+            raise ValueError(f"match_weights: {what} row must have shape [{space.size}], got {tuple(model.shape)}")
+        return model.detach()
+    return space.flatten(model)
+
+
+def _as_bank(sources, space: ParamSpace):
+    if isinstance(sources, torch.Tensor):
+        if sources.dim() == 1:
+            return _as_row(sources, space, "source").unsqueeze(0), True
+        if sources.dim() != 2 or sources.shape[1] != space.size:
+            raise ValueError(f"match_weights: sources bank must be [N, {space.size}], got {tuple(sources.shape)}")
+        return sources.detach(), False
+    if isinstance(sources, (nn.Module, Mapping)):
+        return _as_row(sources, space, "source").unsqueeze(0), True
+    rows = [_as_row(source, space, f"source {k}") for k, source in enumerate(sources)]
+    if not rows:
+        raise ValueError("match_weights: no sources given")
+    return torch.stack(rows), False
+
+
+def _squeeze(result: MatchResult) -> MatchResult:
+    return MatchResult(
+        perms={name: index[0] for name, index in result.perms.items()},
+        index_maps=result.index_maps[0],
+        permuted=result.permuted[0],
+        objective=result.objective[:, 0],
+        sweeps=result.sweeps[0],
+    )

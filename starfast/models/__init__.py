@@ -1,0 +1,104 @@
+"""The architecture zoo: build a model by name and get its permutation spec.
+
+``build(name, num_classes=10, in_channels=3, input_shape=None, **options)`` constructs a randomly
+initialised model; ``permutation_spec(model)`` returns its :class:`~starfast.spec.PermutationSpec`;
+``names()`` lists the architectures. Each family lives in its own module and owns its spec:
+
+- ``mlp`` (:mod:`.mlp`): depth=2 hidden layers, width=128, activation relu|elu|silu|identity, bias=True.
+- ``linear2`` (:mod:`.mlp`): the paper's bias-free two-layer net; width=128, activation identity|elu.
+- ``resnet18``, ``resnet20`` (:mod:`.resnet`): CIFAR ResNets; width=1 multiplies 64 / 16 channels.
+- ``resnet18-imagenet`` (:mod:`.resnet`): torchvision's resnet18 (needs torchvision).
+- ``wrn`` (:mod:`.wrn`): WideResNet, depth=22 (16..40, (depth - 4) % 6 == 0), width=1 (1..8).
+- ``vgg11``, ``vgg19`` (:mod:`.vgg`): with BatchNorm; width=1 multiplies the channels.
+- ``densenet40`` (:mod:`.densenet`): DenseNet-40, growth=12.
+- ``vit`` (:mod:`.vit`): patch=4, dim=128, depth=6, heads=4, mlp_dim=256.
+
+``mlp``, ``linear2`` and ``vit`` need ``input_shape``; the conv nets take any image of at least
+8x8 pixels. ``input_shape`` is the shape of one example, e.g. ``(1, 8, 8)`` or ``(2,)``. Image models take
+their channel count from ``in_channels`` and, when ``input_shape`` is given too, require the two
+to agree; the fully connected models ignore ``in_channels``.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Callable, Dict, List, Optional, Sequence
+
+from torch import nn
+
+from starfast.models.densenet import build_densenet40
+from starfast.models.mlp import build_linear2, build_mlp
+from starfast.models.options import positive_int
+from starfast.models.resnet import build_resnet18, build_resnet18_imagenet, build_resnet20, resnet_spec
+from starfast.models.vgg import build_vgg11, build_vgg19
+from starfast.models.vit import build_vit
+from starfast.models.wrn import build_wrn
+from starfast.spec import PermutationSpec
+
+_BUILDERS: Dict[str, Callable[..., nn.Module]] = {
+    "mlp": build_mlp,
+    "linear2": build_linear2,
+    "resnet18": build_resnet18,
+    "resnet20": build_resnet20,
+    "resnet18-imagenet": build_resnet18_imagenet,
+    "wrn": build_wrn,
+    "vgg11": build_vgg11,
+    "vgg19": build_vgg19,
+    "densenet40": build_densenet40,
+    "vit": build_vit,
+}
+
+
+def names() -> List[str]:
+    return list(_BUILDERS)
+
+
+def options(name: str) -> Dict[str, object]:
+    """The keyword options of architecture ``name`` with their defaults."""
+    builder = _builder(name)
+    return {
+        parameter.name: parameter.default
+        for parameter in inspect.signature(builder).parameters.values()
+        if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+
+
+def build(
+    name: str,
+    num_classes: int = 10,
+    in_channels: int = 3,
+    input_shape: Optional[Sequence[int]] = None,
+    **kw,
+) -> nn.Module:
+    """A randomly initialised model of architecture ``name`` (see the module docstring)."""
+    builder = _builder(name)
+    accepted = options(name)
+    unknown = sorted(set(kw) - set(accepted))
+    if unknown:
+        described = ", ".join(f"{option}={default!r}" for option, default in accepted.items()) or "none"
+        raise ValueError(f"{name} does not take option(s) {unknown}; its options are: {described}")
+    positive_int("num_classes", num_classes)
+    if input_shape is not None:
+        input_shape = tuple(input_shape)
+        if not input_shape or not all(isinstance(size, int) and size >= 1 for size in input_shape):
+            raise ValueError(f"input_shape={input_shape!r} must be the shape of one example: positive ints, e.g. (3, 32, 32)")
+    return builder(num_classes, in_channels, input_shape, **kw)
+
+
+def permutation_spec(model: nn.Module) -> PermutationSpec:
+    """The permutation spec of a model built by :func:`build` (or any torchvision ResNet)."""
+    method = getattr(model, "permutation_spec", None)
+    if callable(method):
+        return method()
+    if type(model).__module__.startswith("torchvision.models.resnet"):
+        return resnet_spec(model)
+    raise TypeError(
+        f"no permutation spec is known for {type(model).__name__}; build models with starfast.models.build "
+        f"({', '.join(names())}) or give the model a permutation_spec() method"
+    )
+
+
+def _builder(name: str) -> Callable[..., nn.Module]:
+    try:
+        return _BUILDERS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown architecture {name!r}; choose one of: {', '.join(_BUILDERS)}") from None

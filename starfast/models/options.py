@@ -1,0 +1,37 @@
+"""Checks of architecture options, so every builder rejects bad values with the same clear message."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+
+def positive_int(name: str, value) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a positive int")
+    return value
+
+
+def scaled_channels(name: str, width, base: int) -> int:
+    """``base * width`` channels for a width multiplier ``width`` (a positive number)."""
+    if isinstance(width, bool) or not isinstance(width, (int, float)) or not width > 0:
+        raise ValueError(f"{name}: width={width!r} must be a positive number (a channel multiplier)")
+    channels = round(base * width)
+    if channels < 1:
+        raise ValueError(f"{name}: width={width!r} leaves {base} * {width} < 1 channel; use a larger width")
+    return channels
+
+
+def image_channels(arch: str, in_channels: int, input_shape: Optional[Sequence[int]], min_size: int = 8) -> int:
+    """The channel count of an image model, checked against ``input_shape`` (C, H, W) when given."""
+    positive_int("in_channels", in_channels)
+    if input_shape is None:
+        return in_channels
+    if len(input_shape) != 3:
+        raise ValueError(f"{arch} takes images: input_shape must be (channels, height, width), got {tuple(input_shape)}")
+    if input_shape[0] != in_channels:
+        raise ValueError(
+            f"{arch}: in_channels={in_channels} but input_shape={tuple(input_shape)} has {input_shape[0]} channels; "
+            f"pass in_channels={input_shape[0]}"
+        )
+    if min(input_shape[1:]) < min_size:
+        raise ValueError(f"{arch} needs images of at least {min_size}x{min_size}, got input_shape={tuple(input_shape)}")
+    return in_channels

@@ -1,0 +1,270 @@
+"""Permutation specs: which tensor axes each neuron permutation acts on, and how to apply one.
+
+A ``PermutationSpec`` is a list of ``Group``s — one per permutable hidden axis of an
+architecture (a layer's output units, a residual stream, a dense-block segment, an attention
+head's query/key dims…). Each group lists the ``Axis``es it acts on: a state-dict name
+(parameter or buffer), the axis of that tensor, and an ``offset`` for groups that own only a
+slice of the axis (DenseNet concatenations, fused projections).
+
+A permutation ``Perm`` maps every group name to a LongTensor ``[size]`` (or a batch ``[K, size]``).
+Semantics are gathers: on every axis of group ``g`` the new unit ``k`` is the old unit
+``perm[g][k]``. This module owns validating specs and permutations, the group algebra
+(identity, random, compose, inverse), applying a permutation to a state dict or to a model, and
+turning a permutation into a flat ``[P]`` (or ``[K, P]``) index map for :func:`starfast.ops.permute`.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from starfast.flat import ParamSpace
+
+Perm = Dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One tensor axis a group permutes: ``tensor[name].narrow(axis, offset, group.size)``."""
+
+    name: str
+    axis: int
+    offset: int = 0
+
+
+@dataclass(frozen=True)
+class Group:
+    """One permutable set of ``size`` units and every tensor axis that carries them."""
+
+    name: str
+    size: int
+    axes: Tuple[Axis, ...]
+
+
+class PermutationSpec:
+    """The permutation symmetry of one architecture (see the module docstring)."""
+
+    def __init__(self, groups: Sequence[Group]):
+        self.groups: Tuple[Group, ...] = tuple(groups)
+        self._by_name: Dict[str, Group] = {}
+        self._axes_by_tensor: Dict[str, List[Tuple[Axis, str]]] = {}
+        claimed: Dict[Tuple[str, int], List[Tuple[int, int, str]]] = {}
+        for group in self.groups:
+            if not isinstance(group, Group):
+                raise TypeError(f"PermutationSpec: expected Group objects, got {type(group).__name__}")
+            if group.name in self._by_name:
+                raise ValueError(f"PermutationSpec: group name {group.name!r} is used twice")
+            if not isinstance(group.size, int) or group.size < 1:
+                raise ValueError(f"PermutationSpec: group {group.name!r} has size {group.size!r}; it must be a positive int")
+            if not group.axes:
+                raise ValueError(f"PermutationSpec: group {group.name!r} acts on no axis")
+            self._by_name[group.name] = group
+            for axis in group.axes:
+                if axis.axis < 0 or axis.offset < 0:
+                    raise ValueError(
+                        f"PermutationSpec: group {group.name!r} has {axis}; axis and offset must be non-negative"
+                    )
+                start, stop = axis.offset, axis.offset + group.size
+                for other_start, other_stop, other in claimed.setdefault((axis.name, axis.axis), []):
+                    if start < other_stop and other_start < stop:
+                        raise ValueError(
+                            f"PermutationSpec: axis {axis.axis} of {axis.name!r} is claimed twice: units "
+                            f"[{start}, {stop}) by group {group.name!r} overlap [{other_start}, {other_stop}) "
+                            f"of group {other!r}"
+                        )
+                claimed[(axis.name, axis.axis)].append((start, stop, group.name))
+                self._axes_by_tensor.setdefault(axis.name, []).append((axis, group.name))
+
+    def __repr__(self) -> str:
+        return f"PermutationSpec({len(self.groups)} groups, {len(self._axes_by_tensor)} tensors)"
+
+    # -- structure ------------------------------------------------------------------------------
+
+    def group(self, name: str) -> Group:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise KeyError(f"PermutationSpec: no group named {name!r}") from None
+
+    def axes_of(self, name: str) -> List[Tuple[Axis, str]]:
+        """The ``(Axis, group name)`` pairs acting on tensor ``name`` (empty if none)."""
+        return list(self._axes_by_tensor.get(name, ()))
+
+    @property
+    def tensor_names(self) -> List[str]:
+        """Every state-dict name some group acts on."""
+        return list(self._axes_by_tensor)
+
+    def validate(self, model_or_state: Union[nn.Module, Mapping[str, torch.Tensor]]) -> None:
+        """Raise ``ValueError`` unless every axis of the spec exists in the model, big enough."""
+        state = _state_of(model_or_state)
+        for name, pairs in self._axes_by_tensor.items():
+            if name not in state:
+                raise ValueError(
+                    f"PermutationSpec.validate: the model has no parameter or buffer {name!r} that group "
+                    f"{pairs[0][1]!r} acts on; was this spec built for a different architecture?"
+                )
+            for axis, group_name in pairs:
+                _check_fits(name, tuple(state[name].shape), axis, self._by_name[group_name], "the model")
+
+    # -- permutations ---------------------------------------------------------------------------
+
+    def identity(self, device: Union[str, torch.device, None] = None) -> Perm:
+        return {group.name: torch.arange(group.size, device=device) for group in self.groups}
+
+    def random(self, generator: torch.Generator) -> Perm:
+        """A uniformly random permutation of every group, drawn from ``generator`` (on its device)."""
+        return {
+            group.name: torch.randperm(group.size, generator=generator, device=generator.device)
+            for group in self.groups
+        }
+
+    def compose(self, p: Perm, q: Perm) -> Perm:
+        """The permutation that applies ``q`` first, then ``p``: ``q[p]`` per group."""
+        self.check_perm(p, "p")
+        self.check_perm(q, "q")
+        composed = {}
+        for name in self._by_name:
+            outer, inner = torch.broadcast_tensors(p[name].long(), q[name].long().to(p[name].device))
+            composed[name] = torch.gather(inner, -1, outer)
+        return composed
+
+    def inverse(self, p: Perm) -> Perm:
+        self.check_perm(p, "p")
+        inverted = {}
+        for name in self._by_name:
+            index = p[name].long()
+            positions = torch.arange(index.shape[-1], device=index.device).expand_as(index)
+            inverted[name] = torch.empty_like(index).scatter_(-1, index, positions)
+        return inverted
+
+    def check_perm(self, perm: Perm, what: str = "perm") -> Optional[int]:
+        """Raise unless ``perm`` is a permutation for this spec; return its batch size (None if unbatched)."""
+        if not isinstance(perm, Mapping):
+            raise TypeError(f"{what} must be a dict of group name -> index tensor, got {type(perm).__name__}")
+        missing = [name for name in self._by_name if name not in perm]
+        extra = [name for name in perm if name not in self._by_name]
+        if missing or extra:
+            raise ValueError(
+                f"{what} does not match this spec: missing groups {missing[:5]}, unknown groups {extra[:5]} "
+                "(build permutations with spec.identity() / spec.random() or a matcher for this architecture)"
+            )
+        batch_shapes = set()
+        for name, group in self._by_name.items():
+            index = perm[name]
+            if not isinstance(index, torch.Tensor) or index.dtype not in (torch.int64, torch.int32):
+                raise TypeError(f"{what}[{name!r}] must be an int64 tensor, got {_describe(index)}")
+            if index.dim() not in (1, 2) or index.shape[-1] != group.size:
+                raise ValueError(
+                    f"{what}[{name!r}] has shape {list(index.shape)}; group {name!r} needs [{group.size}] or [K, {group.size}]"
+                )
+            ordered = index.sort(-1).values
+            if not bool((ordered == torch.arange(group.size, device=index.device)).all()):
+                raise ValueError(f"{what}[{name!r}] is not a permutation of 0..{group.size - 1}")
+            batch_shapes.add(tuple(index.shape[:-1]))
+        if len(batch_shapes) > 1:
+            raise ValueError(
+                f"{what} mixes batched and unbatched (or differently batched) groups: leading shapes {sorted(batch_shapes)}"
+            )
+        (lead,) = batch_shapes or {()}
+        return lead[0] if lead else None
+
+    # -- applying -------------------------------------------------------------------------------
+
+    def apply(self, tensors: Mapping[str, torch.Tensor], perm: Perm) -> Dict[str, torch.Tensor]:
+        """Permute a state dict (parameters and buffers) by ``perm``.
+
+        Covered tensors are returned as new permuted tensors; every other entry (including names
+        the spec covers but ``tensors`` lacks) is passed through as the same object. With a
+        batched ``perm`` (``[K, size]`` per group) every covered tensor must carry a leading
+        ``K`` dimension (e.g. stacked state dicts).
+        """
+        batch = self.check_perm(perm)
+        out = dict(tensors)
+        for name, pairs in self._axes_by_tensor.items():
+            if name not in tensors:
+                continue
+            tensor = tensors[name]
+            shape = tuple(tensor.shape[1:] if batch is not None else tensor.shape)
+            if batch is not None and (tensor.dim() == 0 or tensor.shape[0] != batch):
+                raise ValueError(
+                    f"PermutationSpec.apply: perm is batched over K={batch} but {name!r} has shape "
+                    f"{list(tensor.shape)}; stack K state dicts so every tensor starts with K"
+                )
+            for axis, group_name in pairs:
+                _check_fits(name, shape, axis, self._by_name[group_name], "the state dict")
+            permuted = tensor.clone()  # clone, not detach: gradients still flow through apply
+            self._permute_in_place(permuted, pairs, perm, batch is not None)
+            out[name] = permuted
+        return out
+
+    def index_map(self, space: ParamSpace, perm: Perm) -> torch.Tensor:
+        """The gather index ``[P]`` (``[K, P]`` for a batched ``perm``) that permutes flat rows.
+
+        ``ops.permute(space.flatten(model), spec.index_map(space, perm))`` equals
+        ``space.flatten(spec.apply(model.state_dict(), perm))``.
+        """
+        batch = self.check_perm(perm)
+        device = next(iter(perm.values())).device if perm else None
+        rows = torch.arange(space.size, device=device)
+        if batch is not None:
+            rows = rows.repeat(batch, 1)
+        views = space.views(rows)  # views alias ``rows``: permuting them in place builds the map
+        for name, pairs in self._axes_by_tensor.items():
+            if name not in space:
+                continue  # buffers are not part of a row
+            for axis, group_name in pairs:
+                _check_fits(name, space.entry(name).shape, axis, self._by_name[group_name], "the ParamSpace")
+            self._permute_in_place(views[name], pairs, perm, batch is not None)
+        return rows
+
+    @staticmethod
+    def _permute_in_place(tensor: torch.Tensor, pairs: List[Tuple[Axis, str]], perm: Perm, batched: bool) -> None:
+        lead = 1 if batched else 0
+        for axis, group_name in pairs:
+            index = perm[group_name].to(tensor.device).long()
+            dim = axis.axis + lead
+            segment = tensor.narrow(dim, axis.offset, index.shape[-1])
+            broadcast_shape = [1] * segment.dim()
+            broadcast_shape[dim] = index.shape[-1]
+            if batched:
+                broadcast_shape[0] = index.shape[0]
+            gathered = torch.gather(segment, dim, index.view(broadcast_shape).expand(segment.shape))
+            segment.copy_(gathered)
+
+
+def permute_model(model: nn.Module, spec: PermutationSpec, perm: Perm) -> nn.Module:
+    """A deep copy of ``model`` with parameters and buffers permuted by ``perm`` (unbatched)."""
+    if spec.check_perm(perm) is not None:
+        raise ValueError("permute_model: perm is batched ([K, size] per group); pass one permutation ([size] per group)")
+    spec.validate(model)
+    permuted = copy.deepcopy(model)
+    with torch.no_grad():
+        permuted.load_state_dict(spec.apply(model.state_dict(), perm))
+    return permuted
+
+
+def _state_of(model_or_state: Union[nn.Module, Mapping[str, torch.Tensor]]) -> Mapping[str, torch.Tensor]:
+    if isinstance(model_or_state, nn.Module):
+        return model_or_state.state_dict()
+    if isinstance(model_or_state, Mapping):
+        return model_or_state
+    raise TypeError(f"expected an nn.Module or a state dict, got {type(model_or_state).__name__}")
+
+
+def _check_fits(name: str, shape: Tuple[int, ...], axis: Axis, group: Group, where: str) -> None:
+    if axis.axis >= len(shape) or axis.offset + group.size > shape[axis.axis]:
+        raise ValueError(
+            f"PermutationSpec: group {group.name!r} permutes units [{axis.offset}, {axis.offset + group.size}) "
+            f"of axis {axis.axis} of {name!r}, but in {where} that tensor has shape {list(shape)}; "
+            "the spec was built for a different architecture or width"
+        )
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor"
+    return type(value).__name__
