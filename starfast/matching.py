@@ -6,13 +6,16 @@ groups in a random order and, for one group, solves the linear assignment that i
 all other groups held fixed. All N sources advance together: one group's N cost matrices come
 from one matmul on the rows' device and go to one batched ``linear_assignment`` call.
 
-Implementation choice (why it is fast): the sources are kept *already permuted* in a working
-bank, and each group's assignment is solved relative to the current permutation (cost against
-the permuted bank, then ``new = current[relative]``). Building a cost matrix therefore never
-re-gathers the other groups' axes; only the parameters a group touches are re-gathered, and only
-after it improved. A relative assignment is accepted only when it strictly raises that source's
-objective, so the objective never decreases and ties never flip a converged answer. A source
-stops after a sweep with no accepted change (or after ``max_iter`` sweeps).
+Implementation choices (why it is fast): the sources are kept *already permuted* in working
+per-parameter tensors ``[N, *shape]``, and each group's assignment is solved relative to the
+current permutation (cost against the permuted sources, then ``new = current[relative]``).
+Building a cost matrix therefore never re-gathers the other groups' axes; only the parameters a
+group touches are re-gathered, and only after it improved. A relative assignment is accepted only
+when it strictly raises that source's objective, so the objective never decreases and ties never
+flip a converged answer. A group is re-solved for a source only when it is *dirty*: a group that
+shares a parameter with it changed since it was last solved. Skipping clean groups changes no
+result (their assignment problem is the one already solved) but makes confirmation sweeps and
+warm starts cheap. A source stops after a sweep with no accepted change (or ``max_iter`` sweeps).
 
 Starting point: the identity (Git Re-Basin's choice, the default), warm-start permutations, or
 ``init="sorted"``: every group solved once, independently, on each unit's weights *sorted*, which
@@ -92,21 +95,31 @@ def match_weights(
             raise ValueError(f"match_weights: init must be None, 'sorted' or a dict of permutations, got {init!r}")
         init = _sorted_init(groups, space, target_views, space.views(bank))
     perms = _initial_perms(spec, init, num_sources, target_row.device)
-    permuted = permute(bank, spec.index_map(space, perms)) if init is not None else bank.clone()
-    permuted_views = space.views(permuted)
+    start = permute(bank, spec.index_map(space, perms)) if init is not None else bank
+    touched = sorted({axis.name for group in groups for axis in group.axes if axis.name in space})
+    start_views = space.views(start)
+    # Always a copy: with one source the view is already contiguous and would alias the input.
+    permuted = {name: start_views[name].clone(memory_format=torch.contiguous_format) for name in touched}
+    neighbours = _neighbours(groups)
 
-    history = [_objective(target_row, permuted)]
+    fixed = _objective(target_views, start_views, [e.name for e in space.entries if e.name not in permuted])
+    history = [fixed + _objective(target_views, permuted, touched)]
     sweeps = torch.zeros(num_sources, dtype=torch.long)
     active = torch.ones(num_sources, dtype=torch.bool)
+    dirty = {group.name: torch.ones(num_sources, dtype=torch.bool) for group in groups}
     order_rng = torch.Generator().manual_seed(seed)
     for _ in range(max_iter):
         if not bool(active.any()):
             break
         changed = torch.zeros(num_sources, dtype=torch.bool)
-        rows = active.nonzero().squeeze(1)
         for group_index in torch.randperm(len(groups), generator=order_rng).tolist():
             group = groups[group_index]
-            cost = _group_cost(group, space, target_views, permuted_views, rows)
+            rows = (active & dirty[group.name]).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            dirty[group.name][rows] = False
+            all_rows = rows.numel() == num_sources
+            cost = _group_cost(group, space, target_views, permuted, None if all_rows else rows.to(target_row.device))
             relative = linear_assignment(cost, maximize=True)
             current = torch.diagonal(cost, dim1=1, dim2=2).double().sum(-1)
             gain = _assignment_value(cost, relative) - current
@@ -116,31 +129,44 @@ def match_weights(
             accepted = rows[improved]
             step = relative[improved.to(relative.device)]
             perms[group.name][accepted] = torch.gather(perms[group.name][accepted], 1, step)
-            _regather(group, space, permuted_views, accepted.to(target_row.device), step)
+            _regather(group, space, permuted, accepted.to(target_row.device), step)
             changed[accepted] = True
+            for name in neighbours[group.name]:
+                dirty[name][accepted] = True
         sweeps[active] += 1
         active &= changed
-        history.append(_objective(target_row, permuted))
+        history.append(fixed + _objective(target_views, permuted, touched))
 
     index_maps = spec.index_map(space, perms)
-    result = MatchResult(perms, index_maps, permuted, torch.stack(history), sweeps)
+    result = MatchResult(perms, index_maps, permute(bank, index_maps), torch.stack(history), sweeps)
     return _squeeze(result) if single else result
 
 
-def _group_cost(group: Group, space: ParamSpace, target_views, permuted_views, rows: torch.Tensor) -> torch.Tensor:
-    """``cost[b, j, k] = Σ_axes ⟨target unit j, permuted source b unit k⟩`` for the active rows."""
+def _group_cost(group: Group, space: ParamSpace, target_views, permuted, rows: Optional[torch.Tensor]) -> torch.Tensor:
+    """``cost[b, j, k] = Σ_axes ⟨target unit j, permuted source b unit k⟩`` for ``rows`` (None: all)."""
     n = group.size
     cost = None
-    rows = rows.to(next(iter(permuted_views.values())).device)
     for axis in group.axes:
         if axis.name not in space:
             continue  # a buffer: not part of the weights being matched
         a = target_views[axis.name].narrow(axis.axis, axis.offset, n).movedim(axis.axis, 0).reshape(n, -1)
-        b = permuted_views[axis.name].index_select(0, rows)
-        b = b.narrow(axis.axis + 1, axis.offset, n).movedim(axis.axis + 1, 1).reshape(len(rows) * n, -1)
-        term = (b @ a.T).view(len(rows), n, n).transpose(1, 2)
+        b = permuted[axis.name] if rows is None else permuted[axis.name].index_select(0, rows)
+        b = b.narrow(axis.axis + 1, axis.offset, n).movedim(axis.axis + 1, 1).reshape(b.shape[0] * n, -1)
+        term = (b @ a.T).view(-1, n, n).transpose(1, 2)
         cost = term if cost is None else cost + term
     return cost.contiguous()
+
+
+def _neighbours(groups: List[Group]) -> Dict[str, List[str]]:
+    """Groups sharing a tensor with each group: the ones whose costs its changes move."""
+    by_tensor: Dict[str, set] = {}
+    for group in groups:
+        for axis in group.axes:
+            by_tensor.setdefault(axis.name, set()).add(group.name)
+    return {
+        group.name: sorted({other for axis in group.axes for other in by_tensor[axis.name]} - {group.name})
+        for group in groups
+    }
 
 
 def _sorted_init(groups: List[Group], space: ParamSpace, target_views, bank_views) -> Perm:
@@ -160,29 +186,34 @@ def _sorted_init(groups: List[Group], space: ParamSpace, target_views, bank_view
     return perms
 
 
-def _regather(group: Group, space: ParamSpace, permuted_views, rows: torch.Tensor, step: torch.Tensor) -> None:
-    """Apply the accepted relative permutations ``step [R, n]`` to rows ``rows`` of the bank."""
+def _regather(group: Group, space: ParamSpace, permuted, rows: torch.Tensor, step: torch.Tensor) -> None:
+    """Apply the accepted relative permutations ``step [R, n]`` to sources ``rows``."""
     n = group.size
     for axis in group.axes:
         if axis.name not in space:
             continue
-        view = permuted_views[axis.name]
+        tensor = permuted[axis.name]
         dim = axis.axis + 1
-        segment = view.index_select(0, rows).narrow(dim, axis.offset, n)
+        updated = tensor.index_select(0, rows)
+        segment = updated.narrow(dim, axis.offset, n)
         shape = [len(rows)] + [1] * (segment.dim() - 1)
         shape[dim] = n
-        index = step.view(shape).expand_as(segment)
-        updated = view.index_select(0, rows)
-        updated.narrow(dim, axis.offset, n).copy_(torch.gather(segment, dim, index))
-        view.index_copy_(0, rows, updated)
+        segment.copy_(torch.gather(segment, dim, step.view(shape).expand_as(segment)))
+        tensor.index_copy_(0, rows, updated)
 
 
 def _assignment_value(cost: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
     return torch.gather(cost, 2, columns.unsqueeze(2).to(cost.device)).squeeze(2).double().sum(-1)
 
 
-def _objective(target_row: torch.Tensor, permuted: torch.Tensor) -> torch.Tensor:
-    return (permuted.double() @ target_row.double()).cpu()
+def _objective(target_views, source_views, names: List[str]) -> torch.Tensor:
+    """``[N]`` float64 ⟨target, source⟩ restricted to the parameters ``names``."""
+    total = None
+    for name in names:
+        source = source_views[name]
+        term = source.reshape(source.shape[0], -1).double() @ target_views[name].reshape(-1).double()
+        total = term if total is None else total + term
+    return (total if total is not None else torch.zeros(next(iter(source_views.values())).shape[0], dtype=torch.float64)).cpu()
 
 
 def _initial_perms(spec: PermutationSpec, init: Optional[Perm], num_sources: int, device) -> Perm:

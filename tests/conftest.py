@@ -1,9 +1,16 @@
-"""Shared pytest fixtures: a per-test torch.Generator with a fresh (logged) seed."""
+"""Shared pytest setup: one intra-op thread, and a per-test torch.Generator with a fresh (logged)
+seed.
+
+Tests run tiny ops whose cost is dominated by thread synchronisation; on the 2-core CI machine
+(and worse when it is shared) one thread is several times faster and keeps results reproducible.
+"""
 import os
 import random
 
 import pytest
 import torch
+
+torch.set_num_threads(1)
 
 
 @pytest.fixture

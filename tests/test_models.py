@@ -32,15 +32,6 @@ ARCH_NAMES = list(ARCHS)
 BATCH = 6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    # These models are tiny: on a shared machine intra-op threads cost far more than they save.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _randomized(model: nn.Module, seed: int) -> nn.Module:
     """Perturb every parameter and give BatchNorm non-trivial running statistics."""
     generator = torch.Generator().manual_seed(seed)

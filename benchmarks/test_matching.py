@@ -1,0 +1,116 @@
+"""Weight matching and permutation benchmarks.
+
+- 50 sources matched to one target: batched (one matmul + one batched compiled LAP per group)
+  vs the Git Re-Basin way (one model at a time, costs rebuilt with index_select, scipy LAP).
+  Both follow the same rules and run the same number of sweeps (asserted), so the times compare
+  equal work; the FLOP rate of the cost matmuls is recorded in extra_info.
+- Warm-started re-match after a small move of the target (θ + 1% noise) vs a cold match.
+- ``permute`` of a [50, P] bank vs a per-parameter index_select loop.
+"""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from starfast import models
+from starfast.flat import ParamSpace
+from starfast.matching import match_weights
+from starfast.ops import permute
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from matching_reference import match_one  # noqa: E402
+
+NUM_SOURCES = 50
+ARCH = "resnet18" if torch.cuda.is_available() else "resnet20"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(scope="module")
+def zoo():
+    torch.manual_seed(0)
+    target = models.build(ARCH, num_classes=10, in_channels=3)
+    space, spec = ParamSpace(target), models.permutation_spec(target)
+    bank = torch.stack([space.flatten(models.build(ARCH, num_classes=10, in_channels=3)) for _ in range(NUM_SOURCES)])
+    return space, spec, space.flatten(target).to(DEVICE), bank.to(DEVICE)
+
+
+def cost_flops_per_sweep(space: ParamSpace, spec, num_sources: int) -> int:
+    flops = 0
+    for group in spec.groups:
+        for axis in group.axes:
+            if axis.name in space:
+                rest = space.entry(axis.name).shape
+                numel = 1
+                for size in rest:
+                    numel *= size
+                flops += 2 * num_sources * group.size * numel  # [n, d] @ [d, n] per source, d = numel / n
+    return flops
+
+
+def test_match_batched(bench, benchmark, zoo):
+    space, spec, target, bank = zoo
+    result = bench(f"match {NUM_SOURCES}x {ARCH}", "ours", lambda: match_weights(target, bank, spec, space=space), rounds=3)
+    sweeps = int(result.sweeps.sum())
+    benchmark.extra_info["sweeps"] = sweeps
+    seconds = benchmark.stats.stats.median
+    benchmark.extra_info["cost_gflops_per_s"] = cost_flops_per_sweep(space, spec, 1) * sweeps / seconds / 1e9
+
+
+def test_match_per_model_scipy(bench, benchmark, zoo):
+    space, spec, target, bank = zoo
+    target_views = space.views(target.cpu())
+    bank_views = [space.views(row) for row in bank.cpu()]
+
+    def loop():
+        return [match_one(target_views, views, spec) for views in bank_views]
+
+    results = bench(f"match {NUM_SOURCES}x {ARCH}", "baseline", loop, rounds=1, warmup_rounds=0)
+    benchmark.extra_info["sweeps"] = sum(sweeps for _, sweeps in results)
+
+
+@pytest.mark.parametrize("start", ["warm", "cold"])
+def test_rematch_after_small_move(bench, benchmark, zoo, start):
+    space, spec, target, bank = zoo
+    first = match_weights(target, bank, spec, space=space)
+    noise = torch.randn(target.shape, generator=torch.Generator().manual_seed(1)).to(target.device)
+    moved = target + 0.01 * target.abs().mean() * noise
+    init = first.perms if start == "warm" else None
+    result = bench(
+        f"rematch {NUM_SOURCES}x {ARCH} after 1% move", "ours" if start == "warm" else "baseline",
+        lambda: match_weights(moved, bank, spec, space=space, init=init), rounds=3,
+    )
+    benchmark.extra_info["sweeps"] = int(result.sweeps.sum())
+
+
+@pytest.mark.parametrize("how", ["permute", "index_select loop"])
+def test_permute_bank(bench, zoo, how):
+    space, spec, _, bank = zoo
+    generator = torch.Generator().manual_seed(2)
+    perms = {name: torch.stack([torch.randperm(spec.group(name).size, generator=generator) for _ in range(NUM_SOURCES)])
+             for name in spec.identity()}
+    index_maps = spec.index_map(space, {k: v.to(bank.device) for k, v in perms.items()})
+    if how == "permute":
+        out = torch.empty_like(bank)
+        bench(f"permute [{NUM_SOURCES}, P] {ARCH}", "ours", lambda: permute(bank, index_maps, out=out), rounds=11)
+        return
+    per_model = [{name: index[k].to(bank.device) for name, index in perms.items()} for k in range(NUM_SOURCES)]
+
+    def loop():
+        rows = []
+        for k in range(NUM_SOURCES):
+            views = space.views(bank[k])
+            parts = []
+            for entry in space.entries:
+                tensor = views[entry.name]
+                for axis, group in spec.axes_of(entry.name):
+                    size = spec.group(group).size
+                    tensor = tensor.clone()
+                    segment = tensor.narrow(axis.axis, axis.offset, size)
+                    segment.copy_(segment.index_select(axis.axis, per_model[k][group]))
+                parts.append(tensor.reshape(-1))
+            rows.append(torch.cat(parts))
+        return torch.stack(rows)
+
+    result = bench(f"permute [{NUM_SOURCES}, P] {ARCH}", "baseline", loop, rounds=3)
+    assert torch.equal(result, permute(bank, index_maps))

@@ -1,0 +1,314 @@
+"""The run directory: where a job keeps its configuration, trained models and checkpoints.
+
+Layout (every file is written atomically: a temp file in the same folder, then ``os.replace``)::
+
+    RUN/config.json                        what the run is (model, dataset, recipe, counts)
+    RUN/sources/seed-0000.safetensors      state_dict (parameters and buffers) of source model 0
+    RUN/sources/seed-0000.json             its metadata: model, dataset, seed, recipe, metrics...
+    RUN/heldout/seed-1000.safetensors      held-out models, same format
+    RUN/checkpoints/<role>/seed-0000.pt    in-progress training state (removed once finished)
+
+A model is *finished* when both its ``.safetensors`` and its ``.json`` exist (the JSON is written
+last, so a crash between the two leaves an unfinished model that is trained again from its
+checkpoint). Source seeds are ``0 .. N-1`` and held-out seeds ``1000 .. 1000+H-1``
+(:func:`source_seeds`, :func:`heldout_seeds`), so the two sets never overlap.
+
+This module also owns :class:`ModelSpec`, the JSON description from which any stored model can be
+rebuilt (``starfast.models.build``) without loading the dataset. Later stages (the star trainer,
+evaluation) use the same helpers: :meth:`RunDir.prepare` for their config section,
+:meth:`RunDir.checkpoint_path` for their checkpoints, :func:`save_checkpoint` /
+:func:`load_checkpoint`, :func:`write_json` / :func:`read_json`.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+PathLike = Union[str, os.PathLike]
+
+ROLES = ("sources", "heldout")
+HELDOUT_SEED_START = 1000
+CONFIG_IDENTITY = ("model", "dataset", "recipe")
+# config.json key -> the CLI flag that sets it, for mismatch messages
+_FLAG_OF = {"model.arch": "--arch", "model.kwargs": "--arch-kw", "dataset": "--dataset"}
+
+
+class RunDirError(RuntimeError):
+    """A run-directory file is corrupt, missing, or belongs to a different configuration."""
+
+
+def source_seeds(count: int) -> List[int]:
+    """Seeds of the ``count`` source models: ``0 .. count-1``."""
+    if not 0 <= count <= HELDOUT_SEED_START:
+        raise ValueError(f"--sources must be in [0, {HELDOUT_SEED_START}] (held-out seeds start at {HELDOUT_SEED_START}), got {count}")
+    return list(range(count))
+
+
+def heldout_seeds(count: int) -> List[int]:
+    """Seeds of the ``count`` held-out models: ``1000 .. 1000+count-1`` (disjoint from sources)."""
+    if count < 0:
+        raise ValueError(f"--heldout must be >= 0, got {count}")
+    return list(range(HELDOUT_SEED_START, HELDOUT_SEED_START + count))
+
+
+# -- atomic files ---------------------------------------------------------------------------------
+
+
+def _write_atomic(path: PathLike, write: Callable[[io.BufferedWriter], None]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            write(stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        if os.path.exists(temp):
+            os.unlink(temp)
+        raise
+
+
+def write_json(path: PathLike, data: Any) -> None:
+    """Write ``data`` as indented JSON, atomically."""
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    _write_atomic(path, lambda stream: stream.write(text.encode()))
+
+
+def read_json(path: PathLike) -> Any:
+    try:
+        with open(path) as stream:
+            return json.load(stream)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as error:
+        raise RunDirError(f"{path} is not readable JSON ({error}); delete it and run again to recreate it") from error
+
+
+def save_state_dict(path: PathLike, state_dict: Mapping[str, torch.Tensor], metadata: Optional[Mapping[str, str]] = None) -> None:
+    """Save tensors (moved to CPU, made contiguous and unshared) as safetensors, atomically."""
+    from safetensors.torch import save
+
+    tensors = {name: tensor.detach().to("cpu", copy=True).contiguous() for name, tensor in state_dict.items()}
+    payload = save(tensors, metadata=dict(metadata) if metadata else None)
+    _write_atomic(path, lambda stream: stream.write(payload))
+
+
+def load_state_dict(path: PathLike, device: Union[str, torch.device] = "cpu") -> Dict[str, torch.Tensor]:
+    """Load a safetensors file; a corrupt file raises :class:`RunDirError` naming it."""
+    from safetensors.torch import load
+
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        tensors = load(data)
+    except Exception as error:  # safetensors raises several types for truncated/garbled files
+        raise RunDirError(f"{path} is corrupt ({error}); delete it (and its .json) to train that model again") from error
+    return {name: tensor.to(device) for name, tensor in tensors.items()}
+
+
+def save_checkpoint(path: PathLike, state: Mapping[str, Any]) -> None:
+    """``torch.save`` to a temp file, then rename: a kill never leaves half a checkpoint."""
+    _write_atomic(path, lambda stream: torch.save(dict(state), stream))
+
+
+def load_checkpoint(path: PathLike) -> Dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint` (tensors on CPU)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as error:
+        # torch's own message is long and suggests weights_only=False; the type is enough here
+        raise RunDirError(
+            f"checkpoint {path} is corrupt or not a starfast checkpoint ({type(error).__name__}); delete it to restart "
+            "that training from scratch"
+        ) from error
+
+
+# -- model description ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything ``starfast.models.build`` needs to rebuild a stored model (JSON-ready)."""
+
+    arch: str
+    num_classes: int
+    in_channels: int
+    input_shape: Tuple[int, ...]
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def for_dataset(cls, arch: str, dataset: Any, kwargs: Optional[Mapping[str, Any]] = None) -> "ModelSpec":
+        """The spec of ``arch`` on ``dataset``: binary tasks get one output logit (BCE)."""
+        return cls(
+            arch=arch,
+            num_classes=1 if dataset.binary else int(dataset.num_classes),
+            in_channels=int(dataset.in_channels),
+            input_shape=tuple(int(size) for size in dataset.input_shape),
+            kwargs=dict(kwargs or {}),
+        )
+
+    def build(self) -> nn.Module:
+        """A freshly initialised module (uses the global RNG: see ``starfast.training.init_model``)."""
+        from starfast import models
+
+        return models.build(
+            self.arch, num_classes=self.num_classes, in_channels=self.in_channels, input_shape=self.input_shape, **self.kwargs
+        )
+
+    def to_dict(self) -> Dict[str, Any]:
+        data = asdict(self)
+        data["input_shape"] = list(self.input_shape)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ModelSpec":
+        return cls(**{**data, "input_shape": tuple(data["input_shape"])})
+
+
+# -- the directory --------------------------------------------------------------------------------
+
+
+def _normalised(value: Any) -> Any:
+    """JSON round trip, so tuples and lists (and int/float spellings) compare as stored."""
+    return json.loads(json.dumps(value))
+
+
+def _first_difference(stored: Any, wanted: Any, where: str) -> Optional[Tuple[str, Any, Any]]:
+    if isinstance(stored, dict) and isinstance(wanted, dict) and where != "model.kwargs":
+        for key in sorted(set(stored) | set(wanted)):
+            found = _first_difference(stored.get(key), wanted.get(key), f"{where}.{key}")
+            if found:
+                return found
+        return None
+    return None if stored == wanted else (where, stored, wanted)
+
+
+def _flag_for(key: str) -> str:
+    if key in _FLAG_OF:
+        return _FLAG_OF[key]
+    if key.startswith("recipe."):
+        return "--" + key.split(".", 1)[1].replace("_", "-")
+    return "the dataset's shape (--dataset)" if key.startswith("model.") else key
+
+
+class RunDir:
+    """A run directory (see the module docstring for the layout)."""
+
+    def __init__(self, path: PathLike):
+        self.path = Path(path)
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.json"
+
+    def read_config(self) -> Optional[Dict[str, Any]]:
+        """The stored config, or ``None`` for a new run directory."""
+        return read_json(self.config_path) if self.config_path.exists() else None
+
+    def check_config(self, config: Mapping[str, Any], identity: Sequence[str] = CONFIG_IDENTITY) -> Dict[str, Any]:
+        """Raise :class:`RunDirError` if the stored config differs from ``config`` on ``identity`` keys.
+
+        Returns the stored config updated with ``config`` (non-identity keys, such as the number
+        of source models, may change between invocations). Writes nothing.
+        """
+        wanted = _normalised(dict(config))
+        stored = self.read_config()
+        if stored is None:
+            return wanted
+        for key in identity:
+            if key not in wanted:
+                continue
+            difference = _first_difference(stored.get(key), wanted[key], key)
+            if difference:
+                where, old, new = difference
+                raise RunDirError(
+                    f"run directory {self.path} was created with {where} = {json.dumps(old)} but this run asks for "
+                    f"{json.dumps(new)} ({_flag_for(where)}); use another --run-dir, or the same settings as before"
+                )
+        return {**stored, **wanted}
+
+    def prepare(self, config: Mapping[str, Any], identity: Sequence[str] = CONFIG_IDENTITY) -> Dict[str, Any]:
+        """:meth:`check_config`, then write the merged config; returns it."""
+        merged = self.check_config(config, identity)
+        if merged != self.read_config():
+            write_json(self.config_path, merged)
+        return merged
+
+    def model_spec(self) -> ModelSpec:
+        config = self.read_config()
+        if config is None or "model" not in config:
+            raise RunDirError(f"{self.config_path} is missing; train the models first (python -m starfast.train --stage models)")
+        return ModelSpec.from_dict(config["model"])
+
+    # -- models -------------------------------------------------------------------------------
+
+    def model_path(self, role: str, seed: int) -> Path:
+        """``RUN/<role>/seed-XXXX.safetensors``; its metadata is the same path with ``.json``."""
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        return self.path / role / f"seed-{seed:04d}.safetensors"
+
+    def checkpoint_path(self, *parts: str) -> Path:
+        """``RUN/checkpoints/<parts...>`` (in-progress training state of any stage)."""
+        return self.path.joinpath("checkpoints", *parts)
+
+    def model_checkpoint_path(self, role: str, seed: int) -> Path:
+        return self.checkpoint_path(role, f"seed-{seed:04d}.pt")
+
+    def is_finished(self, role: str, seed: int) -> bool:
+        path = self.model_path(role, seed)
+        return path.exists() and path.with_suffix(".json").exists()
+
+    def finished_seeds(self, role: str) -> List[int]:
+        folder = self.path / role
+        if not folder.is_dir():
+            return []
+        seeds = (int(path.stem.split("-", 1)[1]) for path in folder.glob("seed-*.json") if path.stem.split("-", 1)[1].isdigit())
+        return sorted(seed for seed in seeds if self.is_finished(role, seed))
+
+    def save_model(self, role: str, seed: int, state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]) -> Path:
+        """Write the weights, then the metadata JSON (which marks the model finished)."""
+        path = self.model_path(role, seed)
+        save_state_dict(path, state_dict, {"role": role, "seed": str(seed), "arch": str(metadata.get("model", {}).get("arch", ""))})
+        write_json(path.with_suffix(".json"), dict(metadata))
+        return path
+
+    def read_metadata(self, role: str, seed: int) -> Dict[str, Any]:
+        """The JSON stored beside a model (``RUN/<role>/seed-XXXX.json``)."""
+        return read_json(self.model_path(role, seed).with_suffix(".json"))
+
+    def load_model(self, role: str, seed: int, device: Union[str, torch.device] = "cpu") -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+        """``(state_dict, metadata)`` of a finished model; corrupt files raise :class:`RunDirError`."""
+        path = self.model_path(role, seed)
+        if not self.is_finished(role, seed):
+            raise RunDirError(f"{path} (with its .json) does not exist; train it with python -m starfast.train --stage models")
+        return load_state_dict(path, device), self.read_metadata(role, seed)
+
+    def build_model(self, role: str, seed: int, device: Union[str, torch.device] = "cpu") -> nn.Module:
+        """The stored model as a module (built from config.json's spec, weights and buffers loaded)."""
+        spec = self.model_spec()
+        state_dict, metadata = self.load_model(role, seed, device)
+        path = self.model_path(role, seed)
+        if _normalised(metadata.get("model")) != _normalised(spec.to_dict()):
+            raise RunDirError(
+                f"{path.with_suffix('.json')} describes model {metadata.get('model')} but {self.config_path} says "
+                f"{spec.to_dict()}; delete the model's files to train it again"
+            )
+        module = spec.build().to(device)
+        try:
+            module.load_state_dict(state_dict)
+        except RuntimeError as error:
+            raise RunDirError(f"{path} does not fit architecture {spec.arch} ({error}); delete it (and its .json) to train it again") from error
+        return module

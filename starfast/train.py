@@ -1,0 +1,252 @@
+"""``python -m starfast.train``: the command line of the main job, stage by stage.
+
+This module owns argument parsing, the run context shared by the stages (run directory, device,
+dataset, model spec, recipe, distributed rank) and the list of stages. ``--stage models`` trains
+the missing source (seeds 0..N-1) and held-out (seeds 1000..1000+H-1) models into the run
+directory; ``--stage star`` and ``--stage all`` run the stages listed in :data:`STAGES`.
+
+Under ``torchrun`` (``WORLD_SIZE``/``RANK``/``LOCAL_RANK`` set) the models are sharded over the
+processes: rank r trains the r-th, (r+W)-th, ... model of the full list (sources, then held-out),
+on ``cuda:LOCAL_RANK`` (or the CPU). The process group (NCCL on CUDA, gloo on CPU) is created only
+when ``WORLD_SIZE > 1``; rank 0 writes the config before and the summary after a barrier.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from starfast import data, models
+from starfast.recipes import OPTIMIZERS, SCHEDULES, Recipe, resolve
+from starfast.rundir import ModelSpec, RunDir, RunDirError, heldout_seeds, source_seeds, write_json
+from starfast.training import PRECISIONS, ModelJob, SpeedOptions, TrainingDiverged, train_missing_models
+
+RECIPE_FLAGS = ("lr", "batch_size", "optimizer", "weight_decay", "momentum", "schedule", "milestones", "gamma", "label_smoothing", "epochs")
+
+
+def parse_arch_kw(text: str) -> tuple:
+    """``key=value`` -> ``(key, value)`` with value parsed as int, else float, else kept as str."""
+    key, separator, value = text.partition("=")
+    if not separator or not key:
+        raise argparse.ArgumentTypeError(f"--arch-kw expects key=value, got {text!r}")
+    for parse in (int, float):
+        try:
+            return key, parse(value)
+        except ValueError:
+            pass
+    return key, value
+
+
+def parse_milestones(text: str) -> List[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--milestones expects comma-separated epochs such as 100,150, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m starfast.train",
+        description="Train source and held-out models (and, in later stages, a star model) into a run directory.",
+    )
+    parser.add_argument("--stage", choices=sorted(STAGES), default="all", help="what to run (default: all)")
+    parser.add_argument("--run-dir", type=Path, help="run directory (default: runs/<dataset>-<arch>)")
+    parser.add_argument("--arch", choices=models.names(), default="mlp", help="architecture (default: mlp)")
+    parser.add_argument("--arch-kw", type=parse_arch_kw, action="append", default=[], metavar="KEY=VALUE",
+                        help="architecture option, repeatable (e.g. --arch-kw width=64)")
+    parser.add_argument("--dataset", choices=data.names(), default="digits", help="dataset (default: digits)")
+    parser.add_argument("--data-dir", type=Path, help="where file-based datasets live (default: $STARFAST_DATA or ~/.cache/starfast)")
+    parser.add_argument("--sources", type=int, default=10, help="number of source models, seeds 0..N-1 (default: 10)")
+    parser.add_argument("--heldout", type=int, default=3, help="number of held-out models, seeds 1000.. (default: 3)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda (default: cuda if available); under torchrun cuda means cuda:LOCAL_RANK")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or per-model lines")
+
+    recipe = parser.add_argument_group("recipe overrides (defaults: Appendix B of the paper, or a short preset for bundled data)")
+    recipe.add_argument("--epochs", type=int)
+    recipe.add_argument("--lr", type=float)
+    recipe.add_argument("--batch-size", type=int)
+    recipe.add_argument("--optimizer", choices=OPTIMIZERS)
+    recipe.add_argument("--weight-decay", type=float)
+    recipe.add_argument("--momentum", type=float)
+    recipe.add_argument("--schedule", choices=SCHEDULES)
+    recipe.add_argument("--milestones", type=parse_milestones, help="epochs of the step schedule, e.g. 100,150")
+    recipe.add_argument("--gamma", type=float, help="step schedule factor")
+    recipe.add_argument("--label-smoothing", type=float)
+
+    speed = parser.add_argument_group("speed")
+    speed.add_argument("--parallel-seeds", type=int, default=1, metavar="K", help="train K seeds at once with torch.func.vmap (default: 1)")
+    speed.add_argument("--compile", action="store_true", help="torch.compile the forward pass")
+    speed.add_argument("--precision", choices=PRECISIONS, default="auto", help="auto = bf16 autocast on CUDA, fp32 on CPU")
+    return parser
+
+
+@dataclass
+class Distributed:
+    """This process's place among the torchrun processes (world size 1 without torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_environment(cls) -> "Distributed":
+        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.active:
+            torch.distributed.barrier()
+
+
+@dataclass
+class RunContext:
+    """Everything a stage needs; built once by :func:`main`."""
+
+    args: argparse.Namespace
+    run: RunDir
+    device: torch.device
+    dataset: Any
+    spec: ModelSpec
+    recipe: Recipe
+    speed: SpeedOptions
+    distributed: Distributed
+
+    @property
+    def progress(self) -> bool:
+        return not self.args.quiet
+
+    def config(self) -> Dict[str, Any]:
+        return {
+            "model": self.spec.to_dict(),
+            "dataset": self.dataset.name,
+            "recipe": self.recipe.to_dict(),
+            "sources": self.args.sources,
+            "heldout": self.args.heldout,
+        }
+
+    def jobs(self) -> List[ModelJob]:
+        return [ModelJob("sources", seed) for seed in source_seeds(self.args.sources)] + [
+            ModelJob("heldout", seed) for seed in heldout_seeds(self.args.heldout)
+        ]
+
+
+def models_stage(context: RunContext) -> int:
+    """Train the missing source and held-out models (this rank's share of them)."""
+    distributed = context.distributed
+    jobs = context.jobs()[distributed.rank :: distributed.world_size]
+    report = tqdm.write if context.progress else (lambda line: None)
+    _, diverged = train_missing_models(
+        context.run, context.spec, context.dataset, context.recipe, jobs,
+        parallel_seeds=context.args.parallel_seeds, speed=context.speed, progress=context.progress,
+        rank=distributed.rank, report=report,
+    )
+    for failure in diverged:
+        print(f"error: {failure}", file=sys.stderr)
+    distributed.barrier()
+    if distributed.rank == 0:
+        summarise_models(context)
+    return 1 if diverged else 0
+
+
+def summarise_models(context: RunContext) -> None:
+    """Write ``RUN/models.json`` (metrics per finished model) and print mean accuracies."""
+    run = context.run
+    summary: Dict[str, Any] = {}
+    for role in ("sources", "heldout"):
+        metrics = {seed: run.read_metadata(role, seed)["metrics"] for seed in run.finished_seeds(role)}
+        summary[role] = {f"seed-{seed:04d}": values for seed, values in metrics.items()}
+        if metrics and context.progress:
+            accuracies = [values["test_accuracy"] for values in metrics.values()]
+            losses = [values["train_loss"] for values in metrics.values()]
+            spread = statistics.pstdev(accuracies)
+            print(f"{role}: {len(metrics)} models, test accuracy {statistics.mean(accuracies):.4f} ± {spread:.4f}, "
+                  f"train loss {statistics.mean(losses):.4g}")
+    write_json(run.path / "models.json", summary)
+
+
+def star_stage(context: RunContext) -> int:
+    print("error: stage star is not implemented yet (the models are trained; run with --stage models)", file=sys.stderr)
+    return 2
+
+
+Stage = Callable[[RunContext], int]
+STAGES: Dict[str, Sequence[Stage]] = {
+    "models": (models_stage,),
+    "star": (star_stage,),
+    "all": (models_stage, star_stage),
+}
+
+
+def _device(requested: str, distributed: Distributed, parser: argparse.ArgumentParser) -> torch.device:
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        parser.error(f"--device {requested!r} is not a device; use cpu or cuda")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            parser.error("--device cuda was asked for but torch sees no GPU; use --device cpu")
+        if distributed.active:
+            device = torch.device("cuda", distributed.local_rank)
+    return device
+
+
+def build_context(args: argparse.Namespace, parser: argparse.ArgumentParser, distributed: Distributed) -> RunContext:
+    device = _device(args.device, distributed, parser)
+    overrides = {name: getattr(args, name) for name in RECIPE_FLAGS}
+    try:
+        recipe = resolve(args.arch, args.dataset, overrides)
+        speed = SpeedOptions(precision=args.precision)
+        source_seeds(args.sources), heldout_seeds(args.heldout)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.parallel_seeds < 1:
+        parser.error(f"--parallel-seeds must be >= 1, got {args.parallel_seeds}")
+    dataset = data.load(args.dataset, data_dir=args.data_dir, device=device)
+    try:
+        spec = ModelSpec.for_dataset(args.arch, dataset, dict(args.arch_kw))
+        spec.build()
+    except (TypeError, ValueError) as error:
+        parser.error(f"--arch {args.arch} with --arch-kw {dict(args.arch_kw)}: {error}")
+    run = RunDir(args.run_dir or Path("runs") / f"{args.dataset}-{args.arch}")
+    return RunContext(args, run, device, dataset, spec, recipe, speed, distributed)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    distributed = Distributed.from_environment()
+    if distributed.active:
+        backend = "nccl" if args.device.startswith("cuda") else "gloo"
+        torch.distributed.init_process_group(backend=backend)
+    try:
+        context = build_context(args, parser, distributed)
+        context.run.check_config(context.config())  # every rank fails the same way on a mismatch
+        if distributed.rank == 0:
+            context.run.prepare(context.config())
+        distributed.barrier()
+        for stage in STAGES[args.stage]:
+            status = stage(context)
+            if status:
+                return status
+        return 0
+    except (RunDirError, TrainingDiverged, FileNotFoundError, ImportError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    finally:
+        if distributed.active:
+            torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
