@@ -1,0 +1,195 @@
+"""Barrier evaluation of a run directory: the paper's verification tables (Tables 1, 6, 8).
+
+``evaluate_run(run, dataset)`` loads the source, held-out and star models of a run, weight-matches
+every pair it measures (B permuted onto A; A is the star whenever one is involved, and B's
+BatchNorm statistics are permuted with it), computes each pair's barrier curve with batched
+BatchNorm recomputation (:func:`starfast.barrier.barrier_curve`) and aggregates three kinds:
+
+- ``regular_regular``: held-out × held-out pairs and held-out × source pairs (counts configurable),
+- ``star_heldout``: every star against every held-out model (the paper's central test),
+- ``star_source``: every star against its sources.
+
+The result is a JSON-ready dict ``{"regular_loss", "star_loss", "regular_test_loss",
+"star_test_loss", "barriers", "accuracy_barriers", "curves", "counts", "config", "seconds"}``
+(losses summarise each distinct model's own train/test loss) where ``barriers[KIND][SPLIT]`` holds ``mean, std, min, max,
+values`` of the loss barriers on ``train`` and ``test``. :func:`write_results` stores it as
+``RUN/results/results.json`` next to the table and plot made by :mod:`starfast.report`.
+"""
+from __future__ import annotations
+
+import itertools
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from tqdm import tqdm
+
+from starfast import models
+from starfast.barrier import BarrierCurve, barrier_curve
+from starfast.flat import ParamSpace
+from starfast.matching import match_weights
+from starfast.rundir import RunDir, RunDirError, load_state_dict, write_json
+
+KINDS = ("regular_regular", "star_heldout", "star_source")
+SPLITS = ("train", "test")
+
+
+@dataclass
+class EvaluationConfig:
+    """How much to measure. ``None`` counts mean "all available"."""
+
+    heldout_pairs: Optional[int] = None  # held-out x held-out pairs (i < j)
+    heldout_source_pairs: Optional[int] = 6  # held-out x source pairs
+    star_sources: Optional[int] = None  # sources per star for star_source
+    ts: int = 11
+    bn_batches: Optional[int] = None
+    batch_size: int = 500
+    match_max_iter: int = 100
+    match_init: Optional[str] = None  # None (identity, Git Re-Basin) or "sorted"
+
+
+@dataclass
+class LoadedModel:
+    label: str
+    row: torch.Tensor
+    state: Dict[str, torch.Tensor]
+
+
+def star_paths(run: RunDir) -> List[Path]:
+    """``RUN/star/star-S.safetensors`` files whose metadata ``.json`` exists (finished stars)."""
+    folder = run.path / "star"
+    if not folder.is_dir():
+        return []
+    return sorted(path for path in folder.glob("star-*.safetensors") if path.with_suffix(".json").exists())
+
+
+def evaluate_run(
+    run: RunDir,
+    dataset: Any,
+    *,
+    config: EvaluationConfig = EvaluationConfig(),
+    device: torch.device = torch.device("cpu"),
+    progress: bool = True,
+) -> Dict[str, Any]:
+    """Measure the run's barriers (see the module docstring); returns the results dict."""
+    started = time.perf_counter()
+    skeleton = run.model_spec().build().to(device)
+    space, spec = ParamSpace(skeleton), models.permutation_spec(skeleton)
+    sources = _load_role(run, "sources", space, device)
+    heldout = _load_role(run, "heldout", space, device)
+    stars = [_load_file(path, f"star {path.stem}", space, device) for path in star_paths(run)]
+    if len(heldout) < 1 or (len(heldout) < 2 and not sources):
+        raise RunDirError(f"{run.path} has too few trained models to measure barriers; run python -m starfast.train --stage models")
+
+    pairs: Dict[str, List[Tuple[LoadedModel, LoadedModel]]] = {
+        "regular_regular": _limit(list(itertools.combinations(heldout, 2)), config.heldout_pairs)
+        + _limit([(h, s) for s in sources for h in heldout], config.heldout_source_pairs),
+        "star_heldout": [(star, h) for star in stars for h in heldout],
+        "star_source": [(star, s) for star in stars for s in _limit(sources, config.star_sources)],
+    }
+    train_data = lambda: dataset.eval_batches("train", config.batch_size)  # noqa: E731
+    test_data = lambda: dataset.eval_batches("test", config.batch_size)  # noqa: E731
+    total = sum(len(items) for items in pairs.values())
+    bar = tqdm(total=total, desc="barriers", unit="pair", disable=not progress)
+    curves: Dict[str, List[BarrierCurve]] = {}
+    # Each model's own loss, read off the end points of the curves it is part of.
+    own_loss: Dict[str, Dict[str, Tuple[float, float]]] = {"regular": {}, "star": {}}
+    for kind, items in pairs.items():
+        curves[kind] = []
+        for anchor, partners in _grouped_by_anchor(items):
+            matched = _match(anchor, partners, spec, space, config)
+            for partner, (partner_state, partner_row) in zip(partners, matched):
+                curve = barrier_curve(
+                    skeleton, anchor.row, partner_row, train_data, test_data, config.ts,
+                    buffers_a=anchor.state, buffers_b=partner_state, bn_batches=config.bn_batches, space=space,
+                )
+                curves[kind].append(curve)
+                anchor_kind = "regular" if kind == "regular_regular" else "star"
+                own_loss[anchor_kind][anchor.label] = (float(curve.train_loss[0]), float(curve.test_loss[0]))
+                own_loss["regular"][partner.label] = (float(curve.train_loss[-1]), float(curve.test_loss[-1]))
+                bar.update(1)
+    bar.close()
+
+    results = {
+        "regular_loss": _summary([train for train, _ in own_loss["regular"].values()]),
+        "star_loss": _summary([train for train, _ in own_loss["star"].values()]),
+        "regular_test_loss": _summary([test for _, test in own_loss["regular"].values()]),
+        "star_test_loss": _summary([test for _, test in own_loss["star"].values()]),
+        "barriers": {kind: _barrier_table(curves[kind], "loss_barrier") for kind in KINDS},
+        "accuracy_barriers": {kind: _barrier_table(curves[kind], "acc_barrier") for kind in KINDS},
+        "curves": {kind: [curve.to_dict() for curve in curves[kind]] for kind in KINDS},
+        "counts": {"sources": len(sources), "heldout": len(heldout), "stars": len(stars),
+                   **{kind: len(curves[kind]) for kind in KINDS}},
+        "config": asdict(config),
+        "seconds": time.perf_counter() - started,
+    }
+    return results
+
+
+def write_results(run: RunDir, results: Mapping[str, Any]) -> Path:
+    """``RUN/results/results.json`` (atomic), then ``table.md`` and ``curves.png`` beside it."""
+    from starfast import report
+
+    folder = run.path / "results"
+    write_json(folder / "results.json", dict(results))
+    report.write_table(folder / "table.md", results)
+    report.plot_curves(folder / "curves.png", results)
+    return folder
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+
+def _load_role(run: RunDir, role: str, space: ParamSpace, device) -> List[LoadedModel]:
+    return [_load_file(run.model_path(role, seed), f"{role} seed {seed}", space, device) for seed in run.finished_seeds(role)]
+
+
+def _load_file(path: Path, label: str, space: ParamSpace, device) -> LoadedModel:
+    state = load_state_dict(path, device)
+    try:
+        row = space.flatten(state)
+    except ValueError as error:
+        raise RunDirError(f"{path}: {error}; delete it to train it again") from None
+    return LoadedModel(label, row, state)
+
+
+def _limit(items: Sequence, count: Optional[int]) -> List:
+    return list(items) if count is None else list(items)[: max(0, count)]
+
+
+def _grouped_by_anchor(items: List[Tuple[LoadedModel, LoadedModel]]):
+    """Consecutive pairs sharing their first model, so each anchor matches its partners at once."""
+    for _, group in itertools.groupby(items, key=lambda pair: id(pair[0])):
+        group = list(group)
+        yield group[0][0], [partner for _, partner in group]
+
+
+def _match(anchor: LoadedModel, partners: List[LoadedModel], spec, space: ParamSpace, config: EvaluationConfig):
+    """Each partner weight-matched onto the anchor: ``[(permuted state dict, permuted row)]``."""
+    bank = torch.stack([partner.row for partner in partners])
+    result = match_weights(anchor.row, bank, spec, space=space, max_iter=config.match_max_iter, init=config.match_init)
+    matched = []
+    for k, partner in enumerate(partners):
+        perm = {name: index[k] for name, index in result.perms.items()}
+        matched.append((spec.apply(partner.state, perm), result.permuted[k]))
+    return matched
+
+
+def _summary(values: Sequence) -> Optional[Dict[str, Any]]:
+    values = [float(v) for v in values]
+    if not values:
+        return None
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.pstdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+        "values": values,
+    }
+
+
+def _barrier_table(curves: List[BarrierCurve], attribute: str) -> Dict[str, Optional[Dict[str, Any]]]:
+    return {split: _summary([getattr(c, attribute)[split] for c in curves if split in getattr(c, attribute)]) for split in SPLITS}

@@ -1,0 +1,106 @@
+"""Run-directory evaluation: pairs are matched before their barrier is measured, the results
+file has the documented shape, and the table, plot and CLI work."""
+import json
+
+import pytest
+import torch
+
+from starfast import data, models
+from starfast.bn import recompute_bn
+from starfast.flat import ParamSpace
+from starfast.evaluate import main as evaluate_main
+from starfast.evaluation import EvaluationConfig, evaluate_run, write_results
+from starfast.report import format_table
+from starfast.rundir import ModelSpec, RunDir, save_state_dict, write_json
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return data.load("digits")
+
+
+def _model_with_exact_statistics(spec: ModelSpec, seed: int, digits):
+    """A fresh model whose BatchNorm statistics (if any) are the exact ones over the train set,
+    i.e. what the interior points of a path get, so identical models give a zero barrier."""
+    torch.manual_seed(seed)
+    model = spec.build()
+    space = ParamSpace(model)
+    buffers = recompute_bn(model, space.flatten(model), lambda: digits.eval_batches("train", 400))
+    with torch.no_grad():
+        for name, value in model.named_buffers():
+            if name in buffers:
+                value.copy_(buffers[name].reshape(value.shape))
+    return model
+
+
+def make_run(tmp_path, digits, arch="mlp", kwargs=None):
+    """A run dir with 2 sources, 2 held-out models where held-out 1001 is a permuted copy of
+    1000, and one star that is a permuted copy of source 0."""
+    spec = ModelSpec.for_dataset(arch, digits, kwargs or dict(width=16, depth=2))
+    run = RunDir(tmp_path / "run")
+    run.prepare({"model": spec.to_dict(), "dataset": "digits", "recipe": {}})
+    model_spec = None
+    states = {}
+    for role, seed in (("sources", 0), ("sources", 1), ("heldout", 1000)):
+        model = _model_with_exact_statistics(spec, seed, digits)
+        model_spec = models.permutation_spec(model)
+        states[(role, seed)] = model.state_dict()
+        run.save_model(role, seed, model.state_dict(), {"model": spec.to_dict(), "metrics": {}})
+    generator = torch.Generator().manual_seed(5)
+    twin = model_spec.apply(states[("heldout", 1000)], model_spec.random(generator))
+    run.save_model("heldout", 1001, twin, {"model": spec.to_dict(), "metrics": {}})
+    star = model_spec.apply(states[("sources", 0)], model_spec.random(generator))
+    save_state_dict(run.path / "star" / "star-0.safetensors", star)
+    write_json(run.path / "star" / "star-0.json", {"star_seed": 0})
+    return run
+
+
+@pytest.mark.parametrize("arch, kwargs", [("mlp", dict(width=16, depth=2)), ("resnet20", dict(width=0.5))])
+def test_permuted_copies_have_zero_barrier(tmp_path, digits, arch, kwargs):
+    run = make_run(tmp_path, digits, arch, kwargs)
+    config = EvaluationConfig(heldout_source_pairs=0, ts=5, batch_size=400, match_init="sorted")
+    results = evaluate_run(run, digits, config=config, progress=False)
+    # regular_regular: only the held-out pair (1000, 1001), a permuted copy -> barrier 0.
+    assert results["counts"]["regular_regular"] == 1
+    for split in ("train", "test"):
+        assert abs(results["barriers"]["regular_regular"][split]["max"]) < 1e-4
+    # The star is a permuted copy of source 0: a flat path and barrier 0 to it; the path to
+    # source 1 (another model) is not flat.
+    star_source = results["barriers"]["star_source"]["train"]["values"]
+    curves = results["curves"]["star_source"]
+    assert abs(star_source[0]) < 1e-4 and max(curves[0]["train_loss"]) - min(curves[0]["train_loss"]) < 1e-4
+    assert max(curves[1]["train_loss"]) - min(curves[1]["train_loss"]) > 1e-3
+    assert results["counts"]["star_heldout"] == 2 and results["counts"]["stars"] == 1
+
+
+def test_results_file_table_and_plot(tmp_path, digits):
+    run = make_run(tmp_path, digits)
+    results = evaluate_run(run, digits, config=EvaluationConfig(ts=3, batch_size=400), progress=False)
+    folder = write_results(run, results)
+    stored = json.loads((folder / "results.json").read_text())
+    assert {"regular_loss", "star_loss", "barriers", "accuracy_barriers", "curves"} <= set(stored)
+    for kind in ("regular_regular", "star_heldout", "star_source"):
+        for split in ("train", "test"):
+            summary = stored["barriers"][kind][split]
+            assert set(summary) == {"mean", "std", "min", "max", "values"}
+            assert summary["min"] <= summary["mean"] <= summary["max"]
+            assert len(stored["curves"][kind][0]["t"]) == 3
+    assert (folder / "table.md").read_text().startswith("| quantity |")
+    assert (folder / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "star–held-out barrier (loss)" in format_table(stored)
+
+
+def test_cli(tmp_path, digits, capsys):
+    run = make_run(tmp_path, digits)
+    assert evaluate_main([str(run.path), "--quiet", "--ts", "3", "--heldout-source-pairs", "1"]) == 0
+    assert "regular–regular barrier" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        evaluate_main([str(tmp_path / "nothing-here")])
+    with pytest.raises(SystemExit):
+        evaluate_main([str(run.path), "--ts", "1"])
+
+
+def test_corrupt_model_file_is_reported(tmp_path, digits):
+    run = make_run(tmp_path, digits)
+    run.model_path("sources", 1).write_bytes(b"not a safetensors file")
+    assert evaluate_main([str(run.path), "--quiet", "--ts", "3"]) == 1
