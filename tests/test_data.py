@@ -312,7 +312,7 @@ def test_gaussians_follow_the_documented_generative_model():
     assert ds.binary and ds.num_classes == 2 and ds.input_shape == (2,)
     x, y = ds.tensors("train")
     assert set(y.tolist()) == {0, 1} and int(y.sum()) == 10000
-    for label, mean in ((0, [-1.0, -1.0]), (1, [1.0, 1.0])):
+    for label, mean in ((0, [-3.0, -3.0]), (1, [3.0, 3.0])):
         points = x[y == label].double().numpy()
         # Sample mean within ~5 standard errors, sample covariance close to the identity.
         np.testing.assert_allclose(points.mean(axis=0), mean, atol=5 / np.sqrt(len(points)))

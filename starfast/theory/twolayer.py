@@ -44,6 +44,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from starfast.data import gaussians
 from starfast.lap import linear_assignment
 from starfast.theory.lemma2 import CHUNK_ELEMENTS, seeded_generator
 
@@ -56,8 +57,8 @@ class GaussianTask:
     """The class-conditional Gaussian task: ``x ~ N(y_sign * mean, cov)``, ``y_sign = 2y - 1``."""
 
     n_per_class: int = 512
-    mean: Tuple[float, float] = (3.0, 3.0)
-    cov: Tuple[Tuple[float, float], Tuple[float, float]] = ((1.0, 0.0), (0.0, 1.0))
+    mean: Tuple[float, float] = gaussians.DEFAULT_MEAN
+    cov: Tuple[Tuple[float, float], Tuple[float, float]] = gaussians.IDENTITY
     seed: int = 0
 
 
@@ -75,15 +76,11 @@ def gaussian_data(task: GaussianTask = GaussianTask()) -> Tuple[torch.Tensor, to
     """``(x [2n, 2], y [2n])`` float64, classes 0 then 1, drawn with ``task.seed``."""
     if task.n_per_class < 1:
         raise ValueError(f"GaussianTask.n_per_class must be >= 1, got {task.n_per_class}")
-    cov = torch.tensor(task.cov, dtype=torch.float64)
-    try:
-        chol = torch.linalg.cholesky(cov)
-    except RuntimeError:
-        raise ValueError(f"GaussianTask.cov must be a symmetric positive definite 2x2 matrix, got {task.cov}") from None
-    gen = seeded_generator(task.seed)
     y = torch.cat([torch.zeros(task.n_per_class), torch.ones(task.n_per_class)]).double()
-    noise = torch.randn(y.numel(), 2, generator=gen, dtype=torch.float64) @ chol.T
-    x = (2 * y - 1)[:, None] * torch.tensor(task.mean, dtype=torch.float64) + noise
+    try:
+        x = gaussians.sample_inputs(y, seeded_generator(task.seed), task.mean, task.cov)
+    except ValueError as error:
+        raise ValueError(f"GaussianTask: {error}") from None
     return x, y
 
 
