@@ -3,7 +3,10 @@
 This module owns argument parsing, the run context shared by the stages (run directory, device,
 dataset, model spec, recipe, distributed rank) and the list of stages. ``--stage models`` trains
 the missing source (seeds 0..N-1) and held-out (seeds 1000..1000+H-1) models into the run
-directory; ``--stage star`` and ``--stage all`` run the stages listed in :data:`STAGES`.
+directory; ``--stage star`` trains ``--star-seeds`` star models with Starlight against all the
+sources (star seed s is initialised from seed ``2000 + s``, apart from the source and held-out
+seeds); ``--stage evaluate`` measures the barriers and writes the report; ``--stage all`` (the
+default) runs models, star and evaluate, reusing whatever the run directory already holds.
 
 Under ``torchrun`` (``WORLD_SIZE``/``RANK``/``LOCAL_RANK`` set) the models are sharded over the
 processes: rank r trains the r-th, (r+W)-th, ... model of the full list (sources, then held-out),
@@ -24,9 +27,14 @@ import torch
 from tqdm.auto import tqdm
 
 from starfast import data, models
+from starfast.evaluate import add_evaluation_flags, evaluation_config, run_evaluation
+from starfast.flat import ParamSpace
 from starfast.recipes import OPTIMIZERS, SCHEDULES, Recipe, resolve
 from starfast.rundir import ModelSpec, RunDir, RunDirError, heldout_seeds, source_seeds, write_json
-from starfast.training import PRECISIONS, ModelJob, SpeedOptions, TrainingDiverged, train_missing_models
+from starfast.starlight import T_SAMPLINGS, StarlightDiverged, save_star, star_path, train_star
+from starfast.training import PRECISIONS, ModelJob, SpeedOptions, TrainingDiverged, init_model, train_missing_models
+
+STAR_SEED_START = 2000
 
 RECIPE_FLAGS = ("lr", "batch_size", "optimizer", "weight_decay", "momentum", "schedule", "milestones", "gamma", "label_smoothing", "epochs")
 
@@ -80,6 +88,19 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--milestones", type=parse_milestones, help="epochs of the step schedule, e.g. 100,150")
     recipe.add_argument("--gamma", type=float, help="step schedule factor")
     recipe.add_argument("--label-smoothing", type=float)
+
+    star = parser.add_argument_group("star model (Starlight, Algorithm 1)")
+    star.add_argument("--star-seeds", type=int, default=1, metavar="K", help="number of star models, seeds 0..K-1 (default: 1)")
+    star.add_argument("--star-epochs", type=int, help="epochs of star training (default: the recipe's epochs)")
+    star.add_argument("--t-sampling", choices=T_SAMPLINGS, default="uniform",
+                      help="distribution of t: uniform = Unif[0,1] (the paper), beta = Beta(2,2), constant = 0.5")
+    star.add_argument("--rematch-every", type=int, metavar="M", help="re-match the sources every M batches (default: every epoch)")
+    star.add_argument("--ce-weight", type=float, default=0.0, metavar="LAMBDA",
+                      help="add LAMBDA * loss at the star itself (Section 4.2; default 0)")
+    star.add_argument("--samples-per-step", type=int, default=1, metavar="S",
+                      help="split each batch into S chunks with their own (n, t) (default: 1)")
+    star.add_argument("--rematch-async", action="store_true", help="re-match in a background thread while training")
+    add_evaluation_flags(parser)
 
     speed = parser.add_argument_group("speed")
     speed.add_argument("--parallel-seeds", type=int, default=1, metavar="K", help="train K seeds at once with torch.func.vmap (default: 1)")
@@ -176,15 +197,50 @@ def summarise_models(context: RunContext) -> None:
 
 
 def star_stage(context: RunContext) -> int:
-    print("error: stage star is not implemented yet (the models are trained; run with --stage models)", file=sys.stderr)
-    return 2
+    """Train the missing star models (Starlight) against every source model of the run."""
+    args, run, distributed = context.args, context.run, context.distributed
+    seeds = source_seeds(args.sources)
+    missing = [seed for seed in seeds if not run.is_finished("sources", seed)]
+    if missing:
+        raise RunDirError(f"source models {missing[:5]} are not trained; run --stage models first (or --stage all)")
+    skeleton = context.spec.build()
+    space, spec = ParamSpace(skeleton), models.permutation_spec(skeleton)
+    bank = space.stack([run.load_model("sources", seed)[0] for seed in seeds])
+    recipe = context.recipe if args.star_epochs is None else recipe_from_flags(args, epochs=args.star_epochs)
+    for star_seed in range(args.star_seeds):
+        if star_path(run, star_seed).with_suffix(".json").exists():
+            continue
+        checkpoint = run.checkpoint_path("star", f"star-{star_seed:04d}.pt")
+        result = train_star(
+            skeleton, bank, spec, context.dataset, recipe, space=space, t_sampling=args.t_sampling,
+            rematch_every=args.rematch_every, ce_weight=args.ce_weight, samples_per_step=args.samples_per_step,
+            init_row=space.flatten(init_model(context.spec, STAR_SEED_START + star_seed)), seed=STAR_SEED_START + star_seed,
+            device=context.device, checkpoint_path=checkpoint, rematch_async=args.rematch_async, quiet=not context.progress,
+        )
+        if distributed.rank == 0:
+            save_star(run, star_seed, result, {"sources": seeds, "model": context.spec.to_dict(), "dataset": context.dataset.name})
+            checkpoint.unlink(missing_ok=True)
+            if context.progress:
+                metrics = result.metrics
+                print(f"star {star_seed}: loss at the star {metrics['final_loss']:.4g}, mean interpolated loss "
+                      f"{metrics['mean_interpolated_loss']:.4g}, {metrics['seconds']:.1f} s")
+        distributed.barrier()
+    return 0
+
+
+def evaluate_stage(context: RunContext) -> int:
+    """Measure the barriers of the run and write RUN/results (rank 0 only)."""
+    if context.distributed.rank != 0:
+        return 0
+    return run_evaluation(context.run, context.dataset, context.args, context.device, progress=context.progress)
 
 
 Stage = Callable[[RunContext], int]
 STAGES: Dict[str, Sequence[Stage]] = {
     "models": (models_stage,),
     "star": (star_stage,),
-    "all": (models_stage, star_stage),
+    "evaluate": (evaluate_stage,),
+    "all": (models_stage, star_stage, evaluate_stage),
 }
 
 
@@ -201,17 +257,33 @@ def _device(requested: str, distributed: Distributed, parser: argparse.ArgumentP
     return device
 
 
+def recipe_from_flags(args: argparse.Namespace, epochs: Optional[int] = None) -> Recipe:
+    """The recipe of ``--arch`` on ``--dataset`` with the flags' overrides (``epochs`` replacing
+    ``--epochs``, as the star stage's ``--star-epochs`` does)."""
+    overrides = {name: getattr(args, name) for name in RECIPE_FLAGS}
+    if epochs is not None:
+        overrides["epochs"] = epochs
+    return resolve(args.arch, args.dataset, overrides)
+
+
 def build_context(args: argparse.Namespace, parser: argparse.ArgumentParser, distributed: Distributed) -> RunContext:
     device = _device(args.device, distributed, parser)
-    overrides = {name: getattr(args, name) for name in RECIPE_FLAGS}
     try:
-        recipe = resolve(args.arch, args.dataset, overrides)
+        recipe = recipe_from_flags(args)
         speed = SpeedOptions(precision=args.precision)
         source_seeds(args.sources), heldout_seeds(args.heldout)
     except ValueError as error:
         parser.error(str(error))
     if args.parallel_seeds < 1:
         parser.error(f"--parallel-seeds must be >= 1, got {args.parallel_seeds}")
+    for flag in ("star_seeds", "star_epochs"):
+        value = getattr(args, flag)
+        if value is not None and value < (0 if flag == "star_seeds" else 1):
+            parser.error(f"--{flag.replace('_', '-')} must be >= {0 if flag == 'star_seeds' else 1}, got {value}")
+    try:
+        evaluation_config(args)
+    except ValueError as error:
+        parser.error(str(error))
     dataset = data.load(args.dataset, data_dir=args.data_dir, device=device)
     try:
         spec = ModelSpec.for_dataset(args.arch, dataset, dict(args.arch_kw))
@@ -240,7 +312,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if status:
                 return status
         return 0
-    except (RunDirError, TrainingDiverged, FileNotFoundError, ImportError) as error:
+    except (RunDirError, TrainingDiverged, StarlightDiverged, FileNotFoundError, ImportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     finally:
