@@ -256,11 +256,9 @@ def barrier_curve(
         return losses.cpu(), accuracies.cpu()
 
     curve = BarrierCurve(grid, *evaluate(train_data, "train_data"))
-    if test_data is not None:
-        curve.test_loss, curve.test_acc = evaluate(test_data, "test_data")
     splits = {"train": (curve.train_loss, curve.train_acc)}
     if test_data is not None:
-        splits["test"] = (curve.test_loss, curve.test_acc)
+        curve.test_loss, curve.test_acc = splits["test"] = evaluate(test_data, "test_data")
     for split, (losses, accuracies) in splits.items():
         curve.loss_barrier[split] = float(loss_barrier(losses, grid))
         curve.acc_barrier[split] = float(loss_barrier(-accuracies, grid))

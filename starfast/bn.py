@@ -160,8 +160,8 @@ def run_bank(
 
     ``buffers`` holds per-model ``[K, ...]`` buffers; the skeleton's other buffers are shared by
     all models. Models run ``chunk_size`` at a time under one ``vmap`` (by default as many as fit
-    ``memory_budget_bytes``, see :func:`_models_per_budget`); a chunk of one model runs as a plain
-    ``functional_call``. ``on_outputs(outputs [K, B, ...], y)``
+    ``memory_budget_bytes``, see :func:`_models_per_budget`, except convolutional models on the
+    CPU, which run one at a time); a chunk of one model runs as a plain ``functional_call``. ``on_outputs(outputs [K, B, ...], y)``
     receives each batch's outputs of all ``K`` models (``x`` and ``y`` moved to the bank's device,
     floating ``x`` cast to its dtype).
 
@@ -198,6 +198,10 @@ def run_bank(
     momenta = {layer: layer.momentum for layer in layers}
     modes = {module: module.training for module in skeleton.modules()}
     per_call = chunk_size
+    if per_call is None and bank.device.type == "cpu" and _has_convolutions(skeleton):
+        # On the CPU vmap's batching rule for convolutions (one grouped convolution) is slower
+        # than running the models one after another (benchmarks/RESULTS.md); GPUs gain from it.
+        per_call = 1
     seen = 0
     try:
         skeleton.eval()
@@ -294,6 +298,10 @@ def _largest_leaf_output(skeleton: nn.Module) -> Iterator[List[int]]:
     finally:
         for hook in hooks:
             hook.remove()
+
+
+def _has_convolutions(module: nn.Module) -> bool:
+    return any(isinstance(layer, nn.modules.conv._ConvNd) for layer in module.modules())
 
 
 def _models_per_budget(largest_output: int, x: torch.Tensor, count: int, memory_budget_bytes: Optional[int]) -> int:

@@ -32,9 +32,8 @@ the ranks, each taking every W-th batch: a disjoint shard), and the global RNG (
 epoch counter is therefore the whole generator and scheduler state, and a checkpoint holds θ, the
 optimizer state, the permutations and the history.
 
-Speed note: the parameter views are made with ``split`` rather than slicing, because autograd
-turns each slice of a row into a full-length zero tensor in the backward pass (62 of them for a
-ResNet-18); ``split`` assembles θ's gradient with one concatenation.
+Speed note: the parameter views come from ``ParamSpace.views``, which uses ``split`` rather than
+slicing, so θ's gradient is assembled with one concatenation.
 """
 from __future__ import annotations
 
@@ -164,14 +163,7 @@ class StarObjective:
         self.bank = bank
         self.binary, self.label_smoothing, self.ce_weight = binary, label_smoothing, ce_weight
         self.model = batch_statistics_copy(skeleton).to(bank.device)
-        self._sizes = [entry.numel for entry in self.space.entries]
         self._batched_forward = vmap(self._forward, randomness="different")
-
-    def params(self, rows: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """``{name: view}`` of a row ``[P]`` or rows ``[S, P]`` (split-based; see the module docstring)."""
-        lead = tuple(rows.shape[:-1])
-        pieces = rows.split(self._sizes, dim=-1)
-        return {entry.name: piece.view(*lead, *entry.shape) for entry, piece in zip(self.space.entries, pieces)}
 
     def _forward(self, params: Dict[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
         return functional_call(self.model, params, (inputs,))
@@ -187,15 +179,15 @@ class StarObjective:
             raise ValueError(f"a batch of {inputs.shape[0]} examples cannot be split into {count} equal chunks")
         rows = [lerp_gather(theta, self.bank, n, index_maps[n], t) for n, t in draws]
         if count == 1:  # no vmap overhead for the paper's one draw per step
-            logits = self._forward(self.params(rows[0]), inputs).unsqueeze(0)
+            logits = self._forward(self.space.views(rows[0]), inputs).unsqueeze(0)
         else:
             chunks = inputs.reshape(count, inputs.shape[0] // count, *inputs.shape[1:])
-            logits = self._batched_forward(self.params(torch.stack(rows)), chunks)
+            logits = self._batched_forward(self.space.views(torch.stack(rows)), chunks)
         interpolated = self._loss(logits, labels.reshape(count, -1))
         total = interpolated.mean()
         at_theta = None
         if self.ce_weight:
-            at_theta = self._loss(self._forward(self.params(theta), inputs), labels)
+            at_theta = self._loss(self._forward(self.space.views(theta), inputs), labels)
             total = total + self.ce_weight * at_theta
             at_theta = at_theta.detach()
         return StarLosses(total, interpolated.detach(), at_theta)

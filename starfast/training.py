@@ -129,8 +129,10 @@ def make_optimizer(recipe: Recipe, parameters) -> torch.optim.Optimizer:
 
 
 def per_example_loss(logits: torch.Tensor, labels: torch.Tensor, binary: bool, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Loss of each example (any leading dims): BCE-with-logits on one logit, else cross-entropy."""
-    logits = logits.float()
+    """Loss of each example (any leading dims): BCE-with-logits on one logit, else cross-entropy.
+    Half-precision logits (autocast) are upcast to float32; float64 stays float64."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
     if binary:
         targets = labels.to(logits.dtype) * (1 - label_smoothing) + 0.5 * label_smoothing
         return F.binary_cross_entropy_with_logits(logits.squeeze(-1), targets, reduction="none")

@@ -231,8 +231,12 @@ def test_cli_models_stage_end_to_end(tmp_path, capsys):
     assert RunDir(run_dir).build_model("sources", 1).hidden[0].out_features == 16
     capsys.readouterr()
 
-    assert main(["--stage", "all", "--quiet", *flags]) == 2  # nothing to train; star is next
-    assert "stage star is not implemented yet" in capsys.readouterr().err
+    # The models are reused; the star is trained and the barriers are measured and reported.
+    assert main(["--stage", "all", "--quiet", "--star-epochs", "1", "--ts", "3", *flags]) == 0
+    assert "star–held-out barrier (loss)" in capsys.readouterr().out
+    assert (run_dir / "star" / "star-0000.json").exists()
+    results = json.loads((run_dir / "results" / "results.json").read_text())
+    assert results["counts"]["stars"] == 1 and results["barriers"]["star_heldout"]["train"] is not None
 
     assert main(["--stage", "models", *flags, "--arch", "linear2"]) == 1
     assert "--arch" in capsys.readouterr().err
