@@ -1,12 +1,13 @@
 # make test  — set up .venv if needed, build the extension, run pytest and the C++ tests
 # make demo  — the main job on the bundled default data
 # make bench — the pytest-benchmark suite
+# make theory — the paper's Appendix A experiments (Lemma 2, Tables 3 and 4)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export MAX_JOBS ?= 2
 
-.PHONY: install test test-python test-cpp bench demo clean
+.PHONY: install test test-python test-cpp bench demo theory clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +41,9 @@ bench: install
 
 demo: install
 	$(PY) -m starfast.train
+
+theory: install
+	$(PY) -m starfast.theory --out runs/theory
 
 clean:
 	rm -rf build $(VENV) starfast/_C*.so *.egg-info

@@ -1,8 +1,21 @@
 """starfast: find and study star models (Sonthalia et al., ICLR 2025) on flat parameter rows.
 
-The public API is re-exported here; each submodule's docstring says what it owns.
+The public API is re-exported here; each submodule's docstring says what it owns:
+``flat`` (ParamSpace), ``spec`` (PermutationSpec), ``ops`` (permute, lerp_gather), ``lap``
+(linear_assignment), ``matching`` (match_weights), ``models``, ``data``, ``training``,
+``starlight`` (train_star), ``bn`` (recompute_bn), ``barrier`` (barrier_curve), ``evaluation``,
+``theory``.
 """
+from starfast.barrier import BarrierCurve, barrier_curve, loss_barrier
+from starfast.bn import recompute_bn
+from starfast.flat import ParamSpace
 from starfast.lap import linear_assignment
+from starfast.matching import MatchResult, match_weights
+from starfast.ops import lerp_gather, permute
+from starfast.spec import Axis, Group, PermutationSpec, permute_model
 
-__all__ = ["linear_assignment"]
+__all__ = [
+    "Axis", "BarrierCurve", "Group", "MatchResult", "ParamSpace", "PermutationSpec", "barrier_curve",
+    "lerp_gather", "linear_assignment", "loss_barrier", "match_weights", "permute", "permute_model", "recompute_bn",
+]
 __version__ = "0.1.0"

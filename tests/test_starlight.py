@@ -30,15 +30,6 @@ from starfast.starlight import Draw, SourceMatcher, StarObjective, StarlightDive
 CLASSES = 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The CI machine's cores are shared; one intra-op thread avoids oversubscription stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def toy_dataset(generator, train=48, test=16, shape=(3, 8, 8), nan=False):
     inputs = torch.randn(train + test, *shape, generator=generator)
     labels = inputs.flatten(1)[:, :CLASSES].argmax(1)  # learnable: the largest of the first pixels

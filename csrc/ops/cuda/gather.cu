@@ -9,6 +9,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../gather_common.h"
+
 namespace starfast {
 namespace {
 
@@ -43,23 +45,14 @@ __global__ void lerp_gather_kernel(const scalar_t* __restrict__ theta, const sca
   for (int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; p < length; p += stride) {
     const acc_t a = static_cast<acc_t>(theta[p]);
     const acc_t b = static_cast<acc_t>(source[index == nullptr ? p : static_cast<int64_t>(index[p])]);
-    // torch.lerp's formula, so CPU, CUDA and the reference agree to rounding.
-    out[p] = static_cast<scalar_t>(w < acc_t(0.5) ? a + w * (b - a) : b - (b - a) * (acc_t(1) - w));
+    out[p] = static_cast<scalar_t>(lerp_like_torch<acc_t>(a, b, w));
   }
 }
 
 void permute_into_cuda(const at::Tensor& rows, const at::Tensor& index, at::Tensor& out) {
-  const int64_t length = rows.size(-1);
-  TORCH_CHECK(index.scalar_type() == at::kLong || index.scalar_type() == at::kInt,
-              "permute: index must be int64 or int32, got ", index.scalar_type());
-  TORCH_CHECK(index.size(-1) == length, "permute: index has length ", index.size(-1), " but rows have ", length);
-  TORCH_CHECK(index.device() == rows.device(), "permute: index and rows are on different devices");
-  const at::Tensor src = rows.contiguous().view({-1, length});
-  const at::Tensor idx = index.contiguous().view({-1, length});
-  TORCH_CHECK(idx.size(0) == 1 || idx.size(0) == src.size(0), "permute: index must be [P] or [", src.size(0),
-              ", P], got ", index.sizes());
-  TORCH_CHECK(out.is_contiguous() && out.sizes() == rows.sizes() && out.dtype() == rows.dtype(),
-              "permute: out must be a contiguous tensor shaped and typed like rows");
+  at::Tensor src, idx;
+  std::tie(src, idx) = permute_operands(rows, index, out);
+  const int64_t length = src.size(1);
   const int64_t total = src.numel();
   if (total == 0) return;
   const c10::cuda::CUDAGuard guard(rows.device());
@@ -79,31 +72,16 @@ at::Tensor permute_cuda(const at::Tensor& rows, const at::Tensor& index) {
   return out;
 }
 
-void permute_out_cuda(const at::Tensor& rows, const at::Tensor& index, at::Tensor out) {
-  TORCH_CHECK(!out.is_same(rows), "permute: out must not alias rows");
-  permute_into_cuda(rows, index, out);
-}
+void permute_out_cuda(const at::Tensor& rows, const at::Tensor& index, at::Tensor out) { permute_into_cuda(rows, index, out); }
 
 at::Tensor lerp_gather_cuda(const at::Tensor& theta, const at::Tensor& bank, int64_t n,
                             const c10::optional<at::Tensor>& index, double t) {
-  TORCH_CHECK(theta.dim() == 1, "lerp_gather: theta must be [P], got ", theta.sizes());
-  TORCH_CHECK(bank.dim() == 2 && bank.size(1) == theta.size(0), "lerp_gather: bank must be [N, ", theta.size(0),
-              "], got ", bank.sizes());
-  TORCH_CHECK(bank.scalar_type() == theta.scalar_type(), "lerp_gather: bank and theta dtypes differ");
-  TORCH_CHECK(n >= 0 && n < bank.size(0), "lerp_gather: n = ", n, " is outside the bank of ", bank.size(0));
+  const at::Tensor idx = lerp_gather_index(theta, bank, n, index);
   const int64_t length = theta.size(0);
   const at::Tensor th = theta.contiguous();
   const at::Tensor source = bank.select(0, n).contiguous();
   at::Tensor out = at::empty_like(th);
   if (length == 0) return out;
-  at::Tensor idx;
-  if (index.has_value()) {
-    idx = index->contiguous();
-    TORCH_CHECK(idx.dim() == 1 && idx.size(0) == length, "lerp_gather: index must be [", length, "], got ",
-                idx.sizes());
-    TORCH_CHECK(idx.scalar_type() == at::kLong || idx.scalar_type() == at::kInt,
-                "lerp_gather: index must be int64 or int32, got ", idx.scalar_type());
-  }
   const c10::cuda::CUDAGuard guard(theta.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, th.scalar_type(), "lerp_gather_cuda", [&] {

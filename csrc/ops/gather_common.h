@@ -1,0 +1,55 @@
+// What the CPU and CUDA kernels of the gather ops share: argument checks (one set of messages)
+// and torch.lerp's formula, so every backend and the reference agree to rounding.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/macros/Macros.h>
+#include <c10/util/Exception.h>
+
+#include <tuple>
+#include <utility>
+
+namespace starfast {
+
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t lerp_like_torch(acc_t a, acc_t b, acc_t w) {
+  return w < acc_t(0.5) ? a + w * (b - a) : b - (b - a) * (acc_t(1) - w);
+}
+
+inline void check_index(const at::Tensor& index, int64_t length, const char* op) {
+  TORCH_CHECK(index.scalar_type() == at::kLong || index.scalar_type() == at::kInt, op,
+              ": index must be int64 or int32, got ", index.scalar_type());
+  TORCH_CHECK(index.size(-1) == length, op, ": index has length ", index.size(-1), " but rows have ", length);
+}
+
+// rows [..., P] and index [P] or [R, P] as [R, P] / [1 or R, P] contiguous views; checks out.
+inline std::pair<at::Tensor, at::Tensor> permute_operands(const at::Tensor& rows, const at::Tensor& index,
+                                                           const at::Tensor& out) {
+  const int64_t length = rows.size(-1);
+  check_index(index, length, "permute");
+  TORCH_CHECK(index.device() == rows.device(), "permute: index and rows are on different devices");
+  at::Tensor src = rows.contiguous().view({-1, length});
+  at::Tensor idx = index.contiguous().view({-1, length});
+  TORCH_CHECK(idx.size(0) == 1 || idx.size(0) == src.size(0), "permute: index must be [P] or [", src.size(0),
+              ", P], got ", index.sizes());
+  TORCH_CHECK(out.is_contiguous() && out.sizes() == rows.sizes() && out.dtype() == rows.dtype(),
+              "permute: out must be a contiguous tensor shaped and typed like rows");
+  TORCH_CHECK(!out.is_same(rows), "permute: out must not alias rows");
+  return {src, idx};
+}
+
+// Checks theta [P], bank [N, P], n and index [P] (if any); returns the index contiguous (or undefined).
+inline at::Tensor lerp_gather_index(const at::Tensor& theta, const at::Tensor& bank, int64_t n,
+                                    const c10::optional<at::Tensor>& index) {
+  TORCH_CHECK(theta.dim() == 1, "lerp_gather: theta must be [P], got ", theta.sizes());
+  TORCH_CHECK(bank.dim() == 2 && bank.size(1) == theta.size(0), "lerp_gather: bank must be [N, ", theta.size(0),
+              "], got ", bank.sizes());
+  TORCH_CHECK(bank.scalar_type() == theta.scalar_type(), "lerp_gather: bank and theta dtypes differ");
+  TORCH_CHECK(n >= 0 && n < bank.size(0), "lerp_gather: n = ", n, " is outside the bank of ", bank.size(0));
+  if (!index.has_value()) return at::Tensor();
+  TORCH_CHECK(index->dim() == 1, "lerp_gather: index must be [P], got ", index->sizes());
+  check_index(*index, theta.size(0), "lerp_gather");
+  return index->contiguous();
+}
+
+}  // namespace starfast
