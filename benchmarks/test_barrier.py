@@ -1,79 +1,41 @@
-"""An 11-point barrier curve of a ResNet-20 on CIFAR-shaped data: ``barrier_curve`` (one [11, P]
-bank, batched BatchNorm recomputation and evaluation under vmap) against the naive loop (per t:
-deep copy, load the interpolated row, ``update_bn``, evaluate). ``ours-sequential`` is
-``barrier_curve(chunk_size=1)``: the same bank and buffers, one model per plain functional call.
+"""An 11-point barrier curve on CIFAR-shaped data: ``barrier_curve`` (one [11, P] bank, batched
+BatchNorm recomputation and evaluation; on the CPU convolutional models run one at a time, on a
+GPU under vmap) against the naive loop (per t: deep copy, load the interpolated row,
+``update_bn``, evaluate). ``ours-vmap`` forces every point of the curve into one vmapped call, to
+show why the CPU default runs conv nets one model at a time.
 
-256 random 3x16x16 training images in batches of 128 (CIFAR's 32x32 quadruples the work and does
-not fit two minutes on two shared CPU cores; raise ``SIDE``/``IMAGES`` on a bigger machine); the
-end points use their own buffers in every variant. Uses ``starfast.models.build("resnet20")``
-when the models package imports, else a local ResNet-20 of the same shape (3 stages x 3 basic
-blocks, widths 16/32/64). On CPU the curve is bound by the convolutions, which vmap turns into
-grouped convolutions: expect the vmapped variant near or below the loop there; its gain is on GPUs.
+Random images in batches of 128 (resnet20: 256 at 16x16, resnet18: 64 at 32x32, so one round fits
+a minute on two CPU cores; raise the sizes on a bigger machine); the end points use their own
+buffers in every variant, and every variant's losses are checked against the naive loop's.
 """
 import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.optim.swa_utils import update_bn
 
+from starfast import models
 from starfast.barrier import barrier_curve
 from starfast.flat import ParamSpace
 
-POINTS, IMAGES, SIDE, BATCH, ROUNDS = 11, 256, 16, 128, 2
+POINTS, BATCH, ROUNDS = 11, 128, 2
+SETTINGS = {"resnet20": (256, 16), "resnet18": (64, 32)}  # images, side
 
 
-class BasicBlock(nn.Module):
-    def __init__(self, inputs: int, outputs: int, stride: int):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(inputs, outputs, 3, stride, 1, bias=False), nn.BatchNorm2d(outputs)
-        self.conv2, self.bn2 = nn.Conv2d(outputs, outputs, 3, 1, 1, bias=False), nn.BatchNorm2d(outputs)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or inputs != outputs:
-            self.shortcut = nn.Sequential(nn.Conv2d(inputs, outputs, 1, stride, bias=False), nn.BatchNorm2d(outputs))
-
-    def forward(self, x):
-        out = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-
-class LocalResNet20(nn.Module):
-    def __init__(self, classes: int = 10):
-        super().__init__()
-        self.stem, self.bn = nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16)
-        blocks, inputs = [], 16
-        for outputs, stride in ((16, 1), (32, 2), (64, 2)):
-            for index in range(3):
-                blocks.append(BasicBlock(inputs, outputs, stride if index == 0 else 1))
-                inputs = outputs
-        self.blocks = nn.Sequential(*blocks)
-        self.head = nn.Linear(64, classes)
-
-    def forward(self, x):
-        return self.head(self.blocks(torch.relu(self.bn(self.stem(x)))).mean((2, 3)))
-
-
-def resnet20() -> nn.Module:
-    try:
-        from starfast.models import build
-    except ImportError:
-        return LocalResNet20()
-    return build("resnet20")
-
-
-@pytest.fixture(scope="module")
-def setup():
+@pytest.fixture(scope="module", params=list(SETTINGS))
+def setup(request):
+    arch = request.param
+    images, side = SETTINGS[arch]
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
-    images = torch.randn(IMAGES, 3, SIDE, SIDE, generator=generator)
-    labels = torch.randint(0, 10, (IMAGES,), generator=generator)
-    train = [(images[i : i + BATCH], labels[i : i + BATCH]) for i in range(0, IMAGES, BATCH)]
-    model_a, model_b = resnet20(), resnet20()
+    inputs = torch.randn(images, 3, side, side, generator=generator)
+    labels = torch.randint(0, 10, (images,), generator=generator)
+    train = [(inputs[i : i + BATCH], labels[i : i + BATCH]) for i in range(0, images, BATCH)]
+    model_a, model_b = models.build(arch), models.build(arch)
     update_bn(train, model_a)
     update_bn(train, model_b)
-    space = ParamSpace(model_a)
-    return model_a, model_b, space, train
+    return arch, f"{images}x3x{side}x{side}", (model_a, model_b, ParamSpace(model_a), train)
 
 
 def naive_curve(model_a, model_b, space, train):
@@ -88,7 +50,7 @@ def naive_curve(model_a, model_b, space, train):
                 update_bn(train, model)
             model.eval()
             total = sum(float(F.cross_entropy(model(x), y, reduction="sum")) for x, y in train)
-            losses.append(total / IMAGES)
+            losses.append(total / sum(len(y) for _, y in train))
     return torch.tensor(losses, dtype=torch.float64)
 
 
@@ -100,22 +62,24 @@ def batched_curve(model_a, model_b, space, train, chunk_size=None):
     return curve.train_loss
 
 
-def sequential_curve(model_a, model_b, space, train):
-    return batched_curve(model_a, model_b, space, train, chunk_size=1)
+def vmapped_curve(model_a, model_b, space, train):
+    return batched_curve(model_a, model_b, space, train, chunk_size=POINTS)
 
 
 @pytest.fixture(scope="module")
 def curves():
-    """Each variant's losses, so the second one run can be checked against the first."""
+    """Each variant's losses per architecture, so later variants are checked against the loop."""
     return {}
 
 
-VARIANTS = {"baseline": naive_curve, "ours": batched_curve, "ours-sequential": sequential_curve}
+VARIANTS = {"baseline": naive_curve, "ours": batched_curve, "ours-vmap": vmapped_curve}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_barrier_curve_resnet20(bench, setup, curves, variant):
-    group = f"barrier curve resnet20 {POINTS} points {IMAGES}x3x{SIDE}x{SIDE}"
-    curves[variant] = bench(group, variant, VARIANTS[variant], *setup, rounds=ROUNDS, warmup_rounds=0)
-    if "baseline" in curves:
-        torch.testing.assert_close(curves[variant], curves["baseline"], atol=1e-4, rtol=1e-4)
+def test_barrier_curve(bench, setup, curves, variant):
+    arch, shape, arguments = setup
+    group = f"barrier curve {arch} {POINTS} points {shape}"
+    result = bench(group, variant, VARIANTS[variant], *arguments, rounds=ROUNDS, warmup_rounds=0)
+    curves[(arch, variant)] = result
+    if (arch, "baseline") in curves:
+        torch.testing.assert_close(result, curves[(arch, "baseline")], atol=1e-4, rtol=1e-4)

@@ -374,8 +374,15 @@ class _Bank:
         }
         self.skeleton = models[0].to(device)  # its own tensors are never used: functional_call swaps the banks in
         self.state_names = list(self.skeleton.state_dict().keys())
-        self._forward = vmap(self._forward_one, in_dims=(0, 0, 0), randomness="different")
-        self._forward_shared = vmap(self._forward_one, in_dims=(0, 0, None), randomness="different")
+        stacked = getattr(self.skeleton, "stacked_forward", None)
+        if stacked is not None and not self.buffers:
+            # The architecture runs stacked parameters itself (one batched matmul per layer),
+            # without vmap's per-step overhead (see starfast.models.mlp).
+            self._forward = lambda params, buffers, inputs: stacked(params, inputs)
+            self._forward_shared = lambda params, buffers, inputs: stacked(params, inputs, shared=True)
+        else:
+            self._forward = vmap(self._forward_one, in_dims=(0, 0, 0), randomness="different")
+            self._forward_shared = vmap(self._forward_one, in_dims=(0, 0, None), randomness="different")
 
     def _forward_one(self, params, buffers, inputs):
         return functional_call(self.skeleton, (params, buffers), (inputs,))

@@ -386,3 +386,19 @@ def test_spec_construction_errors():
         PermutationSpec([Group("a", 3, (Axis("w", 0),))]).group("zz")
     # Disjoint ranges of one axis are fine (concatenations).
     PermutationSpec([Group("a", 2, (Axis("w", 0),)), Group("b", 3, (Axis("w", 0, offset=2),))])
+
+
+@pytest.mark.parametrize("name, kwargs", [("mlp", dict(depth=3, width=7, activation="elu")), ("linear2", dict(width=5)),
+                                          ("mlp", dict(depth=1, width=4, bias=False))])
+def test_mlp_stacked_forward_equals_each_model(name, kwargs, rng):
+    shape = (1, 4, 4)
+    nets = [models.build(name, 3, 1, shape, **kwargs).double() for _ in range(4)]
+    for net in nets:
+        for parameter in net.parameters():
+            parameter.data.normal_(generator=rng)
+    stacked = {key: torch.stack([dict(net.named_parameters())[key] for net in nets]) for key, _ in nets[0].named_parameters()}
+    per_model = torch.randn(4, 6, *shape, generator=rng, dtype=torch.float64)
+    want = torch.stack([net(x) for net, x in zip(nets, per_model)])
+    torch.testing.assert_close(nets[0].stacked_forward(stacked, per_model), want)
+    shared = per_model[0]
+    torch.testing.assert_close(nets[0].stacked_forward(stacked, shared, shared=True), torch.stack([net(shared) for net in nets]))

@@ -4,13 +4,17 @@
 followed by an elementwise activation, and a Linear output layer. Every hidden layer's units are
 one permutation group (that layer's weight rows and bias, the next layer's weight columns).
 
+``MLP.stacked_forward`` runs K models whose parameters are stacked ``[K, ...]`` as one batched
+matmul per layer: training many small seeds at once (``--parallel-seeds``) pays ``vmap`` and
+``functional_call`` overhead on every step, which at these sizes costs more than the arithmetic.
+
 ``linear2`` is the network of the paper's theory (Appendix A): one hidden layer without biases,
 ``f(x) = W2 act(W1 x)``, activation ``identity`` (the linear network of Theorem 1) or ``elu``.
 """
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Dict, Sequence
 
 import torch
 from torch import nn
@@ -50,6 +54,21 @@ class MLP(nn.Module):
         for layer in self.hidden:
             x = self.activation(layer(x))
         return self.output(x)
+
+    def stacked_forward(self, params: Dict[str, torch.Tensor], x: torch.Tensor, shared: bool = False) -> torch.Tensor:
+        """K models at once: ``params`` maps this module's parameter names to ``[K, ...]``
+        tensors; ``x`` is ``[K, B, ...]`` (one batch per model) or, with ``shared``, ``[B, ...]``
+        for all. Returns logits ``[K, B, num_classes]``, equal to running each model on its batch."""
+        count = next(iter(params.values())).shape[0]
+        x = x.flatten(1).expand(count, -1, -1) if shared else x.flatten(2)
+        layers = [(f"hidden.{i}", True) for i in range(len(self.hidden))] + [("output", False)]
+        for name, activate in layers:
+            weight = params[f"{name}.weight"].transpose(1, 2)
+            bias = params.get(f"{name}.bias")
+            x = torch.bmm(x, weight) if bias is None else torch.baddbmm(bias.unsqueeze(1), x, weight)
+            if activate:
+                x = self.activation(x)
+        return x
 
     def permutation_spec(self) -> PermutationSpec:
         consumers = [(f"hidden.{i}", layer) for i, layer in enumerate(self.hidden)][1:] + [("output", self.output)]
