@@ -19,7 +19,7 @@ from starfast import models
 from starfast.barrier import barrier_curve
 from starfast.flat import ParamSpace
 
-POINTS, BATCH, ROUNDS = 11, 128, 2
+POINTS, BATCH, ROUNDS = 11, 128, 3
 SETTINGS = {"resnet20": (256, 16), "resnet18": (64, 32)}  # images, side
 
 

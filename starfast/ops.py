@@ -7,7 +7,8 @@ autograd formulas, and exposes each op as a plain function:
 - ``permute(rows, index, out=None)``: ``rows[..., index]`` — apply a permutation index map to one
   or many flat rows (``index`` ``[P]`` shared, or ``[K, P]`` one per row).
 - ``lerp_gather(theta, bank, n, index, t)``: ``(1 - t) * theta + t * bank[n][index]`` in one pass;
-  the gradient flows to ``theta`` only (``d theta = (1 - t) * d out``).
+  the gradient flows to ``theta`` only (``d theta = (1 - t) * d out``). ``n`` and ``t`` may be
+  tensors, so ``torch.vmap`` evaluates several ``(n, index, t)`` at once (the op's vmap rule).
 - ``linear_assignment_op(cost, maximize)``: the raw batched LAP op (see :mod:`starfast.lap`).
 
 Every op has a ``*_reference`` twin written with ordinary torch calls; tests compare the two.
@@ -15,7 +16,7 @@ Every op has a ``*_reference`` twin written with ordinary torch calls; tests com
 from __future__ import annotations
 
 import warnings
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -80,15 +81,29 @@ if HAVE_EXTENSION:
     def _lerp_gather_fake(theta, bank, n, index, t):
         return torch.empty_like(theta, memory_format=torch.contiguous_format)
 
+    @torch.library.register_vmap("starfast::lerp_gather")
+    def _lerp_gather_vmap(info, in_dims, theta, bank, n, index, t):
+        # One call per batch element (each reads its own n and t on the host); any argument may
+        # be batched, e.g. several draws (n, index_maps[n], t) against one θ.
+        def element(tensor, dim, k):
+            return tensor if tensor is None or dim is None else tensor.select(dim, k)
+
+        rows = [
+            torch.ops.starfast.lerp_gather(*(element(arg, dim, k) for arg, dim in zip((theta, bank, n, index, t), in_dims)))
+            for k in range(info.batch_size)
+        ]
+        return torch.stack(rows), 0
+
     @torch.library.register_fake("starfast::linear_assignment")
     def _linear_assignment_fake(cost, maximize):
         return cost.new_empty(cost.shape[:-1], dtype=torch.long)
 
     def _lerp_gather_setup_context(ctx, inputs, output):
-        ctx.t = inputs[4]
+        ctx.save_for_backward(inputs[4])
 
     def _lerp_gather_backward(ctx, grad):
-        return grad * (1.0 - ctx.t), None, None, None, None
+        (t,) = ctx.saved_tensors
+        return grad * (1.0 - t.to(device=grad.device, dtype=grad.dtype)), None, None, None, None
 
     torch.library.register_autograd(
         "starfast::lerp_gather", _lerp_gather_backward, setup_context=_lerp_gather_setup_context
@@ -136,15 +151,24 @@ def permute(rows: torch.Tensor, index: torch.Tensor, out: Optional[torch.Tensor]
 
 
 def lerp_gather(
-    theta: torch.Tensor, bank: torch.Tensor, n: int, index: Optional[torch.Tensor], t: float
+    theta: torch.Tensor,
+    bank: torch.Tensor,
+    n: Union[int, torch.Tensor],
+    index: Optional[torch.Tensor],
+    t: Union[float, torch.Tensor],
 ) -> torch.Tensor:
     """``(1 - t) * theta + t * bank[n][index]`` without materialising the permuted source.
 
-    ``theta`` is ``[P]``, ``bank`` ``[N, P]``, ``index`` ``[P]`` or ``None`` (no permutation).
-    Differentiable in ``theta`` (the bank receives no gradient).
+    ``theta`` is ``[P]``, ``bank`` ``[N, P]``, ``index`` ``[P]`` or ``None`` (no permutation), ``n``
+    an int and ``t`` a float, or one-element CPU tensors (then ``torch.vmap`` can batch them:
+    ``vmap(lambda n, i, t: lerp_gather(theta, bank, n, i, t))(ns, index_maps[ns], ts)`` is
+    ``[S, P]``; batching n and t needs the compiled extension). Differentiable in ``theta`` (the
+    bank receives no gradient).
     """
     if _compiled_for(theta):
-        return torch.ops.starfast.lerp_gather(theta, bank, int(n), index, float(t))
+        n = n if isinstance(n, torch.Tensor) else torch.tensor(int(n))
+        t = t if isinstance(t, torch.Tensor) else torch.tensor(float(t), dtype=torch.float64)
+        return torch.ops.starfast.lerp_gather(theta, bank, n, index, t)
     return _LerpGatherReference.apply(theta, bank, int(n), index, float(t))
 
 

@@ -80,6 +80,25 @@ def test_lerp_gather_gradient(device, rng):
     assert bank.grad is None
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_lerp_gather_vmap_over_several_draws(device, rng):
+    theta = torch.randn(300, generator=rng, dtype=torch.float64).to(device).requires_grad_()
+    bank = torch.randn(4, 300, generator=rng, dtype=torch.float64).to(device)
+    index_maps = torch.stack([torch.randperm(300, generator=rng) for _ in range(4)]).to(device)
+    ns = torch.tensor([3, 0, 3, 1])
+    ts = torch.rand(4, generator=rng, dtype=torch.float64)
+    rows = torch.vmap(lambda n, index, t: ops.lerp_gather(theta, bank, n, index, t))(ns, index_maps[ns.to(device)], ts)
+    want = torch.stack([torch.lerp(theta, bank[n][index_maps[n]], float(t)) for n, t in zip(ns.tolist(), ts)])
+    torch.testing.assert_close(rows, want)
+    weights = torch.randn(4, 300, generator=rng, dtype=torch.float64).to(device)
+    (gradient,) = torch.autograd.grad((rows * weights).sum(), theta)
+    torch.testing.assert_close(gradient, ((1 - ts.to(device))[:, None] * weights).sum(0))
+    # Batching θ instead (several points against one draw) works too.
+    thetas = torch.randn(3, 300, generator=rng, dtype=torch.float64).to(device)
+    batched = torch.vmap(lambda th: ops.lerp_gather(th, bank, 2, index_maps[2], 0.25))(thetas)
+    torch.testing.assert_close(batched, torch.lerp(thetas, bank[2][index_maps[2]], 0.25))
+
+
 @needs_extension
 def test_opcheck(rng):
     rows = torch.randn(3, 64, generator=rng)
@@ -88,8 +107,9 @@ def test_opcheck(rng):
     torch.library.opcheck(torch.ops.starfast.permute_out, (rows, index, torch.empty_like(rows)))
     theta = torch.randn(64, generator=rng, dtype=torch.float64, requires_grad=True)
     bank = torch.randn(2, 64, generator=rng, dtype=torch.float64)
-    torch.library.opcheck(torch.ops.starfast.lerp_gather, (theta, bank, 1, index, 0.4))
-    torch.library.opcheck(torch.ops.starfast.lerp_gather, (theta, bank, 0, None, 0.9))
+    n, t = torch.tensor(1), torch.tensor(0.4, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.starfast.lerp_gather, (theta, bank, n, index, t))
+    torch.library.opcheck(torch.ops.starfast.lerp_gather, (theta, bank, torch.tensor(0), None, torch.tensor(0.9)))
 
 
 def test_reference_fallback_when_extension_is_absent(monkeypatch, rng):

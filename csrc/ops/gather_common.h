@@ -38,6 +38,16 @@ inline std::pair<at::Tensor, at::Tensor> permute_operands(const at::Tensor& rows
   return {src, idx};
 }
 
+// n and t of lerp_gather: one-element integer and floating tensors, read on the host.
+inline std::pair<int64_t, double> lerp_gather_scalars(const at::Tensor& n, const at::Tensor& t) {
+  TORCH_CHECK(n.numel() == 1 && !c10::isFloatingType(n.scalar_type()) && n.scalar_type() != at::kBool,
+              "lerp_gather: n must be one integer, got a tensor of ", n.scalar_type(), " with ", n.numel(), " elements");
+  TORCH_CHECK(t.numel() == 1 && c10::isFloatingType(t.scalar_type()),
+              "lerp_gather: t must be one floating-point number, got a tensor of ", t.scalar_type(), " with ",
+              t.numel(), " elements");
+  return {n.item<int64_t>(), t.item<double>()};
+}
+
 // Checks theta [P], bank [N, P], n and index [P] (if any); returns the index contiguous (or undefined).
 inline at::Tensor lerp_gather_index(const at::Tensor& theta, const at::Tensor& bank, int64_t n,
                                     const c10::optional<at::Tensor>& index) {

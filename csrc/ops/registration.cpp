@@ -9,6 +9,7 @@ TORCH_LIBRARY(starfast, m) {
   // rows [..., P] gathered along the last axis by index [P] or [K, P] (int64).
   m.def("permute(Tensor rows, Tensor index) -> Tensor");
   m.def("permute_out(Tensor rows, Tensor index, Tensor(a!) out) -> ()");
-  // (1 - t) * theta + t * bank[n][index]; index may be None (plain lerp with bank row n).
-  m.def("lerp_gather(Tensor theta, Tensor bank, int n, Tensor? index, float t) -> Tensor");
+  // (1 - t) * theta + t * bank[n][index]; index may be None (plain lerp with bank row n). n (int64)
+  // and t (floating) are one-element tensors, read on the host, so vmap can batch several (n, t).
+  m.def("lerp_gather(Tensor theta, Tensor bank, Tensor n, Tensor? index, Tensor t) -> Tensor");
 }

@@ -74,8 +74,11 @@ at::Tensor permute_cuda(const at::Tensor& rows, const at::Tensor& index) {
 
 void permute_out_cuda(const at::Tensor& rows, const at::Tensor& index, at::Tensor out) { permute_into_cuda(rows, index, out); }
 
-at::Tensor lerp_gather_cuda(const at::Tensor& theta, const at::Tensor& bank, int64_t n,
-                            const c10::optional<at::Tensor>& index, double t) {
+at::Tensor lerp_gather_cuda(const at::Tensor& theta, const at::Tensor& bank, const at::Tensor& n_tensor,
+                            const c10::optional<at::Tensor>& index, const at::Tensor& t_tensor) {
+  int64_t n;
+  double t;
+  std::tie(n, t) = lerp_gather_scalars(n_tensor, t_tensor);
   const at::Tensor idx = lerp_gather_index(theta, bank, n, index);
   const int64_t length = theta.size(0);
   const at::Tensor th = theta.contiguous();
