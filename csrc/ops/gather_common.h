@@ -38,28 +38,34 @@ inline std::pair<at::Tensor, at::Tensor> permute_operands(const at::Tensor& rows
   return {src, idx};
 }
 
-// n and t of lerp_gather: one-element integer and floating tensors, read on the host.
-inline std::pair<int64_t, double> lerp_gather_scalars(const at::Tensor& n, const at::Tensor& t) {
+// The operands of lerp_gather, checked: theta [P] and bank row n contiguous, the index contiguous
+// (undefined when absent), and t read on the host (n and t are one-element tensors).
+struct LerpGatherOperands {
+  at::Tensor theta, source, index;
+  double t;
+};
+
+inline LerpGatherOperands lerp_gather_operands(const at::Tensor& theta, const at::Tensor& bank, const at::Tensor& n,
+                                               const c10::optional<at::Tensor>& index, const at::Tensor& t) {
   TORCH_CHECK(n.numel() == 1 && !c10::isFloatingType(n.scalar_type()) && n.scalar_type() != at::kBool,
               "lerp_gather: n must be one integer, got a tensor of ", n.scalar_type(), " with ", n.numel(), " elements");
   TORCH_CHECK(t.numel() == 1 && c10::isFloatingType(t.scalar_type()),
               "lerp_gather: t must be one floating-point number, got a tensor of ", t.scalar_type(), " with ",
               t.numel(), " elements");
-  return {n.item<int64_t>(), t.item<double>()};
-}
-
-// Checks theta [P], bank [N, P], n and index [P] (if any); returns the index contiguous (or undefined).
-inline at::Tensor lerp_gather_index(const at::Tensor& theta, const at::Tensor& bank, int64_t n,
-                                    const c10::optional<at::Tensor>& index) {
+  const int64_t row = n.item<int64_t>();
   TORCH_CHECK(theta.dim() == 1, "lerp_gather: theta must be [P], got ", theta.sizes());
   TORCH_CHECK(bank.dim() == 2 && bank.size(1) == theta.size(0), "lerp_gather: bank must be [N, ", theta.size(0),
               "], got ", bank.sizes());
   TORCH_CHECK(bank.scalar_type() == theta.scalar_type(), "lerp_gather: bank and theta dtypes differ");
-  TORCH_CHECK(n >= 0 && n < bank.size(0), "lerp_gather: n = ", n, " is outside the bank of ", bank.size(0));
-  if (!index.has_value()) return at::Tensor();
-  TORCH_CHECK(index->dim() == 1, "lerp_gather: index must be [P], got ", index->sizes());
-  check_index(*index, theta.size(0), "lerp_gather");
-  return index->contiguous();
+  TORCH_CHECK(row >= 0 && row < bank.size(0), "lerp_gather: n = ", row, " is outside the bank of ", bank.size(0));
+  at::Tensor contiguous_index;
+  if (index.has_value()) {
+    TORCH_CHECK(index->dim() == 1, "lerp_gather: index must be [P], got ", index->sizes());
+    check_index(*index, theta.size(0), "lerp_gather");
+    TORCH_CHECK(index->device() == theta.device(), "lerp_gather: index and theta are on different devices");
+    contiguous_index = index->contiguous();
+  }
+  return {theta.contiguous(), bank.select(0, row).contiguous(), contiguous_index, t.item<double>()};
 }
 
 }  // namespace starfast

@@ -42,15 +42,14 @@ at::Tensor permute_cpu(const at::Tensor& rows, const at::Tensor& index) {
 
 void permute_out_cpu(const at::Tensor& rows, const at::Tensor& index, at::Tensor out) { permute_into(rows, index, out); }
 
-at::Tensor lerp_gather_cpu(const at::Tensor& theta, const at::Tensor& bank, const at::Tensor& n_tensor,
+at::Tensor lerp_gather_cpu(const at::Tensor& theta, const at::Tensor& bank, const at::Tensor& n,
                             const c10::optional<at::Tensor>& index, const at::Tensor& t_tensor) {
-  int64_t n;
-  double t;
-  std::tie(n, t) = lerp_gather_scalars(n_tensor, t_tensor);
-  const at::Tensor idx = lerp_gather_index(theta, bank, n, index);
-  const int64_t length = theta.size(0);
-  const at::Tensor th = theta.contiguous();
-  const at::Tensor source = bank.select(0, n).contiguous();
+  const LerpGatherOperands operands = lerp_gather_operands(theta, bank, n, index, t_tensor);
+  const at::Tensor& th = operands.theta;
+  const at::Tensor& source = operands.source;
+  const at::Tensor& idx = operands.index;
+  const double t = operands.t;
+  const int64_t length = th.size(0);
   at::Tensor out = at::empty_like(th);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, th.scalar_type(), "lerp_gather", [&] {
     using acc_t = at::opmath_type<scalar_t>;

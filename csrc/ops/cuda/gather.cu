@@ -38,7 +38,7 @@ __global__ void permute_kernel(const scalar_t* __restrict__ in, const index_t* _
 template <typename scalar_t, typename index_t>
 __global__ void lerp_gather_kernel(const scalar_t* __restrict__ theta, const scalar_t* __restrict__ source,
                                    const index_t* __restrict__ index, scalar_t* __restrict__ out, int64_t length,
-                                   float weight) {
+                                   double weight) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t w = static_cast<acc_t>(weight);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -74,15 +74,14 @@ at::Tensor permute_cuda(const at::Tensor& rows, const at::Tensor& index) {
 
 void permute_out_cuda(const at::Tensor& rows, const at::Tensor& index, at::Tensor out) { permute_into_cuda(rows, index, out); }
 
-at::Tensor lerp_gather_cuda(const at::Tensor& theta, const at::Tensor& bank, const at::Tensor& n_tensor,
+at::Tensor lerp_gather_cuda(const at::Tensor& theta, const at::Tensor& bank, const at::Tensor& n,
                             const c10::optional<at::Tensor>& index, const at::Tensor& t_tensor) {
-  int64_t n;
-  double t;
-  std::tie(n, t) = lerp_gather_scalars(n_tensor, t_tensor);
-  const at::Tensor idx = lerp_gather_index(theta, bank, n, index);
-  const int64_t length = theta.size(0);
-  const at::Tensor th = theta.contiguous();
-  const at::Tensor source = bank.select(0, n).contiguous();
+  const LerpGatherOperands operands = lerp_gather_operands(theta, bank, n, index, t_tensor);
+  const at::Tensor& th = operands.theta;
+  const at::Tensor& source = operands.source;
+  const at::Tensor& idx = operands.index;
+  const double t = operands.t;
+  const int64_t length = th.size(0);
   at::Tensor out = at::empty_like(th);
   if (length == 0) return out;
   const c10::cuda::CUDAGuard guard(theta.device());
@@ -91,13 +90,13 @@ at::Tensor lerp_gather_cuda(const at::Tensor& theta, const at::Tensor& bank, con
     if (!idx.defined()) {
       lerp_gather_kernel<scalar_t, int64_t><<<blocks_for(length), kThreads, 0, stream>>>(
           th.data_ptr<scalar_t>(), source.data_ptr<scalar_t>(), nullptr, out.data_ptr<scalar_t>(), length,
-          static_cast<float>(t));
+          t);
       return;
     }
     AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "lerp_gather_cuda_index", [&] {
       lerp_gather_kernel<scalar_t, index_t><<<blocks_for(length), kThreads, 0, stream>>>(
           th.data_ptr<scalar_t>(), source.data_ptr<scalar_t>(), idx.data_ptr<index_t>(), out.data_ptr<scalar_t>(),
-          length, static_cast<float>(t));
+          length, t);
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
