@@ -15,6 +15,7 @@ turning a permutation into a flat ``[P]`` (or ``[K, P]``) index map for :func:`s
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -205,21 +206,35 @@ class PermutationSpec:
         """The gather index ``[P]`` (``[K, P]`` for a batched ``perm``) that permutes flat rows.
 
         ``ops.permute(space.flatten(model), spec.index_map(space, perm))`` equals
-        ``space.flatten(spec.apply(model.state_dict(), perm))``.
+        ``space.flatten(spec.apply(model.state_dict(), perm))``. Built as a broadcast sum: the
+        source of element ``(i_0, i_1, ...)`` of a parameter is ``offset + Σ_a index_a[i_a] ·
+        stride_a``, where ``index_a`` is the identity with each group's permutation written into
+        its segment of axis ``a`` (one write per element, no gathers).
         """
         batch = self.check_perm(perm)
         device = next(iter(perm.values())).device if perm else None
-        rows = torch.arange(space.size, device=device)
-        if batch is not None:
-            rows = rows.repeat(batch, 1)
-        views = space.views(rows)  # views alias ``rows``: permuting them in place builds the map
-        for name, pairs in self._axes_by_tensor.items():
-            if name not in space:
-                continue  # buffers are not part of a row
+        count = 1 if batch is None else batch
+        rows = torch.empty(count, space.size, dtype=torch.long, device=device)
+        for entry in space.entries:
+            pairs = self._axes_by_tensor.get(entry.name, [])
             for axis, group_name in pairs:
-                _check_fits(name, space.entry(name).shape, axis, self._by_name[group_name], "the ParamSpace")
-            self._permute_in_place(views[name], pairs, perm, batch is not None)
-        return rows
+                _check_fits(entry.name, entry.shape, axis, self._by_name[group_name], "the ParamSpace")
+            rank = len(entry.shape)
+            strides = [math.prod(entry.shape[a + 1 :]) for a in range(rank)]
+            source = torch.full((count,) + (1,) * rank, entry.offset, dtype=torch.long, device=device)
+            for a, size in enumerate(entry.shape):
+                index = torch.arange(size, device=device).expand(count, size)
+                on_axis = [(axis, group_name) for axis, group_name in pairs if axis.axis == a]
+                if on_axis:
+                    index = index.clone()
+                    for axis, group_name in on_axis:
+                        group_perm = perm[group_name].to(device).long()
+                        index[:, axis.offset : axis.offset + group_perm.shape[-1]] = axis.offset + group_perm
+                shape = [count] + [1] * rank
+                shape[1 + a] = size
+                source = source + index.reshape(shape) * strides[a]
+            rows[:, entry.segment] = source.reshape(count, -1)
+        return rows if batch is not None else rows[0]
 
     @staticmethod
     def _permute_in_place(tensor: torch.Tensor, pairs: List[Tuple[Axis, str]], perm: Perm, batched: bool) -> None:
