@@ -54,17 +54,18 @@ def test_training_step_images_per_second(benchmark, arch, cifar_shaped):
     print(f"\n{arch}: {images_per_second:.1f} images/s ({DEVICE}, batch {STEP_BATCH})")
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models: compare per-step costs, not thread scheduling on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+@pytest.fixture(params=[1, None], ids=["1-thread", "default-threads"])
+def threads(request):
+    """Both sides on one thread, and both on torch's default (all cores): the stacked step is
+    compute-bound and gains from more cores, the sequential steps are overhead-bound."""
+    default = torch.get_num_threads()
+    torch.set_num_threads(request.param or default)
+    yield torch.get_num_threads()
+    torch.set_num_threads(default)
 
 
 @pytest.mark.parametrize("width", [32, 128])
-def test_parallel_seeds_vs_sequential_runs(benchmark, width, one_thread):
+def test_parallel_seeds_vs_sequential_runs(benchmark, width, threads):
     """K=8 seeds of mlp on digits at once vs the same 8 seeds one after another (3 epochs)."""
     digits = data.load("digits")
     spec = ModelSpec.for_dataset("mlp", digits, {"width": width})
@@ -86,5 +87,5 @@ def test_parallel_seeds_vs_sequential_runs(benchmark, width, one_thread):
         sequential_times.append(time.perf_counter() - started)
     benchmark.pedantic(parallel, rounds=3, warmup_rounds=1)
     speedup = sorted(sequential_times)[1] / benchmark.stats.stats.median
-    benchmark.extra_info.update(sequential_median_s=sorted(sequential_times)[1], speedup=speedup, width=width)
+    benchmark.extra_info.update(sequential_median_s=sorted(sequential_times)[1], speedup=speedup, width=width, threads=threads)
     print(f"\nmlp width {width} on digits: {PARALLEL_SEEDS} seeds in parallel are {speedup:.2f}x faster than sequential")
