@@ -134,10 +134,6 @@ class ParamSpace:
             parameter.copy_(views[name])
         return model
 
-    def index_model(self, device: Union[str, torch.device, None] = None) -> Dict[str, torch.Tensor]:
-        """``arange(P)`` shaped as the parameters: permuting it gives a gather index map."""
-        return self.views(torch.arange(self.size, device=device))
-
 
 def _named_tensors(model_or_params: Union[nn.Module, Mapping[str, torch.Tensor]]) -> List[Tuple[str, torch.Tensor]]:
     if isinstance(model_or_params, nn.Module):

@@ -111,7 +111,6 @@ if HAVE_EXTENSION:
 
     def _permute_setup_context(ctx, inputs, output):
         ctx.save_for_backward(inputs[1])
-        ctx.length = inputs[0].shape[-1]
 
     def _permute_backward(ctx, grad):
         (index,) = ctx.saved_tensors
