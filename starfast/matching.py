@@ -17,6 +17,14 @@ shares a parameter with it changed since it was last solved. Skipping clean grou
 result (their assignment problem is the one already solved) but makes confirmation sweeps and
 warm starts cheap. A source stops after a sweep with no accepted change (or ``max_iter`` sweeps).
 
+Warm starts from a previous result (``init=previous_match``, the same sources, a moved target)
+also skip the groups that *provably* cannot change. Each result keeps, per source and group, the
+margin by which every unit's own column beats its other columns in the final cost matrix. When
+the target moves by Δ, each cost entry moves by at most ``‖Δ_j‖·‖B_k‖`` (Cauchy–Schwarz over the
+group's axes), so a group whose margins exceed ``2·‖Δ_j‖·max_k ‖B_k‖`` keeps its assignment and
+starts clean; its margins carry over, lowered by that bound. The result is the one an ordinary
+warm start would find; only work is skipped.
+
 Starting point: the identity (Git Re-Basin's choice, the default), warm-start permutations, or
 ``init="sorted"``: every group solved once, independently, on each unit's weights *sorted*, which
 is invariant to all other groups' permutations. Coordinate descent from the identity can stall
@@ -49,6 +57,8 @@ class MatchResult:
     index_map) == permuted``), ``permuted``: ``[N, P]`` the permuted sources, ``objective``:
     ``[sweeps + 1, N]`` ⟨target, π(source)⟩ at the start and after every sweep (float64),
     ``sweeps``: ``[N]`` sweeps run per source (the last one made no change unless max_iter hit).
+    ``target``, ``margins`` (group -> ``[N, size]``, ``-inf`` where unknown) and ``fingerprint``
+    (``[N]`` row sums of the sources) let a later call warm-start from this result.
     """
 
     perms: Perm
@@ -56,6 +66,9 @@ class MatchResult:
     permuted: torch.Tensor
     objective: torch.Tensor
     sweeps: torch.Tensor
+    target: torch.Tensor
+    margins: Dict[str, torch.Tensor]
+    fingerprint: torch.Tensor
 
 
 def match_weights(
@@ -64,7 +77,7 @@ def match_weights(
     spec: PermutationSpec,
     *,
     space: Optional[ParamSpace] = None,
-    init: Union[Perm, str, None] = None,
+    init: Union[Perm, str, "MatchResult", None] = None,
     max_iter: int = 100,
     seed: int = 0,
 ) -> MatchResult:
@@ -72,8 +85,9 @@ def match_weights(
 
     ``target``: a module, a state dict or a row ``[P]``. ``sources``: one of those, a list of
     them, or a bank ``[N, P]``. Rows need ``space`` (inferred from a module target). ``init``:
-    ``None`` (identity), ``"sorted"`` (see module docstring) or warm-start permutations
-    (group -> ``[N, size]`` or ``[size]``), e.g. last epoch's matches.
+    ``None`` (identity), ``"sorted"`` (see module docstring), warm-start permutations
+    (group -> ``[N, size]`` or ``[size]``), or the previous :class:`MatchResult` for the same
+    sources (warm start that also skips provably unchanged groups; see the module docstring).
     ``seed`` fixes the random group order of every sweep (the same order for all sources).
     Returns a :class:`MatchResult`; with a single (non-bank) source its tensors have no N dim.
     """
@@ -90,23 +104,36 @@ def match_weights(
     groups = [group for group in spec.groups if any(axis.name in space for axis in group.axes)]
 
     target_views = space.views(target_row)
+    fingerprint = bank.sum(1, dtype=torch.float64).cpu()
+    previous = _batched(init, num_sources, fingerprint) if isinstance(init, MatchResult) else None
     if isinstance(init, str):
         if init != "sorted":
-            raise ValueError(f"match_weights: init must be None, 'sorted' or a dict of permutations, got {init!r}")
+            raise ValueError(f"match_weights: init must be None, 'sorted', a dict of permutations or a MatchResult, got {init!r}")
         init = _sorted_init(groups, space, target_views, space.views(bank))
-    perms = _initial_perms(spec, init, num_sources, target_row.device)
-    start = permute(bank, spec.index_map(space, perms)) if init is not None else bank
+    perms = _initial_perms(spec, previous.perms if previous is not None else init, num_sources, target_row.device)
+    if previous is not None:
+        start = previous.permuted.to(bank.device)
+    else:
+        start = permute(bank, spec.index_map(space, perms)) if init is not None else bank
     touched = sorted({axis.name for group in groups for axis in group.axes if axis.name in space})
     start_views = space.views(start)
     # Always a copy: with one source the view is already contiguous and would alias the input.
     permuted = {name: start_views[name].clone(memory_format=torch.contiguous_format) for name in touched}
     neighbours = _neighbours(groups)
+    unknown = float("-inf")
+    margins = {group.name: torch.full((num_sources, group.size), unknown, dtype=torch.float64) for group in groups}
+    dirty = {group.name: torch.ones(num_sources, dtype=torch.bool) for group in groups}
+    if previous is not None:
+        for group in groups:
+            slack = _margin_bound(group, space, target_row - previous.target.to(target_row), target_row, permuted)
+            carried = previous.margins[group.name] - slack
+            margins[group.name] = carried
+            dirty[group.name] = ~(carried > 0).all(1)
 
     fixed = _objective(target_views, start_views, [e.name for e in space.entries if e.name not in permuted])
     history = [fixed + _objective(target_views, permuted, touched)]
     sweeps = torch.zeros(num_sources, dtype=torch.long)
     active = torch.ones(num_sources, dtype=torch.bool)
-    dirty = {group.name: torch.ones(num_sources, dtype=torch.bool) for group in groups}
     order_rng = torch.Generator().manual_seed(seed)
     for _ in range(max_iter):
         if not bool(active.any()):
@@ -124,6 +151,7 @@ def match_weights(
             current = torch.diagonal(cost, dim1=1, dim2=2).double().sum(-1)
             gain = _assignment_value(cost, relative) - current
             improved = (gain > 1e-12 * torch.clamp(current.abs(), min=1.0)).cpu()
+            margins[group.name][rows] = _row_margins(cost, relative, improved.to(cost.device))
             if not bool(improved.any()):
                 continue
             accepted = rows[improved]
@@ -133,12 +161,17 @@ def match_weights(
             changed[accepted] = True
             for name in neighbours[group.name]:
                 dirty[name][accepted] = True
+                margins[name][accepted] = unknown
         sweeps[active] += 1
         active &= changed
         history.append(fixed + _objective(target_views, permuted, touched))
 
-    index_maps = spec.index_map(space, perms)
-    result = MatchResult(perms, index_maps, permute(bank, index_maps), torch.stack(history), sweeps)
+    if previous is not None and all(torch.equal(perms[name], previous.perms[name].to(perms[name])) for name in perms):
+        index_maps, rows = previous.index_maps.to(bank.device), start  # nothing moved: reuse
+    else:
+        index_maps = spec.index_map(space, perms)
+        rows = permute(bank, index_maps)
+    result = MatchResult(perms, index_maps, rows, torch.stack(history), sweeps, target_row.clone(), margins, fingerprint)
     return _squeeze(result) if single else result
 
 
@@ -155,6 +188,55 @@ def _group_cost(group: Group, space: ParamSpace, target_views, permuted, rows: O
         term = (b @ a.T).view(-1, n, n).transpose(1, 2)
         cost = term if cost is None else cost + term
     return cost.contiguous()
+
+
+def _row_margins(cost: torch.Tensor, relative: torch.Tensor, improved: torch.Tensor) -> torch.Tensor:
+    """``[R, n]``: by how much each unit's column beats its best other column in the assignment
+    kept (``relative`` where ``improved``, else the current one), float64 on the CPU."""
+    identity = torch.arange(cost.shape[-1], device=cost.device).expand_as(relative)
+    chosen = torch.where(improved[:, None], relative.to(cost.device), identity).unsqueeze(2)
+    own = torch.gather(cost, 2, chosen).squeeze(2)
+    best_other = cost.scatter(2, chosen, float("-inf")).amax(2)
+    return (own - best_other).double().cpu()
+
+
+def _margin_bound(group: Group, space: ParamSpace, delta: torch.Tensor, target_row: torch.Tensor, permuted) -> torch.Tensor:
+    """``[N, n]`` bound on how much the target's move ``delta`` can shrink each unit's margin:
+    ``2·‖Δ_j‖·max_k ‖B_k‖`` (plus float rounding of the cost matrices, ``64·eps·‖θ_j‖·max_k ‖B_k‖``)."""
+    n = group.size
+    delta_views, target_views = space.views(delta), space.views(target_row)
+    delta_sq = torch.zeros(n, dtype=torch.float64, device=delta.device)
+    target_sq = torch.zeros_like(delta_sq)
+    source_sq = None
+    for axis in group.axes:
+        if axis.name not in space:
+            continue
+        for views, total in ((delta_views, delta_sq), (target_views, target_sq)):
+            unit = views[axis.name].narrow(axis.axis, axis.offset, n).movedim(axis.axis, 0).reshape(n, -1)
+            total += torch.linalg.vector_norm(unit, dim=1, dtype=torch.float64).pow(2)
+        b = permuted[axis.name].narrow(axis.axis + 1, axis.offset, n)
+        reduce = [d for d in range(1, b.dim()) if d != axis.axis + 1]
+        term = torch.linalg.vector_norm(b, dim=reduce, dtype=torch.float64).pow(2) if reduce else b.double().pow(2)
+        source_sq = term if source_sq is None else source_sq + term
+    largest_source = source_sq.amax(1, keepdim=True).sqrt()  # [N, 1]
+    rounding = 64 * torch.finfo(target_row.dtype).eps * target_sq.sqrt()
+    return ((2 * delta_sq.sqrt() + rounding) * largest_source).cpu()
+
+
+def _batched(previous: "MatchResult", num_sources: int, fingerprint: torch.Tensor) -> "MatchResult":
+    """A previous result as ``[N, ...]`` tensors, checked to belong to these sources."""
+    if previous.index_maps.dim() == 1:
+        previous = MatchResult(
+            {name: index[None] for name, index in previous.perms.items()}, previous.index_maps[None],
+            previous.permuted[None], previous.objective[:, None], previous.sweeps[None], previous.target,
+            {name: margin[None] for name, margin in previous.margins.items()}, previous.fingerprint,
+        )
+    if previous.fingerprint.shape != fingerprint.shape or not torch.allclose(previous.fingerprint, fingerprint, rtol=1e-9, atol=0):
+        raise ValueError(
+            "match_weights: init is a MatchResult of other sources (their row sums differ); warm-start from "
+            "a result only with the same sources, or pass init=result.perms"
+        )
+    return previous
 
 
 def _neighbours(groups: List[Group]) -> Dict[str, List[str]]:
@@ -266,4 +348,7 @@ def _squeeze(result: MatchResult) -> MatchResult:
         permuted=result.permuted[0],
         objective=result.objective[:, 0],
         sweeps=result.sweeps[0],
+        target=result.target,
+        margins={name: margin[0] for name, margin in result.margins.items()},
+        fingerprint=result.fingerprint,
     )

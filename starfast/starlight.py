@@ -201,7 +201,9 @@ class SourceMatcher:
     index maps ``index_maps`` ``[N, P]`` (int32 when P < 2^31), which are only ever updated in place.
 
     :meth:`rematch` runs one batched :func:`~starfast.matching.match_weights` against θ, warm-started
-    from the current permutations (cold, i.e. from the identity, the first time). With
+    from the previous match's result (cold, i.e. from the identity, the first time; from the
+    permutations after a resume): groups whose assignment provably survived θ's move since then
+    are not re-solved. Keeping that result costs one more permuted copy of the bank. With
     ``background=True`` it matches a snapshot of θ in a worker thread and returns at once; training
     goes on with the old maps, which :meth:`poll` swaps for the new ones at the first call after
     the match finished (so the maps lag θ by the steps the match took, and where the swap lands
@@ -229,6 +231,7 @@ class SourceMatcher:
         index_dtype = torch.int32 if space.size < 2**31 else torch.int64
         self.index_maps = torch.empty(bank.shape[0], space.size, dtype=index_dtype, device=bank.device)
         self.perms: Optional[Perm] = None
+        self._last: Optional[MatchResult] = None
         self.rematches = rematches  # numbers the matches: match k's group order is seeded by (seed, k)
         self.seconds = self.wait_seconds = 0.0
         self._pending: Optional[Future] = None
@@ -282,7 +285,9 @@ class SourceMatcher:
 
     def _match(self, target: torch.Tensor, seed: int) -> Perm:
         started = time.perf_counter()
-        result: MatchResult = match_weights(target, self.bank, self.spec, space=self.space, init=self.perms, seed=seed)
+        init = self._last if self._last is not None else self.perms
+        result: MatchResult = match_weights(target, self.bank, self.spec, space=self.space, init=init, seed=seed)
+        self._last = result
         self.seconds += time.perf_counter() - started
         return result.perms
 

@@ -132,3 +132,56 @@ def test_bad_input():
     other = build("mlp", dict(depth=2, width=16), shape, 1)
     with pytest.raises(ValueError, match="does not match this architecture"):
         match_weights(target, other, spec)
+
+
+def star_like_zoo(name, kw, shape, rng, count=4, noise=1.0):
+    """A target and sources that are randomly permuted noisy copies of it."""
+    target = build(name, kw, shape, int(torch.randint(0, 1000, (1,), generator=rng)))
+    space, spec = ParamSpace(target), models.permutation_spec(target)
+    row = space.flatten(target)
+    noisy = row + noise * row.abs().mean() * torch.randn(count, space.size, generator=rng)
+    perms = {group: torch.stack([spec.random(rng)[group] for _ in range(count)]) for group in spec.identity()}
+    return space, spec, row, permute(noisy, spec.index_map(space, perms))
+
+
+@pytest.mark.parametrize("name, kw, shape", [ARCHS[0], ARCHS[3]], ids=["mlp", "resnet20"])
+@pytest.mark.parametrize("move", [1e-3, 0.3, 3.0])
+def test_warm_start_from_a_result_equals_warm_start_from_its_perms(name, kw, shape, move, rng):
+    space, spec, row, bank = star_like_zoo(name, kw, shape, rng)
+    first = match_weights(row, bank, spec, space=space)
+    moved = row + move * row.abs().mean() * torch.randn(row.shape, generator=rng)
+    from_result = match_weights(moved, bank, spec, space=space, init=first)
+    from_perms = match_weights(moved, bank, spec, space=space, init=first.perms)
+    for group in spec.groups:
+        assert torch.equal(from_result.perms[group.name], from_perms.perms[group.name])
+    assert torch.equal(from_result.permuted, from_perms.permuted)
+    assert torch.equal(from_result.permuted, permute(bank, from_result.index_maps))
+    torch.testing.assert_close(from_result.objective[-1], from_perms.objective[-1])
+
+
+def test_small_moves_skip_every_cost_matrix(monkeypatch, rng):
+    from starfast import matching
+
+    name, kw, shape = ARCHS[3]
+    space, spec, row, bank = star_like_zoo(name, kw, shape, rng)
+    first = match_weights(row, bank, spec, space=space)
+    assert all(bool((margin > 0).all()) for margin in first.margins.values())  # converged: all known
+    calls = []
+    original = matching._group_cost
+    monkeypatch.setattr(matching, "_group_cost", lambda *args: calls.append(1) or original(*args))
+    moved = row + 1e-4 * row.abs().mean() * torch.randn(row.shape, generator=rng)
+    again = match_weights(moved, bank, spec, space=space, init=first)
+    assert not calls
+    assert all(torch.equal(again.perms[g], first.perms[g]) for g in first.perms)
+    # ... and chains: the carried margins certify the next small move too.
+    third = match_weights(moved + 1e-4 * row.abs().mean() * torch.randn(row.shape, generator=rng), bank, spec,
+                          space=space, init=again)
+    assert not calls and all(torch.equal(third.perms[g], first.perms[g]) for g in first.perms)
+
+
+def test_warm_start_from_a_result_of_other_sources_is_refused(rng):
+    name, kw, shape = ARCHS[0]
+    space, spec, row, bank = star_like_zoo(name, kw, shape, rng)
+    first = match_weights(row, bank, spec, space=space)
+    with pytest.raises(ValueError, match="MatchResult of other sources"):
+        match_weights(row, bank + 1.0, spec, space=space, init=first)
