@@ -7,7 +7,7 @@ BatchNorm recomputation (:func:`starfast.barrier.barrier_curve`) and aggregates 
 
 - ``regular_regular``: held-out × held-out pairs and held-out × source pairs (counts configurable),
 - ``star_heldout``: every star against every held-out model (the paper's central test),
-- ``star_source``: every star against its sources.
+- ``star_source``: every star against the sources it was trained on (its JSON's ``sources``).
 
 The result is a JSON-ready dict ``{"regular_loss", "star_loss", "regular_test_loss",
 "star_test_loss", "barriers", "accuracy_barriers", "curves", "counts", "config", "seconds"}``
@@ -31,7 +31,7 @@ from starfast import models
 from starfast.barrier import BarrierCurve, barrier_curve
 from starfast.flat import ParamSpace
 from starfast.matching import match_weights
-from starfast.rundir import RunDir, RunDirError, load_state_dict, write_json
+from starfast.rundir import RunDir, RunDirError, load_state_dict, read_json, write_json
 
 KINDS = ("regular_regular", "star_heldout", "star_source")
 SPLITS = ("train", "test")
@@ -56,6 +56,8 @@ class LoadedModel:
     label: str
     row: torch.Tensor
     state: Dict[str, torch.Tensor]
+    seed: Optional[int] = None
+    sources: Optional[List[int]] = None  # a star's: the source seeds it was trained against
 
 
 def star_paths(run: RunDir) -> List[Path]:
@@ -80,7 +82,7 @@ def evaluate_run(
     space, spec = ParamSpace(skeleton), models.permutation_spec(skeleton)
     sources = _load_role(run, "sources", space, device)
     heldout = _load_role(run, "heldout", space, device)
-    stars = [_load_file(path, f"star {path.stem}", space, device) for path in star_paths(run)]
+    stars = [_load_star(path, space, device) for path in star_paths(run)]
     if len(heldout) < 1 or (len(heldout) < 2 and not sources):
         raise RunDirError(f"{run.path} has too few trained models to measure barriers; run python -m starfast.train --stage models")
 
@@ -88,7 +90,7 @@ def evaluate_run(
         "regular_regular": _limit(list(itertools.combinations(heldout, 2)), config.heldout_pairs)
         + _limit([(h, s) for s in sources for h in heldout], config.heldout_source_pairs),
         "star_heldout": [(star, h) for star in stars for h in heldout],
-        "star_source": [(star, s) for star in stars for s in _limit(sources, config.star_sources)],
+        "star_source": [(star, s) for star in stars for s in _limit(_own_sources(star, sources), config.star_sources)],
     }
     train_data = lambda: dataset.eval_batches("train", config.batch_size)  # noqa: E731
     test_data = lambda: dataset.eval_batches("test", config.batch_size)  # noqa: E731
@@ -144,7 +146,25 @@ def write_results(run: RunDir, results: Mapping[str, Any]) -> Path:
 
 
 def _load_role(run: RunDir, role: str, space: ParamSpace, device) -> List[LoadedModel]:
-    return [_load_file(run.model_path(role, seed), f"{role} seed {seed}", space, device) for seed in run.finished_seeds(role)]
+    models = []
+    for seed in run.finished_seeds(role):
+        loaded = _load_file(run.model_path(role, seed), f"{role} seed {seed}", space, device)
+        loaded.seed = seed
+        models.append(loaded)
+    return models
+
+
+def _load_star(path: Path, space: ParamSpace, device) -> LoadedModel:
+    star = _load_file(path, f"star {path.stem}", space, device)
+    star.sources = read_json(path.with_suffix(".json")).get("sources")
+    return star
+
+
+def _own_sources(star: LoadedModel, sources: List[LoadedModel]) -> List[LoadedModel]:
+    """The sources a star was trained against (all sources when its metadata does not say)."""
+    if star.sources is None:
+        return sources
+    return [source for source in sources if source.seed in set(star.sources)]
 
 
 def _load_file(path: Path, label: str, space: ParamSpace, device) -> LoadedModel:

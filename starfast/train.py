@@ -30,7 +30,7 @@ from starfast import data, models
 from starfast.evaluate import add_evaluation_flags, evaluation_config, run_evaluation
 from starfast.flat import ParamSpace
 from starfast.recipes import OPTIMIZERS, SCHEDULES, Recipe, resolve
-from starfast.rundir import ModelSpec, RunDir, RunDirError, heldout_seeds, source_seeds, write_json
+from starfast.rundir import ModelSpec, RunDir, RunDirError, heldout_seeds, read_json, source_seeds, write_json
 from starfast.starlight import T_SAMPLINGS, StarlightDiverged, save_star, star_path, train_star
 from starfast.training import PRECISIONS, ModelJob, SpeedOptions, TrainingDiverged, init_model, train_missing_models
 
@@ -208,7 +208,14 @@ def star_stage(context: RunContext) -> int:
     bank = space.stack([run.load_model("sources", seed)[0] for seed in seeds])
     recipe = context.recipe if args.star_epochs is None else recipe_from_flags(args, epochs=args.star_epochs)
     for star_seed in range(args.star_seeds):
-        if star_path(run, star_seed).with_suffix(".json").exists():
+        finished = star_path(run, star_seed).with_suffix(".json")
+        if finished.exists():
+            trained_on = read_json(finished).get("sources")
+            if trained_on != seeds:
+                raise RunDirError(
+                    f"{finished} was trained on sources {trained_on} but this run has {len(seeds)} sources; "
+                    f"use the same --sources, another --run-dir, or delete the star's files to train it again"
+                )
             continue
         checkpoint = run.checkpoint_path("star", f"star-{star_seed:04d}.pt")
         result = train_star(

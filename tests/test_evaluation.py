@@ -104,3 +104,10 @@ def test_corrupt_model_file_is_reported(tmp_path, digits):
     run = make_run(tmp_path, digits)
     run.model_path("sources", 1).write_bytes(b"not a safetensors file")
     assert evaluate_main([str(run.path), "--quiet", "--ts", "3"]) == 1
+
+
+def test_stars_are_measured_against_their_own_sources(tmp_path, digits):
+    run = make_run(tmp_path, digits)
+    write_json(run.path / "star" / "star-0.json", {"star_seed": 0, "sources": [1]})
+    results = evaluate_run(run, digits, config=EvaluationConfig(ts=3, batch_size=400), progress=False)
+    assert results["counts"]["star_source"] == 1

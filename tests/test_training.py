@@ -264,3 +264,12 @@ def test_torchrun_two_processes_shard_the_models(tmp_path):
     for index, (role, seed) in enumerate([("sources", 0), ("sources", 1), ("sources", 2), ("heldout", 1000)]):
         assert run.read_metadata(role, seed)["rank"] == index % 2
     assert (run_dir / "models.json").exists() and (run_dir / "config.json").exists()
+
+
+def test_a_star_trained_on_other_sources_is_refused(tmp_path, capsys):
+    flags = ["--run-dir", str(tmp_path / "run"), "--sources", "2", "--heldout", "1", "--epochs", "1",
+             "--arch-kw", "width=8", "--star-epochs", "1", "--quiet", "--ts", "3"]
+    assert main(["--stage", "all", *flags]) == 0
+    capsys.readouterr()
+    assert main(["--stage", "all", *[f if f != "2" else "3" for f in flags]]) == 1
+    assert "was trained on sources [0, 1]" in capsys.readouterr().err
