@@ -25,7 +25,9 @@ from starfast.flat import ParamSpace
 from starfast.ops import lerp_gather
 from starfast.recipes import Recipe
 from starfast.starlight import StarObjective, sample_draws, train_star
-from starfast.training import make_optimizer
+from starfast import data
+from starfast.rundir import ModelSpec
+from starfast.training import init_model, make_optimizer, train_model
 
 STEP_BATCH, IMAGE_SHAPE, CLASSES = 32, (3, 32, 32), 10
 EPOCH_SOURCES, EPOCH_BATCH = 50, 32
@@ -120,6 +122,32 @@ def test_plain_epoch(bench, digits_setup):
             optimizer.step()
 
     bench("starlight-epoch-mlp-digits", "baseline", epoch, rounds=3)
+
+
+@pytest.fixture(scope="module")
+def resnet20_run():
+    """Synthetic 3x16x16 data (512 images), a ResNet-20 and 50 independently initialised sources."""
+    dataset = data.load("synthetic", shape=(3, 16, 16), num_train=512, num_test=64)
+    spec = ModelSpec.for_dataset("resnet20", dataset)
+    skeleton = init_model(spec, 0)
+    space = ParamSpace(skeleton)
+    bank = torch.stack([space.flatten(init_model(spec, seed)) for seed in range(1, EPOCH_SOURCES + 1)])
+    return dataset, spec, skeleton, space, models.permutation_spec(skeleton), bank, Recipe(lr=0.05, epochs=3, batch_size=64)
+
+
+def test_star_training_resnet20(bench, benchmark, resnet20_run):
+    """Three epochs of Starlight (one cold match of 50 sources, then two warm re-matches)."""
+    dataset, _, skeleton, space, spec, bank, recipe = resnet20_run
+    results = []
+    bench("train-3-epochs-resnet20-50-sources", "ours",
+          lambda: results.append(train_star(skeleton, bank, spec, dataset, recipe, space=space, quiet=True)), rounds=3)
+    benchmark.extra_info["rematch_share"] = results[-1].metrics["rematch_share"]
+
+
+def test_regular_training_resnet20(bench, resnet20_run):
+    """The same three epochs of regular training (starfast.training.train_model)."""
+    dataset, spec, _, _, _, _, recipe = resnet20_run
+    bench("train-3-epochs-resnet20-50-sources", "baseline", lambda: train_model(spec, dataset, recipe, 0, progress=False), rounds=3)
 
 
 def test_lerp_gather(bench, resnet18):
