@@ -1,5 +1,4 @@
 """starfast.theory against independent references: itertools brute force, scipy, plain nn.Modules."""
-import importlib.util
 import itertools
 import json
 import math
@@ -299,8 +298,6 @@ def test_training_is_per_model_seeded_and_lowers_the_loss():
 
 
 def test_barrier_equals_starfast_barrier_curve(rng):
-    if importlib.util.find_spec("starfast.barrier") is None:
-        pytest.skip("starfast.barrier does not exist yet: the cross-check with barrier_curve waits for it")
     from starfast.barrier import barrier_curve, loss_barrier
     from starfast.flat import ParamSpace
 
