@@ -70,18 +70,19 @@ def test_starlight_step(bench, resnet18):
     bench("starlight-step-resnet18", "ours", step, rounds=5)
 
 
+def plain_step(model, optimizer, inputs, labels) -> None:
+    """One ordinary training step: the baseline of the step and epoch benchmarks."""
+    loss = F.cross_entropy(model(inputs), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
 def test_plain_step(bench, resnet18):
     model, _, _, _, _, _, inputs, labels = resnet18
     model = copy.deepcopy(model).train()
     optimizer = make_optimizer(Recipe(), model.parameters())
-
-    def step():
-        loss = F.cross_entropy(model(inputs), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    bench("starlight-step-resnet18", "baseline", step, rounds=5)
+    bench("starlight-step-resnet18", "baseline", lambda: plain_step(model, optimizer, inputs, labels), rounds=5)
 
 
 @pytest.fixture(scope="module")
@@ -116,10 +117,7 @@ def test_plain_epoch(bench, digits_setup):
 
     def epoch():
         for inputs, labels in digits.train_batches(EPOCH_BATCH, generator=generator):
-            loss = F.cross_entropy(model(inputs), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            plain_step(model, optimizer, inputs, labels)
 
     bench("starlight-epoch-mlp-digits", "baseline", epoch, rounds=3)
 

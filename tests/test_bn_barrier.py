@@ -144,14 +144,18 @@ def permute_first_hidden_layer(model: MLP, order: torch.Tensor) -> MLP:
 # -- recompute_bn -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["mlp", "conv"])
-def test_recompute_bn_matches_update_bn_per_model(kind, rng):
-    *seeds, data_seed, skeleton_seed = fresh_seeds(rng, 5)
+def three_models_and_data(kind, rng):
+    """Three fresh random models of ``kind`` as rows, their space, and random batches."""
+    *seeds, data_seed = fresh_seeds(rng, 4)
     models = [random_model(kind, seed) for seed in seeds]
     space = ParamSpace(models[0])
-    rows = space.stack(models)
-    batches = random_batches(kind, data_seed)
-    skeleton = random_model(kind, skeleton_seed)
+    return models, space, space.stack(models), random_batches(kind, data_seed)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+def test_recompute_bn_matches_update_bn_per_model(kind, rng):
+    models, space, rows, batches = three_models_and_data(kind, rng)
+    skeleton = random_model(kind, fresh_seeds(rng, 1)[0])
     before = copy.deepcopy(skeleton.state_dict())
     skeleton.train()
 
@@ -173,11 +177,7 @@ def test_recompute_bn_matches_update_bn_per_model(kind, rng):
 
 @pytest.mark.parametrize("kind", ["mlp", "conv"])
 def test_recompute_bn_max_batches_and_chunking(kind, rng):
-    *seeds, data_seed = fresh_seeds(rng, 4)
-    models = [random_model(kind, seed) for seed in seeds]
-    space = ParamSpace(models[0])
-    rows = space.stack(models)
-    batches = random_batches(kind, data_seed)
+    models, space, rows, batches = three_models_and_data(kind, rng)
 
     first_two = recompute_bn(models[0], rows, batches, max_batches=2)
     for k in range(3):

@@ -299,7 +299,7 @@ def test_linear2_is_a_bias_free_two_layer_net():
 
 
 def test_resnet18_imagenet_spec_when_torchvision_is_available():
-    pytest.importorskip("torchvision")
+    pytest.importorskip("torchvision")  # optional dependency; it does not import with CPU-only torch here
     model = _randomized(models.build("resnet18-imagenet", num_classes=5).double(), seed=3)
     spec = models.permutation_spec(model)
     spec.validate(model)

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/macros/Macros.h>
 #include <c10/util/Exception.h>
 
@@ -66,6 +67,29 @@ inline LerpGatherOperands lerp_gather_operands(const at::Tensor& theta, const at
     contiguous_index = index->contiguous();
   }
   return {theta.contiguous(), bank.select(0, row).contiguous(), contiguous_index, t.item<double>()};
+}
+
+// The functional form of permute on any backend: a fresh contiguous output filled by `into`.
+template <void (*Into)(const at::Tensor&, const at::Tensor&, at::Tensor&)>
+at::Tensor permute_functional(const at::Tensor& rows, const at::Tensor& index) {
+  at::Tensor out = at::empty_like(rows, at::MemoryFormat::Contiguous);
+  Into(rows, index, out);
+  return out;
+}
+
+template <void (*Into)(const at::Tensor&, const at::Tensor&, at::Tensor&)>
+void permute_out_form(const at::Tensor& rows, const at::Tensor& index, at::Tensor out) {
+  Into(rows, index, out);
+}
+
+// lerp_gather on any backend: checked operands and a fresh output for `Kernel(operands, out)`.
+template <void (*Kernel)(const LerpGatherOperands&, at::Tensor&)>
+at::Tensor lerp_gather_op(const at::Tensor& theta, const at::Tensor& bank, const at::Tensor& n,
+                          const c10::optional<at::Tensor>& index, const at::Tensor& t) {
+  const LerpGatherOperands operands = lerp_gather_operands(theta, bank, n, index, t);
+  at::Tensor out = at::empty_like(operands.theta);
+  if (out.numel() > 0) Kernel(operands, out);
+  return out;
 }
 
 }  // namespace starfast

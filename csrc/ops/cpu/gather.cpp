@@ -4,7 +4,6 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include "../gather_common.h"
@@ -34,29 +33,16 @@ void permute_into(const at::Tensor& rows, const at::Tensor& index, at::Tensor& o
   });
 }
 
-at::Tensor permute_cpu(const at::Tensor& rows, const at::Tensor& index) {
-  at::Tensor out = at::empty_like(rows, at::MemoryFormat::Contiguous);
-  permute_into(rows, index, out);
-  return out;
-}
-
-void permute_out_cpu(const at::Tensor& rows, const at::Tensor& index, at::Tensor out) { permute_into(rows, index, out); }
-
-at::Tensor lerp_gather_cpu(const at::Tensor& theta, const at::Tensor& bank, const at::Tensor& n,
-                            const c10::optional<at::Tensor>& index, const at::Tensor& t_tensor) {
-  const LerpGatherOperands operands = lerp_gather_operands(theta, bank, n, index, t_tensor);
+void lerp_gather_cpu(const LerpGatherOperands& operands, at::Tensor& out) {
   const at::Tensor& th = operands.theta;
-  const at::Tensor& source = operands.source;
   const at::Tensor& idx = operands.index;
-  const double t = operands.t;
   const int64_t length = th.size(0);
-  at::Tensor out = at::empty_like(th);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, th.scalar_type(), "lerp_gather", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* a = th.data_ptr<scalar_t>();
-    const scalar_t* b = source.data_ptr<scalar_t>();
+    const scalar_t* b = operands.source.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
-    const acc_t w = static_cast<acc_t>(t);
+    const acc_t w = static_cast<acc_t>(operands.t);
     if (!idx.defined()) {
       at::parallel_for(0, length, kGrain, [&](int64_t begin, int64_t end) {
         for (int64_t p = begin; p < end; ++p) o[p] = static_cast<scalar_t>(lerp_like_torch<acc_t>(a[p], b[p], w));
@@ -70,15 +56,14 @@ at::Tensor lerp_gather_cpu(const at::Tensor& theta, const at::Tensor& bank, cons
       });
     });
   });
-  return out;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(starfast, CPU, m) {
-  m.impl("permute", &permute_cpu);
-  m.impl("permute_out", &permute_out_cpu);
-  m.impl("lerp_gather", &lerp_gather_cpu);
+  m.impl("permute", &permute_functional<permute_into>);
+  m.impl("permute_out", &permute_out_form<permute_into>);
+  m.impl("lerp_gather", &lerp_gather_op<lerp_gather_cpu>);
 }
 
 }  // namespace starfast

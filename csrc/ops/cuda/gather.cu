@@ -4,7 +4,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -66,25 +65,13 @@ void permute_into_cuda(const at::Tensor& rows, const at::Tensor& index, at::Tens
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::Tensor permute_cuda(const at::Tensor& rows, const at::Tensor& index) {
-  at::Tensor out = at::empty_like(rows, at::MemoryFormat::Contiguous);
-  permute_into_cuda(rows, index, out);
-  return out;
-}
-
-void permute_out_cuda(const at::Tensor& rows, const at::Tensor& index, at::Tensor out) { permute_into_cuda(rows, index, out); }
-
-at::Tensor lerp_gather_cuda(const at::Tensor& theta, const at::Tensor& bank, const at::Tensor& n,
-                            const c10::optional<at::Tensor>& index, const at::Tensor& t_tensor) {
-  const LerpGatherOperands operands = lerp_gather_operands(theta, bank, n, index, t_tensor);
+void lerp_gather_cuda(const LerpGatherOperands& operands, at::Tensor& out) {
   const at::Tensor& th = operands.theta;
   const at::Tensor& source = operands.source;
   const at::Tensor& idx = operands.index;
   const double t = operands.t;
   const int64_t length = th.size(0);
-  at::Tensor out = at::empty_like(th);
-  if (length == 0) return out;
-  const c10::cuda::CUDAGuard guard(theta.device());
+  const c10::cuda::CUDAGuard guard(th.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, th.scalar_type(), "lerp_gather_cuda", [&] {
     if (!idx.defined()) {
@@ -100,15 +87,14 @@ at::Tensor lerp_gather_cuda(const at::Tensor& theta, const at::Tensor& bank, con
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(starfast, CUDA, m) {
-  m.impl("permute", &permute_cuda);
-  m.impl("permute_out", &permute_out_cuda);
-  m.impl("lerp_gather", &lerp_gather_cuda);
+  m.impl("permute", &permute_functional<permute_into_cuda>);
+  m.impl("permute_out", &permute_out_form<permute_into_cuda>);
+  m.impl("lerp_gather", &lerp_gather_op<lerp_gather_cuda>);
 }
 
 }  // namespace starfast
