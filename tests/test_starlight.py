@@ -238,14 +238,16 @@ def test_background_rematching_trains_with_valid_permutations(rng):
     space, spec = ParamSpace(skeleton), models.permutation_spec(skeleton)
     data = toy_dataset(rng)
     bank = random_bank(space, 3, rng)
-    recipe = Recipe(lr=0.1, epochs=4, batch_size=8, weight_decay=0.0)
+    recipe = Recipe(lr=0.1, epochs=12, batch_size=8, weight_decay=0.0)
     result = train_star(skeleton, bank, spec, data, recipe, rematch_every=2, rematch_async=True, quiet=True)
     assert spec.check_perm(result.perms) == 3
     assert torch.equal(result.index_maps.long(), spec.index_map(space, result.perms))
-    assert result.metrics["rematches"] == 4 * 6 // 2
-    history = result.metrics["history"]
-    assert all(math.isfinite(epoch["interpolated_loss"]) for epoch in history)
-    assert history[-1]["interpolated_loss"] < history[0]["interpolated_loss"]
+    assert result.metrics["rematches"] == 12 * 6 // 2
+    losses = [epoch["interpolated_loss"] for epoch in result.metrics["history"]]
+    assert all(math.isfinite(loss) for loss in losses)
+    # Epoch losses at random t are noisy: compare the last four epochs' mean with the first epoch
+    # (over seeds: first ~1.4, last-four mean ~0.8-1.0; a 4-epoch run can end above its start).
+    assert sum(losses[-4:]) / 4 < losses[0]
 
 
 # -- resume, errors, saving ------------------------------------------------------------------------
