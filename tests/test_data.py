@@ -224,6 +224,23 @@ def test_train_batches_shapes_and_drop_last(any_dataset):
     assert len(kept[-1][1]) == ds.num_train - batch_size * (len(kept) - 1)
 
 
+@pytest.mark.parametrize("augment,drop_last", [(True, True), (False, False)])
+def test_stacked_epochs_equal_each_generators_own_epoch(any_dataset, augment, drop_last):
+    """K epochs gathered at once (one index per step) against K separate epochs stacked by the
+    base class's plain zip-and-stack."""
+    seeds = [3, 11, 4]
+    stacked = list(any_dataset.stacked_train_batches(
+        40, [torch.Generator().manual_seed(s) for s in seeds], augment=augment, drop_last=drop_last))
+    reference = list(data.Dataset.stacked_train_batches(
+        any_dataset, 40, [torch.Generator().manual_seed(s) for s in seeds], augment=augment, drop_last=drop_last))
+    assert len(stacked) == len(reference) == (any_dataset.num_train // 40 if drop_last else -(-any_dataset.num_train // 40))
+    for (x, y), (x_ref, y_ref) in zip(stacked, reference):
+        assert x.shape[:2] == y.shape == (len(seeds), len(y_ref[0]))
+        assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+    with pytest.raises(ValueError, match="at least one generator"):
+        next(iter(any_dataset.stacked_train_batches(40, [])))
+
+
 def test_unaugmented_epoch_is_a_permutation_of_the_train_split(any_dataset):
     ds = any_dataset
     batches = list(ds.train_batches(50, torch.Generator().manual_seed(1), augment=False,

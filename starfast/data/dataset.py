@@ -74,6 +74,14 @@ class Dataset(abc.ABC):
                       augment: bool = True, drop_last: bool = True) -> Iterator[Batch]:
         """One epoch over the train split in an order (and augmentation) drawn from `generator`."""
 
+    def stacked_train_batches(self, batch_size: int, generators: Sequence[Optional[torch.Generator]],
+                              augment: bool = True, drop_last: bool = True) -> Iterator[Batch]:
+        """One epoch per generator, advanced together: inputs `[K, B, ...]` and labels `[K, B]`,
+        where row k is exactly the batch `train_batches(batch_size, generators[k])` yields."""
+        epochs = (self.train_batches(batch_size, generator, augment, drop_last) for generator in generators)
+        for batches in zip(*epochs):
+            yield torch.stack([inputs for inputs, _ in batches]), torch.stack([labels for _, labels in batches])
+
     @abc.abstractmethod
     def eval_batches(self, split: str = "train", batch_size: int = 1000) -> Iterator[Batch]:
         """The whole split, un-augmented, in fixed order (each example exactly once)."""
@@ -196,23 +204,42 @@ class TensorDataset(Dataset):
         partial batch is skipped.
         """
         check_batch_size(batch_size)
+        order, params = self._draw_epoch(generator, augment)
+        return self._epoch(order, params, batch_size, drop_last)
+
+    def stacked_train_batches(self, batch_size: int, generators: Sequence[Optional[torch.Generator]],
+                              augment: bool = True, drop_last: bool = True) -> Iterator[Batch]:
+        """As `Dataset.stacked_train_batches`, with one gather (and one augmentation and
+        normalisation call) per step for all K epochs instead of K."""
+        check_batch_size(batch_size)
+        if not generators:
+            raise ValueError("stacked_train_batches needs at least one generator")
+        drawn = [self._draw_epoch(generator, augment) for generator in generators]
+        orders = torch.stack([order for order, _ in drawn])
+        params = None if drawn[0][1] is None else torch.stack([p for _, p in drawn])
+        return self._epoch(orders, params, batch_size, drop_last)
+
+    def _draw_epoch(self, generator: Optional[torch.Generator], augment: bool) -> Tuple[Tensor, Optional[Tensor]]:
         draw_on = generator_device(generator)
         order = torch.randperm(self.num_train, generator=generator, device=draw_on).to(self.device)
         params = None
         if augment and self.augmentation is not None:
             params = self.augmentation.sample(self.num_train, generator).to(self.device)
-        stop = self.num_train - self.num_train % batch_size if drop_last else self.num_train
-        return self._epoch(order, params, batch_size, stop)
+        return order, params
 
     def _epoch(self, order: Tensor, params: Optional[Tensor], batch_size: int,
-               stop: int) -> Iterator[Batch]:
+               drop_last: bool) -> Iterator[Batch]:
+        """Batches of `order` ([N], or [K, N] for K epochs at once: then [K, B, ...] batches)."""
         inputs, labels = self._inputs["train"], self._labels["train"]
+        stop = self.num_train - self.num_train % batch_size if drop_last else self.num_train
+        stacked = order.dim() - 1  # 0 or 1 leading epoch dims
         for start in range(0, stop, batch_size):
-            index = order[start:start + batch_size]
-            raw = inputs[index]
+            size = min(batch_size, stop - start)
+            index = order.narrow(-1, start, size)
+            raw = inputs[index.reshape(-1)]
             if params is not None:
-                raw = self.augmentation.apply(raw, params[start:start + batch_size])
-            yield self._ready(raw), labels[index]
+                raw = self.augmentation.apply(raw, params.narrow(stacked, start, size).flatten(0, stacked))
+            yield self._ready(raw).unflatten(0, index.shape), labels[index]
 
     def eval_batches(self, split: str = "train", batch_size: int = 1000) -> Iterator[Batch]:
         """The split in stored order, un-augmented and normalised; the last batch may be short."""

@@ -61,14 +61,19 @@ class MLP(nn.Module):
         for all. Returns logits ``[K, B, num_classes]``, equal to running each model on its batch."""
         count = next(iter(params.values())).shape[0]
         x = x.flatten(1).expand(count, -1, -1) if shared else x.flatten(2)
+        # Features-major activations [K, features, B]: each layer is W @ h, so the backward's
+        # weight gradient (grad @ hᵀ) comes out [K, out, in] like the weight itself. The row-major
+        # form (h @ Wᵀ) yields transposed gradients, which cost a strided copy per step to store and
+        # make the optimizer's updates strided (together ~40% of a width-128 step on CPU).
+        h = x.transpose(1, 2)
         layers = [(f"hidden.{i}", True) for i in range(len(self.hidden))] + [("output", False)]
         for name, activate in layers:
-            weight = params[f"{name}.weight"].transpose(1, 2)
+            weight = params[f"{name}.weight"]
             bias = params.get(f"{name}.bias")
-            x = torch.bmm(x, weight) if bias is None else torch.baddbmm(bias.unsqueeze(1), x, weight)
+            h = torch.bmm(weight, h) if bias is None else torch.baddbmm(bias.unsqueeze(2), weight, h)
             if activate:
-                x = self.activation(x)
-        return x
+                h = self.activation(h)
+        return h.transpose(1, 2)
 
     def permutation_spec(self) -> PermutationSpec:
         consumers = [(f"hidden.{i}", layer) for i, layer in enumerate(self.hidden)][1:] + [("output", self.output)]
