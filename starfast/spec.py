@@ -202,27 +202,38 @@ class PermutationSpec:
             out[name] = permuted
         return out
 
-    def index_map(self, space: ParamSpace, perm: Perm) -> torch.Tensor:
+    def index_map(self, space: ParamSpace, perm: Perm, *, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The gather index ``[P]`` (``[K, P]`` for a batched ``perm``) that permutes flat rows.
 
         ``ops.permute(space.flatten(model), spec.index_map(space, perm))`` equals
         ``space.flatten(spec.apply(model.state_dict(), perm))``. Built as a broadcast sum: the
         source of element ``(i_0, i_1, ...)`` of a parameter is ``offset + Σ_a index_a[i_a] ·
         stride_a``, where ``index_a`` is the identity with each group's permutation written into
-        its segment of axis ``a`` (one write per element, no gathers).
+        its segment of axis ``a`` (no gathers). The axes after the last permuted one form one
+        contiguous run (``+ arange``), and the final addition writes straight into the result, so
+        each element is written once. ``out``: an existing ``[K, P]`` (``[P]``) int64 or int32
+        tensor to write into, e.g. Starlight's int32 maps (no int64 copy in between).
         """
         batch = self.check_perm(perm)
         device = next(iter(perm.values())).device if perm else None
         count = 1 if batch is None else batch
-        rows = torch.empty(count, space.size, dtype=torch.long, device=device)
+        if out is None:
+            rows = torch.empty(count, space.size, dtype=torch.long, device=device)
+        else:
+            expected = (space.size,) if batch is None else (count, space.size)
+            if tuple(out.shape) != expected or out.dtype not in (torch.int32, torch.int64):
+                raise ValueError(f"index_map: out must be an int32 or int64 tensor of shape {expected}, got {out.dtype} {tuple(out.shape)}")
+            rows = out.view(count, space.size)
+            device = out.device
         for entry in space.entries:
             pairs = self._axes_by_tensor.get(entry.name, [])
             for axis, group_name in pairs:
                 _check_fits(entry.name, entry.shape, axis, self._by_name[group_name], "the ParamSpace")
-            rank = len(entry.shape)
-            strides = [math.prod(entry.shape[a + 1 :]) for a in range(rank)]
-            source = torch.full((count,) + (1,) * rank, entry.offset, dtype=torch.long, device=device)
-            for a, size in enumerate(entry.shape):
+            last = max((axis.axis for axis, _ in pairs), default=-1)
+            lead, run = entry.shape[: last + 1], math.prod(entry.shape[last + 1 :])
+            rank = len(lead) + 1  # the leading axes, then the contiguous run
+            terms = []
+            for a, size in enumerate(lead):
                 index = torch.arange(size, device=device).expand(count, size)
                 on_axis = [(axis, group_name) for axis, group_name in pairs if axis.axis == a]
                 if on_axis:
@@ -232,8 +243,13 @@ class PermutationSpec:
                         index[:, axis.offset : axis.offset + group_perm.shape[-1]] = axis.offset + group_perm
                 shape = [count] + [1] * rank
                 shape[1 + a] = size
-                source = source + index.reshape(shape) * strides[a]
-            rows[:, entry.segment] = source.reshape(count, -1)
+                terms.append(index.reshape(shape) * math.prod(entry.shape[a + 1 :]))
+            within_run = torch.arange(run, device=device).view([1] * rank + [run])
+            prefix = torch.full((count,) + (1,) * rank, entry.offset, dtype=torch.long, device=device)
+            for term in terms[:-1]:
+                prefix = prefix + term
+            suffix = within_run + terms[-1] if terms else within_run
+            torch.add(prefix, suffix, out=rows[:, entry.segment].view(count, *lead, run))
         return rows if batch is not None else rows[0]
 
     @staticmethod

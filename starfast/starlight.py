@@ -304,7 +304,7 @@ class SourceMatcher:
 
     def _install(self, perms: Perm) -> None:
         self.spec.check_perm(perms, "matched permutations")
-        self.index_maps.copy_(self.spec.index_map(self.space, perms))
+        self.spec.index_map(self.space, perms, out=self.index_maps)
         self.perms = perms
 
 

@@ -179,6 +179,11 @@ def test_batched_index_map_equals_stacked_single_maps(arch):
     batched = {group.name: torch.stack([perm[group.name] for perm in perms]) for group in spec.groups}
     index = spec.index_map(space, batched)
     assert torch.equal(index, torch.stack([spec.index_map(space, perm) for perm in perms]))
+    out = torch.full((3, space.size), -1, dtype=torch.int32)
+    assert spec.index_map(space, batched, out=out).data_ptr() == out.data_ptr()
+    assert torch.equal(out.long(), index)
+    with pytest.raises(ValueError, match="out must be an int32 or int64 tensor of shape"):
+        spec.index_map(space, batched, out=torch.empty(2, space.size, dtype=torch.int32))
 
     # A batched apply on stacked state dicts agrees with one apply per model.
     state = model.state_dict()
