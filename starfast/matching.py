@@ -59,7 +59,7 @@ class MatchResult:
     max_iter hit). ``index_maps``: ``[N, P]`` int64 (``permute(source, index_map) == permuted``),
     built from ``perms`` when first read: Starlight installs the perms into its own int32 maps and
     never needs these. ``target``, ``margins`` (group -> ``[N, size]``, ``-inf`` where unknown),
-    ``fingerprint`` (``[N]`` float64 row sums of the sources) and ``source_scales`` (group ->
+    ``fingerprint`` (``[N, 2]``: norms of each source's two halves) and ``source_scales`` (group ->
     ``[N, 1]``, the sources' largest unit norm, set by warm starts) let a later call warm-start
     from this result.
     """
@@ -116,7 +116,7 @@ def match_weights(
     groups = [group for group in spec.groups if any(axis.name in space for axis in group.axes)]
 
     target_views = space.views(target_row)
-    fingerprint = _dot64(bank, torch.ones(space.size, dtype=torch.float64, device=bank.device)).cpu()
+    fingerprint = _fingerprint(bank)
     previous = _batched(init, num_sources, fingerprint) if isinstance(init, MatchResult) else None
     if isinstance(init, str):
         if init != "sorted":
@@ -138,8 +138,9 @@ def match_weights(
     if previous is not None:
         # A group's largest source unit norm ignores every permutation: computed once per bank.
         source_scales = previous.source_scales or {group.name: _largest_unit_norm(group, space, permuted) for group in groups}
+        delta = target_row - previous.target.to(target_row)
         for group in groups:
-            slack = _margin_bound(group, space, target_row - previous.target.to(target_row), target_row, source_scales[group.name])
+            slack = _margin_bound(group, space, delta, target_row, source_scales[group.name])
             carried = previous.margins[group.name] - slack
             margins[group.name] = carried
             dirty[group.name] = ~(carried > 0).all(1)
@@ -265,12 +266,25 @@ def _batched(previous: "MatchResult", num_sources: int, fingerprint: torch.Tenso
             {name: margin[None] for name, margin in previous.margins.items()}, previous.fingerprint,
             previous.spec, previous.space, previous.source_scales, None if built is None else built[None],
         )
-    if previous.fingerprint.shape != fingerprint.shape or not torch.allclose(previous.fingerprint, fingerprint, rtol=1e-9, atol=0):
+    if previous.fingerprint.shape != fingerprint.shape or not _same_fingerprint(previous.fingerprint, fingerprint):
         raise ValueError(
-            "match_weights: init is a MatchResult of other sources (their row sums differ); warm-start from "
+            "match_weights: init is a MatchResult of other sources (their norms differ); warm-start from "
             "a result only with the same sources, or pass init=result.perms"
         )
     return previous
+
+
+def _fingerprint(bank: torch.Tensor) -> torch.Tensor:
+    """``[N, 2]`` float64: the norms of each row's first and second half, reduced in the bank's
+    precision (one pass, no float64 copy; a sum of positive terms, unlike a row sum)."""
+    half = bank.shape[1] // 2
+    return torch.stack([torch.linalg.vector_norm(part, dim=1) for part in (bank[:, :half], bank[:, half:])], 1).double().cpu()
+
+
+def _same_fingerprint(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal up to the rounding of a reduction of positive terms (relative error ~log(P)·eps even
+    if the summation order differs); another model's norms differ by far more than 1e-5."""
+    return bool(((a - b).abs() <= 1e-5 * torch.maximum(a, b)).all())
 
 
 def _neighbours(groups: List[Group]) -> Dict[str, List[str]]:
