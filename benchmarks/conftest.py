@@ -1,7 +1,21 @@
 """Benchmark conventions: every benchmark names its comparison ``group`` and its ``role``
 (``ours``, ``baseline`` — the obvious alternative — or another label), so ``benchmarks/report.py``
-can turn a ``--benchmark-json`` file into median ratios against the baseline of each group."""
+can turn a ``--benchmark-json`` file into median ratios against the baseline of each group.
+
+The benchmarks run with ``starfast.allocator.keep_freed_memory()``, as the command-line tools do
+(both sides of every ratio share the process); ``--system-malloc`` leaves glibc's defaults."""
 import pytest
+
+from starfast.allocator import keep_freed_memory
+
+
+def pytest_addoption(parser):
+    parser.addoption("--system-malloc", action="store_true", help="do not call keep_freed_memory() (glibc's defaults)")
+
+
+def pytest_configure(config):
+    if not config.getoption("--system-malloc"):
+        keep_freed_memory()
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 import torch
 
 from starfast import data
+from starfast.allocator import keep_freed_memory
 from starfast.evaluation import EvaluationConfig, evaluate_run, write_results
 from starfast.report import format_table
 from starfast.rundir import RunDir, RunDirError
@@ -62,6 +63,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_evaluation_flags(parser)
     args = parser.parse_args(argv)
+    keep_freed_memory()
     run = RunDir(args.run_dir)
     config = run.read_config()
     if config is None:

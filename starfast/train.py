@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from starfast import data, models
+from starfast.allocator import keep_freed_memory
 from starfast.evaluate import add_evaluation_flags, evaluation_config, run_evaluation
 from starfast.flat import ParamSpace
 from starfast.recipes import OPTIMIZERS, SCHEDULES, Recipe, resolve
@@ -304,6 +305,7 @@ def build_context(args: argparse.Namespace, parser: argparse.ArgumentParser, dis
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    keep_freed_memory()
     distributed = Distributed.from_environment()
     if distributed.active:
         backend = "nccl" if args.device.startswith("cuda") else "gloo"

@@ -25,6 +25,7 @@ from typing import List, Mapping, Optional, Sequence
 
 import torch
 
+from starfast.allocator import keep_freed_memory
 from starfast.theory.lemma2 import default_epsilons, lemma2_table
 from starfast.theory.twolayer import PAPER_EPSILONS, GaussianTask, TrainRecipe, star_table
 
@@ -149,6 +150,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
+    keep_freed_memory()
     torch.set_num_threads(args.threads)
     try:
         args.out.mkdir(parents=True, exist_ok=True)
