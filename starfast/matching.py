@@ -6,8 +6,9 @@ groups in a random order and, for one group, solves the linear assignment that i
 all other groups held fixed. All N sources advance together: one group's N cost matrices come
 from one matmul on the rows' device and go to one batched ``linear_assignment`` call.
 
-Implementation choices (why it is fast): the sources are kept *already permuted* in working
-per-parameter tensors ``[N, *shape]``, and each group's assignment is solved relative to the
+Implementation choices (why it is fast): the sources are kept *already permuted* in one working
+copy of the rows (which becomes the result's ``permuted``; cost matrices are batched matmuls on
+its per-parameter views), and each group's assignment is solved relative to the
 current permutation (cost against the permuted sources, then ``new = current[relative]``).
 Building a cost matrix therefore never re-gathers the other groups' axes; only the parameters a
 group touches are re-gathered, and only after it improved. A relative assignment is accepted only
@@ -16,6 +17,8 @@ flip a converged answer. A group is re-solved for a source only when it is *dirt
 shares a parameter with it changed since it was last solved. Skipping clean groups changes no
 result (their assignment problem is the one already solved) but makes confirmation sweeps and
 warm starts cheap. A source stops after a sweep with no accepted change (or ``max_iter`` sweeps).
+The float64 objective is kept per (parameter, source) and only the pairs a sweep changed are
+recomputed.
 
 Warm starts from a previous result (``init=previous_match``, the same sources, a moved target)
 also skip the groups that *provably* cannot change. Each result keeps, per source and group, the

@@ -7,9 +7,11 @@ This module owns
   to bit-identical weights;
 - :func:`train_models_parallel` — K seeds at once: each parameter and buffer is stacked into a
   ``[K, ...]`` bank, the forward pass is ``vmap(functional_call)`` (BatchNorm running statistics
-  update in their stacked buffers), and one optimizer steps the banks. SGD, Adam and AdamW are elementwise, so this
-  is exactly K independent optimizers; each seed draws its own batches from its own generator,
-  exactly as :func:`train_model` does, so both paths agree to float rounding;
+  update in their stacked buffers; MLPs run their own batched matmuls), and one fused optimizer
+  steps the banks. SGD, Adam and AdamW are elementwise, so this is exactly K independent
+  optimizers; each seed draws its own batches from its own generator, exactly as
+  :func:`train_model` does (``Dataset.stacked_train_batches`` gathers all K in one index), so both
+  paths agree to float rounding;
 - :func:`evaluate` and :func:`train_missing_models` (fill a run directory, used by the CLI).
 
 Seeds. A seed ``s`` drives three independent random streams, derived with numpy's
