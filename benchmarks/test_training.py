@@ -28,7 +28,7 @@ def test_training_step_images_per_second(benchmark, arch, cifar_shaped):
     try:
         model = init_model(ModelSpec.for_dataset(arch, cifar_shaped), seed=0).to(DEVICE)
     except (ImportError, ValueError, TypeError) as error:
-        pytest.skip(f"{arch} does not build here: {error}")
+        pytest.skip(f"{arch} does not build here: {error}")  # resnet18-imagenet without torchvision
     convolutional = DEVICE.type == "cuda" and any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
     memory_format = torch.channels_last if convolutional else torch.contiguous_format
     model = model.to(memory_format=memory_format).train()

@@ -164,6 +164,7 @@ CONTRACT_CASES = {
     "gaussians": lambda _: data.load("gaussians", num_train=301, num_test=57, seed=4),
     "synthetic": lambda _: data.load("synthetic", shape=(2, 5, 3), num_classes=7, num_train=203,
                                      num_test=31, seed=2),
+    # mnist1d is an optional package (CI installs it, so these cases run there)
     "mnist1d": lambda _: (pytest.importorskip("mnist1d"),
                           data.load("mnist1d", num_samples=500))[1],
     "cifar10": lambda request: request.getfixturevalue("cifar10")[0],
@@ -357,7 +358,7 @@ def test_gaussians_options_and_seeds():
 # --------------------------------------------------------------------------- mnist1d, synthetic
 
 def test_mnist1d_shapes_seeds_and_global_rng_untouched():
-    pytest.importorskip("mnist1d")
+    pytest.importorskip("mnist1d")  # optional package; CI installs it
     state = np.random.get_state()[1].copy()
     ds = data.load("mnist1d", num_samples=500, seed=3)
     assert np.array_equal(np.random.get_state()[1], state)
