@@ -62,9 +62,9 @@ class MatchResult:
     max_iter hit). ``index_maps``: ``[N, P]`` int64 (``permute(source, index_map) == permuted``),
     built from ``perms`` when first read: Starlight installs the perms into its own int32 maps and
     never needs these. ``target``, ``margins`` (group -> ``[N, size]``, ``-inf`` where unknown),
-    ``fingerprint`` (``[N, 2]``: norms of each source's two halves) and ``source_scales`` (group ->
-    ``[N, 1]``, the sources' largest unit norm, set by warm starts) let a later call warm-start
-    from this result.
+    ``fingerprint`` (``[N, parameters]``: each source's squared norm per parameter) and ``source_scales`` (group ->
+    ``[N, 1]``, the sources' largest unit norm, for the groups where a warm start needed it) let a
+    later call warm-start from this result.
     """
 
     perms: Perm
@@ -119,7 +119,8 @@ def match_weights(
     groups = [group for group in spec.groups if any(axis.name in space for axis in group.axes)]
 
     target_views = space.views(target_row)
-    fingerprint = _fingerprint(bank)
+    row_squares = _row_squares(space, space.views(bank))
+    fingerprint = torch.stack([squares.sum(1) for squares in row_squares.values()], 1).double().cpu()
     previous = _batched(init, num_sources, fingerprint) if isinstance(init, MatchResult) else None
     if isinstance(init, str):
         if init != "sorted":
@@ -137,14 +138,24 @@ def match_weights(
     unknown = float("-inf")
     margins = {group.name: torch.full((num_sources, group.size), unknown, dtype=torch.float64) for group in groups}
     dirty = {group.name: torch.ones(num_sources, dtype=torch.bool) for group in groups}
-    source_scales = None
+    source_scales: Dict[str, torch.Tensor] = {}
     if previous is not None:
-        # A group's largest source unit norm ignores every permutation: computed once per bank.
-        source_scales = previous.source_scales or {group.name: _largest_unit_norm(group, space, permuted) for group in groups}
-        delta = target_row - previous.target.to(target_row)
+        # A group's largest source unit norm ignores every permutation: computed once per bank,
+        # and only for groups where a cheap lower bound (within ~3% of it) leaves at least a
+        # quarter of the sources able to keep their assignment. It costs about as much as one
+        # cost matrix for all sources, so it is not worth it for a few (unrelated models).
+        source_scales = dict(previous.source_scales or {})
+        move = _move_bounds(groups, space, target_row - previous.target.to(target_row), target_row)
+        lower = None
         for group in groups:
-            slack = _margin_bound(group, space, delta, target_row, source_scales[group.name])
-            carried = previous.margins[group.name] - slack
+            kept = previous.margins[group.name]
+            if group.name not in source_scales:
+                if lower is None:
+                    lower = _scale_lower_bounds(groups, space, row_squares, permuted)
+                if 4 * int((kept > move[group.name] * lower[group.name]).all(1).sum()) < num_sources:
+                    continue  # solved again for every source, margins unknown
+                source_scales.update(_largest_unit_norms([group], space, permuted))
+            carried = kept - move[group.name] * source_scales[group.name]
             margins[group.name] = carried
             dirty[group.name] = ~(carried > 0).all(1)
 
@@ -205,8 +216,10 @@ def _group_cost(group: Group, space: ParamSpace, target_views, permuted, rows: O
         if axis.name not in space:
             continue  # a buffer: not part of the weights being matched
         a = target_views[axis.name].narrow(axis.axis, axis.offset, n).movedim(axis.axis, 0).reshape(n, -1)
-        b = permuted[axis.name] if rows is None else permuted[axis.name].index_select(0, rows)
-        b = b.narrow(axis.axis + 1, axis.offset, n).movedim(axis.axis + 1, 1).reshape(b.shape[0], n, -1)
+        b = permuted[axis.name].narrow(axis.axis + 1, axis.offset, n).movedim(axis.axis + 1, 1)
+        if rows is not None:
+            b = b.index_select(0, rows)  # one copy, already unit-major
+        b = b.reshape(b.shape[0], n, -1)
         term = torch.bmm(a.expand(b.shape[0], -1, -1), b.transpose(1, 2))
         cost = term if cost is None else cost.add_(term)
     return cost
@@ -222,41 +235,102 @@ def _row_margins(cost: torch.Tensor, relative: torch.Tensor, improved: torch.Ten
     return (own - best_other).double().cpu()
 
 
-def _largest_unit_norm(group: Group, space: ParamSpace, sources) -> torch.Tensor:
-    """``[N, 1]`` float64: an upper bound on ``max_k ‖B_k‖`` over the group's units, per source.
+def _unit_squares(groups: List[Group], space: ParamSpace, views) -> Dict[str, torch.Tensor]:
+    """group -> ``[R, n]``: every unit's squared norm summed over the group's axes, for the R rows
+    behind ``views``. Each parameter is reduced once, over the axes no group acts on (a
+    contiguous reduction for convolutions), and the groups sum the small result: reducing each
+    group's axis separately would stride through every tensor twice."""
+    acting: Dict[str, List[int]] = {}
+    for group in groups:
+        for axis in group.axes:
+            if axis.name in space and axis.axis not in acting.setdefault(axis.name, []):
+                acting[axis.name].append(axis.axis)
+    reduced = {}
+    for name, axes in acting.items():
+        axes.sort()
+        view = views[name]
+        rest = [dim + 1 for dim in range(view.dim() - 1) if dim not in axes]
+        reduced[name] = torch.linalg.vector_norm(view, dim=rest).square() if rest else view.square()
+    squares = {}
+    for group in groups:
+        total = None
+        for axis in group.axes:
+            if axis.name not in space:
+                continue
+            dim = 1 + acting[axis.name].index(axis.axis)
+            unit = reduced[axis.name].narrow(dim, axis.offset, group.size)
+            others = [d for d in range(1, unit.dim()) if d != dim]
+            term = unit.sum(others).reshape(unit.shape[0], group.size) if others else unit
+            total = term if total is None else total + term
+        squares[group.name] = total
+    return squares
+
+
+def _largest_unit_norms(groups: List[Group], space: ParamSpace, sources) -> Dict[str, torch.Tensor]:
+    """group -> ``[N, 1]`` float64: an upper bound on ``max_k ‖B_k‖`` over the group's units, per
+    source.
 
     Summed in the sources' own precision (a float64 copy of the bank would cost more than the rest
-    of a warm start), then inflated by ``(m + 4)·eps``, the worst-case relative error of a sum of
-    ``m`` rounded squares and its square root, so the bound stays rigorous."""
-    n = group.size
-    source_sq, terms_per_unit = None, 0
-    for axis in group.axes:
-        if axis.name not in space:
-            continue
-        b = sources[axis.name].narrow(axis.axis + 1, axis.offset, n)
-        reduce = [d for d in range(1, b.dim()) if d != axis.axis + 1]
-        term = torch.linalg.vector_norm(b, dim=reduce).pow(2) if reduce else b.pow(2)
-        terms_per_unit += b[0].numel() // n
-        source_sq = term if source_sq is None else source_sq + term
-    eps = torch.finfo(source_sq.dtype).eps
-    return (source_sq.amax(1, keepdim=True).double() * (1 + (terms_per_unit + 4) * eps)).sqrt().cpu()
+    of a warm start), then inflated by ``(m + 4)·eps`` for ``m`` terms per unit: the worst-case
+    relative error of any summation order of rounded squares (a norm squared counts as its
+    terms' sum plus two roundings) and of the square root, so the bound stays rigorous."""
+    squares = _unit_squares(groups, space, sources)
+    scales = {}
+    for group in groups:
+        terms_per_unit = sum(sources[axis.name][0].numel() // group.size for axis in group.axes if axis.name in space)
+        eps = torch.finfo(squares[group.name].dtype).eps
+        largest = squares[group.name].amax(1, keepdim=True).double()
+        scales[group.name] = (largest * (1 + (terms_per_unit + 4) * eps)).sqrt().cpu()
+    return scales
 
 
-def _margin_bound(group: Group, space: ParamSpace, delta: torch.Tensor, target_row: torch.Tensor, largest_source: torch.Tensor) -> torch.Tensor:
-    """``[N, n]`` bound on how much the target's move ``delta`` can shrink each unit's margin:
-    ``2·‖Δ_j‖·max_k ‖B_k‖`` (plus float rounding of the cost matrices, ``64·eps·‖θ_j‖·max_k ‖B_k‖``)."""
-    n = group.size
-    delta_views, target_views = space.views(delta), space.views(target_row)
-    delta_sq = torch.zeros(n, dtype=torch.float64, device=delta.device)
-    target_sq = torch.zeros_like(delta_sq)
-    for axis in group.axes:
-        if axis.name not in space:
-            continue
-        for views, total in ((delta_views, delta_sq), (target_views, target_sq)):
-            unit = views[axis.name].narrow(axis.axis, axis.offset, n).movedim(axis.axis, 0).reshape(n, -1)
-            total += torch.linalg.vector_norm(unit, dim=1, dtype=torch.float64).pow(2)
-    rounding = 64 * torch.finfo(target_row.dtype).eps * target_sq.sqrt()
-    return (2 * delta_sq.sqrt() + rounding).cpu() * largest_source
+def _row_squares(space: ParamSpace, views) -> Dict[str, torch.Tensor]:
+    """name -> ``[R, d0]``: the squared norm of every parameter's rows (slices along its first
+    axis) for the R rows behind ``views``, in one pass that reads memory in order. Permutations
+    only reorder these, so they fingerprint a bank (summed per parameter) and bound its units."""
+    squares = {}
+    for entry in space.entries:
+        view = views[entry.name]
+        squares[entry.name] = view.square() if view.dim() <= 2 else torch.linalg.vector_norm(view.flatten(2), dim=2).square()
+    return squares
+
+
+def _scale_lower_bounds(groups: List[Group], space: ParamSpace, row_squares, sources) -> Dict[str, torch.Tensor]:
+    """group -> ``[N, 1]`` float64: a lower bound on ``max_k ‖B_k‖``, from the sources'
+    :func:`_row_squares`: the largest unit norm over the unit-major (first-axis) terms alone, or
+    the mean unit norm ``‖B‖_F / √n``, whichever is larger; deflated by ``(m + 4)·eps`` for
+    rounding. Only an axis on part of a later dimension (a concatenation) reads ``sources``."""
+    bounds = {}
+    for group in groups:
+        n, unit_major, total, terms_per_unit = group.size, None, None, 0
+        for axis in group.axes:
+            if axis.name not in space:
+                continue
+            shape = space.entry(axis.name).shape
+            terms_per_unit += space.entry(axis.name).numel // shape[axis.axis]
+            if axis.axis == 0:
+                unit = row_squares[axis.name].narrow(1, axis.offset, n)
+                unit_major = unit if unit_major is None else unit_major + unit
+                term = unit.sum(1)
+            elif n == shape[axis.axis]:
+                term = row_squares[axis.name].sum(1)
+            else:
+                segment = sources[axis.name].narrow(axis.axis + 1, axis.offset, n)
+                term = torch.linalg.vector_norm(segment.flatten(1), dim=1).square()
+            total = term if total is None else total + term
+        largest = total / n if unit_major is None else torch.maximum(unit_major.amax(1), total / n)
+        eps = torch.finfo(largest.dtype).eps
+        bounds[group.name] = (largest.double() * (1 - (terms_per_unit + 4) * eps)).clamp(min=0).sqrt().cpu()[:, None]
+    return bounds
+
+
+def _move_bounds(groups: List[Group], space: ParamSpace, delta: torch.Tensor, target_row: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """group -> ``[n]``: times ``max_k ‖B_k‖``, a bound on how much the target's move ``delta``
+    can shrink each unit's margin: ``2·‖Δ_j‖`` plus float rounding of the cost matrices,
+    ``64·eps·‖θ_j‖``."""
+    squares = _unit_squares(groups, space, space.views(torch.stack([delta, target_row]).double()))
+    eps = torch.finfo(target_row.dtype).eps
+    return {name: (2 * unit[0].sqrt() + 64 * eps * unit[1].sqrt()).cpu() for name, unit in squares.items()}
 
 
 def _batched(previous: "MatchResult", num_sources: int, fingerprint: torch.Tensor) -> "MatchResult":
@@ -277,16 +351,9 @@ def _batched(previous: "MatchResult", num_sources: int, fingerprint: torch.Tenso
     return previous
 
 
-def _fingerprint(bank: torch.Tensor) -> torch.Tensor:
-    """``[N, 2]`` float64: the norms of each row's first and second half, reduced in the bank's
-    precision (one pass, no float64 copy; a sum of positive terms, unlike a row sum)."""
-    half = bank.shape[1] // 2
-    return torch.stack([torch.linalg.vector_norm(part, dim=1) for part in (bank[:, :half], bank[:, half:])], 1).double().cpu()
-
-
 def _same_fingerprint(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal up to the rounding of a reduction of positive terms (relative error ~log(P)·eps even
-    if the summation order differs); another model's norms differ by far more than 1e-5."""
+    """Equal up to the rounding of a reduction of positive terms (relative error ~m·eps at worst,
+    whatever the summation order); another model's norms differ by far more than 1e-5."""
     return bool(((a - b).abs() <= 1e-5 * torch.maximum(a, b)).all())
 
 

@@ -159,6 +159,63 @@ def test_warm_start_from_a_result_equals_warm_start_from_its_perms(name, kw, sha
     torch.testing.assert_close(from_result.objective[-1], from_perms.objective[-1])
 
 
+def brute_force_unit_norms(group, space, row):
+    """``[n]`` float64: each unit's norm over the group's axes, one unit at a time."""
+    views = space.views(row.double())
+    norms = torch.zeros(group.size, dtype=torch.float64)
+    for unit in range(group.size):
+        for axis in group.axes:
+            if axis.name in space:
+                norms[unit] += views[axis.name].select(axis.axis, axis.offset + unit).pow(2).sum()
+    return norms.sqrt()
+
+
+@pytest.mark.parametrize("name, kw, shape", ARCHS, ids=[a[0] for a in ARCHS])
+def test_source_scale_bounds_bracket_the_largest_unit_norm(name, kw, shape, rng):
+    """The exact scale (an upper bound within rounding) and its cheap lower bound, against a
+    unit-by-unit float64 loop, on every architecture (concatenations, heads, later axes)."""
+    from starfast import matching
+
+    target = build(name, kw, shape, 0)
+    space, spec = ParamSpace(target), models.permutation_spec(target)
+    bank = torch.randn(3, space.size, generator=rng) * torch.rand(3, 1, generator=rng)
+    groups = [g for g in spec.groups if any(axis.name in space for axis in g.axes)]
+    views = space.views(bank)
+    upper = matching._largest_unit_norms(groups, space, views)
+    lower = matching._scale_lower_bounds(groups, space, matching._row_squares(space, views), views)
+    for group in groups:
+        exact = torch.stack([brute_force_unit_norms(group, space, row).max() for row in bank])
+        assert bool((upper[group.name][:, 0] >= exact).all()), group.name
+        terms_per_unit = sum(space.entry(a.name).numel // group.size for a in group.axes if a.name in space)
+        inflation = (terms_per_unit + 4) * torch.finfo(torch.float32).eps  # the bound's stated slack
+        assert bool((upper[group.name][:, 0] <= exact * (1 + inflation)).all()), group.name
+        assert bool((lower[group.name][:, 0] <= exact).all()), group.name
+        assert bool((lower[group.name][:, 0] > 0).all()), group.name
+
+
+def test_unrelated_sources_skip_the_exact_scale_and_match_as_from_perms(monkeypatch, rng):
+    """Independently initialised sources: a 1% move leaves no source certifiable by the lower
+    bound, so the exact scale is never computed, and the result is still the plain warm start's."""
+    from starfast import matching
+
+    name, kw, shape = ARCHS[3]
+    target = build(name, kw, shape, 1)
+    space, spec = ParamSpace(target), models.permutation_spec(target)
+    bank = space.stack([build(name, kw, shape, 20 + k) for k in range(4)])
+    row = space.flatten(target)
+    first = match_weights(row, bank, spec, space=space)
+    exact_groups = []
+    original = matching._largest_unit_norms
+    monkeypatch.setattr(matching, "_largest_unit_norms", lambda groups, *args: exact_groups.extend(groups) or original(groups, *args))
+    moved = row + 0.01 * row.abs().mean() * torch.randn(row.shape, generator=rng)
+    from_result = match_weights(moved, bank, spec, space=space, init=first)
+    from_perms = match_weights(moved, bank, spec, space=space, init=first.perms)
+    assert len(exact_groups) < len(spec.groups)
+    assert set(from_result.source_scales) == {group.name for group in exact_groups}
+    assert all(torch.equal(from_result.perms[g], from_perms.perms[g]) for g in from_perms.perms)
+    assert torch.equal(from_result.permuted, from_perms.permuted)
+
+
 def test_small_moves_skip_every_cost_matrix(monkeypatch, rng):
     from starfast import matching
 
@@ -185,3 +242,15 @@ def test_warm_start_from_a_result_of_other_sources_is_refused(rng):
     first = match_weights(row, bank, spec, space=space)
     with pytest.raises(ValueError, match="MatchResult of other sources"):
         match_weights(row, bank + 1.0, spec, space=space, init=first)
+    # Same total norm, moved between parameters: the per-parameter fingerprint still tells.
+    views = space.views(bank)
+    first_name, second_name = space.entries[0].name, space.entries[2].name
+    a, b = views[first_name].flatten(1).norm(dim=1), views[second_name].flatten(1).norm(dim=1)
+    shifted = bank.clone()
+    shifted_views = space.views(shifted)
+    shifted_views[first_name].mul_(0.5)
+    scale = ((b**2 + 0.75 * a**2).sqrt() / b).view(-1, *[1] * (shifted_views[second_name].dim() - 1))
+    shifted_views[second_name].mul_(scale)
+    torch.testing.assert_close(shifted.norm(dim=1), bank.norm(dim=1))
+    with pytest.raises(ValueError, match="MatchResult of other sources"):
+        match_weights(row, shifted, spec, space=space, init=first)
