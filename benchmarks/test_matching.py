@@ -100,7 +100,7 @@ def test_rematch_after_small_move(bench, benchmark, request, start, zoo_kind):
     role = {"warm from the result": "ours", "warm from a warm result": "ours-steady", "warm from the perms": "warm-perms", "cold": "baseline"}[start]
     result = bench(
         f"rematch {NUM_SOURCES}x {ARCH} {zoo_kind} zoo after 1% move", role,
-        lambda: match_weights(moved, bank, spec, space=space, init=init), rounds=3,
+        lambda: match_weights(moved, bank, spec, space=space, init=init), rounds=7,
     )
     benchmark.extra_info["sweeps"] = int(result.sweeps.sum())
 
