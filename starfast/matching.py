@@ -95,6 +95,7 @@ def match_weights(
     init: Union[Perm, str, "MatchResult", None] = None,
     max_iter: int = 100,
     seed: int = 0,
+    out: Optional[torch.Tensor] = None,
 ) -> MatchResult:
     """Permutations of ``sources`` that best align them with ``target`` (see module docstring).
 
@@ -104,6 +105,10 @@ def match_weights(
     (group -> ``[N, size]`` or ``[size]``), or the previous :class:`MatchResult` for the same
     sources (warm start that also skips provably unchanged groups; see the module docstring).
     ``seed`` fixes the random group order of every sweep (the same order for all sources).
+    ``out``: a contiguous ``[N, P]`` tensor (``[P]`` for a single source) that becomes the
+    result's ``permuted``. It may be the ``permuted`` of the ``MatchResult`` passed as ``init``:
+    the warm start then updates those rows in place, which saves a copy of the bank in time and
+    memory but leaves that previous result unusable. It may also be the bank itself.
     Returns a :class:`MatchResult`; with a single (non-bank) source its tensors have no N dim.
     """
     if max_iter < 1:
@@ -132,7 +137,7 @@ def match_weights(
     else:
         start = permute(bank, spec.index_map(space, perms)) if init is not None else bank
     # The working rows, permuted in place as groups change; they are the result's ``permuted``.
-    work = start.clone()
+    work = _working_rows(out, start)
     permuted = space.views(work)
     neighbours = _neighbours(groups)
     unknown = float("-inf")
@@ -446,6 +451,22 @@ def _dot64(matrix: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
         block = matrix[:, start : start + _DOT64_COLUMNS]
         total += block.double() @ vector[start : start + _DOT64_COLUMNS]
     return total
+
+
+def _working_rows(out: Optional[torch.Tensor], start: torch.Tensor) -> torch.Tensor:
+    """A copy of ``start`` to permute in place: ``out`` filled with it (nothing to copy when
+    ``out`` already holds it), or a new tensor."""
+    if out is None:
+        return start.clone()
+    rows = out.unsqueeze(0) if out.dim() == 1 else out
+    if rows.shape != start.shape or rows.dtype != start.dtype or rows.device != start.device or not rows.is_contiguous():
+        raise ValueError(
+            f"match_weights: out must be a contiguous {start.dtype} tensor of shape {tuple(start.shape)} "
+            f"(or [P] for one source) on {start.device}, got {out.dtype} {tuple(out.shape)} on {out.device}"
+        )
+    if rows.data_ptr() != start.data_ptr():
+        rows.copy_(start)
+    return rows
 
 
 def _initial_perms(spec: PermutationSpec, init: Optional[Perm], num_sources: int, device) -> Perm:

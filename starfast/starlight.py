@@ -203,7 +203,8 @@ class SourceMatcher:
     :meth:`rematch` runs one batched :func:`~starfast.matching.match_weights` against θ, warm-started
     from the previous match's result (cold, i.e. from the identity, the first time; from the
     permutations after a resume): groups whose assignment provably survived θ's move since then
-    are not re-solved. Keeping that result costs one more permuted copy of the bank. With
+    are not re-solved. Keeping that result costs one more permuted copy of the bank, which each
+    re-match updates in place (so a re-match allocates no second copy). With
     ``background=True`` it matches a snapshot of θ in a worker thread and returns at once; training
     goes on with the old maps, which :meth:`poll` swaps for the new ones at the first call after
     the match finished (so the maps lag θ by the steps the match took, and where the swap lands
@@ -286,7 +287,11 @@ class SourceMatcher:
     def _match(self, target: torch.Tensor, seed: int) -> Perm:
         started = time.perf_counter()
         init = self._last if self._last is not None else self.perms
-        result: MatchResult = match_weights(target, self.bank, self.spec, space=self.space, init=init, seed=seed)
+        # The last result's rows are updated in place (one bank copy less); until the new result
+        # exists, a failed match leaves nothing stale behind: the next one starts from the perms.
+        self._last = None
+        out = init.permuted if isinstance(init, MatchResult) else None
+        result: MatchResult = match_weights(target, self.bank, self.spec, space=self.space, init=init, seed=seed, out=out)
         self._last = result
         self.seconds += time.perf_counter() - started
         return result.perms

@@ -236,6 +236,51 @@ def test_small_moves_skip_every_cost_matrix(monkeypatch, rng):
     assert not calls and all(torch.equal(third.perms[g], first.perms[g]) for g in first.perms)
 
 
+@pytest.mark.parametrize("zoo", ["star-like", "independent"])
+def test_out_receives_the_rows_and_may_be_updated_in_place(zoo, rng):
+    """``out=`` a fresh buffer, the previous result's rows (updated in place) or the bank itself:
+    the same permutations, rows and objective as a match that allocates its own rows."""
+    name, kw, shape = ARCHS[3]
+    if zoo == "star-like":
+        space, spec, row, bank = star_like_zoo(name, kw, shape, rng)
+    else:
+        target = build(name, kw, shape, 1)
+        space, spec = ParamSpace(target), models.permutation_spec(target)
+        bank, row = space.stack([build(name, kw, shape, 30 + k) for k in range(3)]), space.flatten(target)
+    first = match_weights(row, bank, spec, space=space)
+    moved = row + 0.01 * row.abs().mean() * torch.randn(row.shape, generator=rng)
+    expected = match_weights(moved, bank, spec, space=space, init=first)
+
+    def same(result):
+        assert all(torch.equal(result.perms[g], expected.perms[g]) for g in expected.perms)
+        assert torch.equal(result.permuted, expected.permuted)
+        assert torch.equal(result.objective, expected.objective)
+
+    buffer = torch.full_like(bank, float("nan"))
+    into_buffer = match_weights(moved, bank, spec, space=space, init=first, out=buffer)
+    same(into_buffer)
+    assert into_buffer.permuted.data_ptr() == buffer.data_ptr()
+    rows = first.permuted.data_ptr()
+    in_place = match_weights(moved, bank, spec, space=space, init=first, out=first.permuted)
+    same(in_place)
+    assert in_place.permuted.data_ptr() == rows
+    cold = match_weights(moved, bank, spec, space=space)
+    own_bank = bank.clone()
+    cold_in_bank = match_weights(moved, own_bank, spec, space=space, out=own_bank)
+    assert torch.equal(cold_in_bank.permuted, cold.permuted) and cold_in_bank.permuted.data_ptr() == own_bank.data_ptr()
+    single = match_weights(moved, bank[1], spec, space=space, out=torch.empty(space.size))
+    assert torch.equal(single.permuted, match_weights(moved, bank[1], spec, space=space).permuted)
+
+
+def test_a_bad_out_is_refused(rng):
+    name, kw, shape = ARCHS[0]
+    space, spec, row, bank = star_like_zoo(name, kw, shape, rng)
+    for out in (torch.empty(len(bank) + 1, space.size), torch.empty_like(bank, dtype=torch.float64),
+                torch.empty(space.size, len(bank)).T):
+        with pytest.raises(ValueError, match="out must be a contiguous"):
+            match_weights(row, bank, spec, space=space, out=out)
+
+
 def test_warm_start_from_a_result_of_other_sources_is_refused(rng):
     name, kw, shape = ARCHS[0]
     space, spec, row, bank = star_like_zoo(name, kw, shape, rng)

@@ -23,6 +23,7 @@ from starfast.barrier import evaluate_rows
 from starfast.data import TensorDataset
 from starfast.flat import ParamSpace
 from starfast.matching import match_weights
+from starfast.ops import permute
 from starfast.recipes import Recipe
 from starfast.rundir import RunDirError, load_state_dict, read_json
 from starfast.starlight import Draw, SourceMatcher, StarObjective, StarlightDiverged, sample_draws, sample_t, train_star
@@ -209,8 +210,10 @@ def test_rematching_updates_the_index_maps_in_place_and_warm_starts(rng, monkeyp
     calls = []
 
     def spy(*args, **kwargs):
+        init = kwargs["init"]
+        rows = None if kwargs["out"] is None else kwargs["out"].data_ptr()
         result = match_weights(*args, **kwargs)
-        calls.append((kwargs["init"], result))
+        calls.append((init, result, rows))
         return result
 
     monkeypatch.setattr(starlight, "match_weights", spy)
@@ -221,13 +224,16 @@ def test_rematching_updates_the_index_maps_in_place_and_warm_starts(rng, monkeyp
         theta = random_bank(space, 1, rng)[0]
         matcher.rematch(theta, background=round_ == 2)
         matcher.finish()
-        init, result = calls[-1]
+        init, result, rows = calls[-1]
         if round_ == 0:
-            assert init is None  # the first match is cold
+            assert init is None and rows is None  # the first match is cold
         else:
-            assert init is calls[-2][1]  # warm-started from the previous match's result
+            assert init is calls[-2][1]  # warm-started from the previous match's result ...
+            # ... whose permuted rows it updated in place: no second copy of the bank.
+            assert rows == calls[0][1].permuted.data_ptr() == result.permuted.data_ptr()
         assert matcher.index_maps is maps and maps.data_ptr() == address
         assert torch.equal(maps.long(), result.index_maps)
+        assert torch.equal(result.permuted, permute(bank, result.index_maps))
         assert spec.check_perm(matcher.perms) == 4
     assert len(calls) == 3 and matcher.rematches == 3
     matcher.close()
