@@ -90,12 +90,16 @@ def test_equals_per_model_scipy_reference(name, kw, shape, rng):
         assert int(result.sweeps[k]) == sweeps
 
 
-def test_warm_start_after_a_small_move_needs_fewer_sweeps(rng):
-    name, kw, shape = ARCHS[3]
+def independent_zoo(name, kw, shape, first_seed, count=4):
+    """``space, spec, row, bank``: a target and ``count`` independently initialised sources."""
     target = build(name, kw, shape, 1)
     space, spec = ParamSpace(target), models.permutation_spec(target)
-    bank = space.stack([build(name, kw, shape, 10 + k) for k in range(4)])
-    row = space.flatten(target)
+    bank = space.stack([build(name, kw, shape, first_seed + k) for k in range(count)])
+    return space, spec, space.flatten(target), bank
+
+
+def test_warm_start_after_a_small_move_needs_fewer_sweeps(rng):
+    space, spec, row, bank = independent_zoo(*ARCHS[3], first_seed=10)
     first = match_weights(row, bank, spec, space=space)
     moved = row + 0.01 * row.abs().mean() * torch.randn(row.shape, generator=rng)
     cold = match_weights(moved, bank, spec, space=space)
@@ -198,11 +202,7 @@ def test_unrelated_sources_skip_the_exact_scale_and_match_as_from_perms(monkeypa
     bound, so the exact scale is never computed, and the result is still the plain warm start's."""
     from starfast import matching
 
-    name, kw, shape = ARCHS[3]
-    target = build(name, kw, shape, 1)
-    space, spec = ParamSpace(target), models.permutation_spec(target)
-    bank = space.stack([build(name, kw, shape, 20 + k) for k in range(4)])
-    row = space.flatten(target)
+    space, spec, row, bank = independent_zoo(*ARCHS[3], first_seed=20)
     first = match_weights(row, bank, spec, space=space)
     exact_groups = []
     original = matching._largest_unit_norms
@@ -240,13 +240,10 @@ def test_small_moves_skip_every_cost_matrix(monkeypatch, rng):
 def test_out_receives_the_rows_and_may_be_updated_in_place(zoo, rng):
     """``out=`` a fresh buffer, the previous result's rows (updated in place) or the bank itself:
     the same permutations, rows and objective as a match that allocates its own rows."""
-    name, kw, shape = ARCHS[3]
     if zoo == "star-like":
-        space, spec, row, bank = star_like_zoo(name, kw, shape, rng)
+        space, spec, row, bank = star_like_zoo(*ARCHS[3], rng)
     else:
-        target = build(name, kw, shape, 1)
-        space, spec = ParamSpace(target), models.permutation_spec(target)
-        bank, row = space.stack([build(name, kw, shape, 30 + k) for k in range(3)]), space.flatten(target)
+        space, spec, row, bank = independent_zoo(*ARCHS[3], first_seed=30, count=3)
     first = match_weights(row, bank, spec, space=space)
     moved = row + 0.01 * row.abs().mean() * torch.randn(row.shape, generator=rng)
     expected = match_weights(moved, bank, spec, space=space, init=first)
