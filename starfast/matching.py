@@ -62,9 +62,9 @@ class MatchResult:
     max_iter hit). ``index_maps``: ``[N, P]`` int64 (``permute(source, index_map) == permuted``),
     built from ``perms`` when first read: Starlight installs the perms into its own int32 maps and
     never needs these. ``target``, ``margins`` (group -> ``[N, size]``, ``-inf`` where unknown),
-    ``fingerprint`` (``[N, parameters]``: each source's squared norm per parameter) and ``source_scales`` (group ->
-    ``[N, 1]``, the sources' largest unit norm, for the groups where a warm start needed it) let a
-    later call warm-start from this result.
+    ``fingerprint`` (``[N, parameters]``: each source's squared norm per parameter) and
+    ``source_scales`` (group -> ``[N, 1]``, the sources' largest unit norm, for the groups where a
+    warm start needed it) let a later call warm-start from this result.
     """
 
     perms: Perm
@@ -296,7 +296,10 @@ def _row_squares(space: ParamSpace, views) -> Dict[str, torch.Tensor]:
     squares = {}
     for entry in space.entries:
         view = views[entry.name]
-        squares[entry.name] = view.square() if view.dim() <= 2 else torch.linalg.vector_norm(view.flatten(2), dim=2).square()
+        if view.dim() <= 2:  # a vector's rows are its elements (a scalar is one row)
+            squares[entry.name] = view.reshape(view.shape[0], -1).square()
+        else:
+            squares[entry.name] = torch.linalg.vector_norm(view.flatten(2), dim=2).square()
     return squares
 
 

@@ -41,6 +41,18 @@ def test_views_alias_the_row_and_run_the_model(rng):
     torch.testing.assert_close(functional_call(model, views, (x,)), reference(x))
 
 
+def test_a_scalar_parameter_has_scalar_views(rng):
+    model = net()
+    model.temperature = nn.Parameter(torch.tensor(1.5))
+    space = ParamSpace(model)
+    row = torch.randn(space.size, generator=rng)
+    assert space.views(row)["temperature"].shape == ()
+    assert space.views(row)["temperature"] == row[space.entry("temperature").offset]
+    assert space.views(torch.stack([row, 2 * row]))["temperature"].shape == (2,)
+    space.load_(model, row)
+    assert torch.equal(space.flatten(model), row)
+
+
 def test_bank_views_run_each_model(rng):
     model = net().eval()
     space = ParamSpace(model)

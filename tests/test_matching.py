@@ -120,6 +120,31 @@ def test_single_source_and_module_inputs(rng):
     assert torch.equal(single.index_maps, batched.index_maps[0])
 
 
+def test_a_model_with_a_scalar_parameter_and_unpermuted_tensors(rng):
+    """Parameters no group touches (here a scalar and a bias) ride along unchanged, and warm
+    starts from a result (whose fingerprint covers every parameter) work."""
+    from starfast.spec import Axis, Group, PermutationSpec
+
+    model = torch.nn.Module()
+    model.w = torch.nn.Parameter(torch.randn(5, 3, generator=rng))
+    model.v = torch.nn.Parameter(torch.randn(4, 5, generator=rng))
+    model.bias = torch.nn.Parameter(torch.randn(4, generator=rng))
+    model.temperature = torch.nn.Parameter(torch.tensor(2.0))
+    space = ParamSpace(model)
+    spec = PermutationSpec([Group("hidden", 5, (Axis("w", 0), Axis("v", 1)))])
+    row = space.flatten(model)
+    perms = torch.stack([torch.randperm(5, generator=rng) for _ in range(3)])
+    bank = permute(row.expand(3, -1) + 0.01 * torch.randn(3, space.size, generator=rng), spec.index_map(space, {"hidden": perms}))
+    first = match_weights(row, bank, spec, space=space)
+    again = match_weights(row + 1e-3 * torch.randn(space.size, generator=rng), bank, spec, space=space, init=first)
+    for result in (first, again):
+        assert torch.equal(result.permuted, permute(bank, result.index_maps))
+        views, source_views = space.views(result.permuted), space.views(bank)
+        assert torch.equal(views["temperature"], source_views["temperature"])
+        assert torch.equal(views["bias"], source_views["bias"])
+    assert torch.equal(torch.argsort(perms, dim=1), first.perms["hidden"])  # undoes the permutation
+
+
 def test_bad_input():
     name, kw, shape = ARCHS[0]
     target = build(name, kw, shape, 1)
