@@ -26,7 +26,12 @@ margin by which every unit's own column beats its other columns in the final cos
 the target moves by Δ, each cost entry moves by at most ``‖Δ_j‖·‖B_k‖`` (Cauchy–Schwarz over the
 group's axes), so a group whose margins exceed ``2·‖Δ_j‖·max_k ‖B_k‖`` keeps its assignment and
 starts clean; its margins carry over, lowered by that bound. The result is the one an ordinary
-warm start would find; only work is skipped.
+warm start would find; only work is skipped. ``max_k ‖B_k‖`` ignores permutations, so it is
+computed once per bank and carried in the result, and only for groups where a cheap lower bound
+leaves enough sources certifiable (for unrelated models it is never needed). A source
+fingerprint (per-parameter norms) makes sure a result is only reused with its own sources, and
+``out=previous_match.permuted`` updates the previous result's rows in place instead of copying
+them.
 
 Starting point: the identity (Git Re-Basin's choice, the default), warm-start permutations, or
 ``init="sorted"``: every group solved once, independently, on each unit's weights *sorted*, which
