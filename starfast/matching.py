@@ -287,10 +287,9 @@ def _largest_unit_norms(groups: List[Group], space: ParamSpace, sources) -> Dict
     squares = _unit_squares(groups, space, sources)
     scales = {}
     for group in groups:
-        terms_per_unit = sum(sources[axis.name][0].numel() // group.size for axis in group.axes if axis.name in space)
         eps = torch.finfo(squares[group.name].dtype).eps
         largest = squares[group.name].amax(1, keepdim=True).double()
-        scales[group.name] = (largest * (1 + (terms_per_unit + 4) * eps)).sqrt().cpu()
+        scales[group.name] = (largest * (1 + (_terms_per_unit(group, space) + 4) * eps)).sqrt().cpu()
     return scales
 
 
@@ -315,12 +314,11 @@ def _scale_lower_bounds(groups: List[Group], space: ParamSpace, row_squares, sou
     rounding. Only an axis on part of a later dimension (a concatenation) reads ``sources``."""
     bounds = {}
     for group in groups:
-        n, unit_major, total, terms_per_unit = group.size, None, None, 0
+        n, unit_major, total = group.size, None, None
         for axis in group.axes:
             if axis.name not in space:
                 continue
             shape = space.entry(axis.name).shape
-            terms_per_unit += space.entry(axis.name).numel // shape[axis.axis]
             if axis.axis == 0:
                 unit = row_squares[axis.name].narrow(1, axis.offset, n)
                 unit_major = unit if unit_major is None else unit_major + unit
@@ -333,8 +331,18 @@ def _scale_lower_bounds(groups: List[Group], space: ParamSpace, row_squares, sou
             total = term if total is None else total + term
         largest = total / n if unit_major is None else torch.maximum(unit_major.amax(1), total / n)
         eps = torch.finfo(largest.dtype).eps
-        bounds[group.name] = (largest.double() * (1 - (terms_per_unit + 4) * eps)).clamp(min=0).sqrt().cpu()[:, None]
+        bounds[group.name] = (largest.double() * (1 - (_terms_per_unit(group, space) + 4) * eps)).clamp(min=0).sqrt().cpu()[:, None]
     return bounds
+
+
+def _terms_per_unit(group: Group, space: ParamSpace) -> int:
+    """How many weights make up one unit of ``group``: the ``m`` of the rounding bounds above."""
+    total = 0
+    for axis in group.axes:
+        if axis.name in space:
+            entry = space.entry(axis.name)
+            total += entry.numel // entry.shape[axis.axis]
+    return total
 
 
 def _move_bounds(groups: List[Group], space: ParamSpace, delta: torch.Tensor, target_row: torch.Tensor) -> Dict[str, torch.Tensor]:

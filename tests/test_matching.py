@@ -215,7 +215,7 @@ def test_source_scale_bounds_bracket_the_largest_unit_norm(name, kw, shape, rng)
     for group in groups:
         exact = torch.stack([brute_force_unit_norms(group, space, row).max() for row in bank])
         assert bool((upper[group.name][:, 0] >= exact).all()), group.name
-        terms_per_unit = sum(space.entry(a.name).numel // group.size for a in group.axes if a.name in space)
+        terms_per_unit = sum(space.entry(a.name).numel // space.entry(a.name).shape[a.axis] for a in group.axes if a.name in space)
         inflation = (terms_per_unit + 4) * torch.finfo(torch.float32).eps  # the bound's stated slack
         assert bool((upper[group.name][:, 0] <= exact * (1 + inflation)).all()), group.name
         assert bool((lower[group.name][:, 0] <= exact).all()), group.name
