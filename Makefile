@@ -25,7 +25,13 @@ $(VENV)/.built: $(VENV)/.deps setup.py pyproject.toml $(wildcard csrc/*/*.cpp cs
 
 install: $(VENV)/.built
 
-test: test-python test-cpp
+# Both suites always run; the target fails at the end if either failed.
+test: install
+	@status=0; \
+	$(MAKE) --no-print-directory test-python || status=1; \
+	$(MAKE) --no-print-directory test-cpp || status=1; \
+	if [ $$status -ne 0 ]; then echo "make test: a suite failed (see above)"; fi; \
+	exit $$status
 
 test-python: install
 	$(PY) -m pytest -q tests
