@@ -9,6 +9,9 @@ BatchNorm recomputation (:func:`starfast.barrier.barrier_curve`) and aggregates 
 - ``star_heldout``: every star against every held-out model (the paper's central test),
 - ``star_source``: every star against the sources it was trained on (its JSON's ``sources``).
 
+Each curve in ``curves[KIND]`` names its two models (``"a"``, the anchor, and ``"b"``, e.g.
+``"star star-0000"`` and ``"heldout seed 1000"``), so per-model summaries can be read off.
+
 The result is a JSON-ready dict ``{"regular_loss", "star_loss", "regular_test_loss",
 "star_test_loss", "barriers", "accuracy_barriers", "curves", "counts", "config", "seconds"}``
 (losses summarise each distinct model's own train/test loss) where ``barriers[KIND][SPLIT]`` holds ``mean, std, min, max,
@@ -97,6 +100,7 @@ def evaluate_run(
     total = sum(len(items) for items in pairs.values())
     bar = tqdm(total=total, desc="barriers", unit="pair", disable=not progress)
     curves: Dict[str, List[BarrierCurve]] = {}
+    labels: Dict[str, List[Dict[str, str]]] = {kind: [] for kind in pairs}  # the models of each curve
     # Each model's own loss, read off the end points of the curves it is part of.
     own_loss: Dict[str, Dict[str, Tuple[float, float]]] = {"regular": {}, "star": {}}
     for kind, items in pairs.items():
@@ -109,6 +113,7 @@ def evaluate_run(
                     buffers_a=anchor.state, buffers_b=partner_state, bn_batches=config.bn_batches, space=space,
                 )
                 curves[kind].append(curve)
+                labels[kind].append({"a": anchor.label, "b": partner.label})
                 anchor_kind = "regular" if kind == "regular_regular" else "star"
                 own_loss[anchor_kind][anchor.label] = (float(curve.train_loss[0]), float(curve.test_loss[0]))
                 own_loss["regular"][partner.label] = (float(curve.train_loss[-1]), float(curve.test_loss[-1]))
@@ -122,7 +127,7 @@ def evaluate_run(
         "star_test_loss": _summary([test for _, test in own_loss["star"].values()]),
         "barriers": {kind: _barrier_table(curves[kind], "loss_barrier") for kind in KINDS},
         "accuracy_barriers": {kind: _barrier_table(curves[kind], "acc_barrier") for kind in KINDS},
-        "curves": {kind: [curve.to_dict() for curve in curves[kind]] for kind in KINDS},
+        "curves": {kind: [{**names, **curve.to_dict()} for names, curve in zip(labels[kind], curves[kind])] for kind in KINDS},
         "counts": {"sources": len(sources), "heldout": len(heldout), "stars": len(stars),
                    **{kind: len(curves[kind]) for kind in KINDS}},
         "config": asdict(config),
