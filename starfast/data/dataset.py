@@ -167,9 +167,9 @@ class TensorDataset(Dataset):
             if labels.dim() != 1 or labels.shape[0] != inputs.shape[0]:
                 raise ValueError(f"{name}: {split} labels must be 1-D with one entry per input, "
                                  f"got {tuple(labels.shape)} for {inputs.shape[0]} inputs")
-            if normalisation is None and inputs.dtype != torch.float32:
-                raise ValueError(f"{name}: {split} inputs must be float32 when no normalisation "
-                                 f"is given, got {inputs.dtype}")
+            if normalisation is None and inputs.dtype not in (torch.float32, torch.float64):
+                raise ValueError(f"{name}: {split} inputs must be float32 (or float64, for exact "
+                                 f"comparisons) when no normalisation is given, got {inputs.dtype}")
             if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
                 raise ValueError(f"{name}: {split} labels must lie in [0, {num_classes}), got "
                                  f"[{int(labels.min())}, {int(labels.max())}]")
