@@ -2,19 +2,24 @@
 
 Reads ``RUN/config.json`` for the architecture and dataset, evaluates (see
 :mod:`starfast.evaluation`), writes ``RUN/results/{results.json, table.md, curves.png}`` and
-prints the table.
+prints the table. With ``--bma`` and/or ``--fusion`` it runs those applications of the star
+instead (Section 4 of the paper): Bayesian model averaging over the star domain
+(:mod:`starfast.bma`, ``RUN/results/bma.{json,md,png}``) and model fusion
+(:mod:`starfast.fusion`, ``RUN/results/fusion.{json,md}``).
 """
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
 from starfast import data
 from starfast.allocator import keep_freed_memory
+from starfast.arguments import parse_arguments
 from starfast.evaluation import EvaluationConfig, evaluate_run, write_results
 from starfast.report import format_table
 from starfast.rundir import RunDir, RunDirError
@@ -47,6 +52,101 @@ def evaluation_config(args: argparse.Namespace) -> EvaluationConfig:
     )
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _sizes(text: str) -> List[int]:
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers of sources such as 2,5,50, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected numbers of sources >= 1 such as 2,5,50, got {text!r}")
+    return sizes
+
+
+def _weight(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value}")
+    return value
+
+
+APPLICATION_OPTIONS = {
+    "bma": ("bma_samples", "bma_seed"),
+    "fusion": ("fusion_sizes", "fusion_ce_weight", "fusion_star_seeds", "fusion_star_epochs"),
+}
+
+
+def add_application_flags(parser: argparse.ArgumentParser) -> None:
+    """``--bma`` and ``--fusion`` with their options (their defaults are filled in by
+    :func:`check_application_flags`, so that an option without its flag can be refused)."""
+    group = parser.add_argument_group("applications (Section 4 of the paper; run instead of the barriers)")
+    group.add_argument("--bma", action="store_true", help="Bayesian model averaging over the star domain (Figure 4)")
+    group.add_argument("--bma-samples", type=_positive_int, metavar="K", help="largest number of models averaged (default: 19)")
+    group.add_argument("--bma-seed", type=int, metavar="S", help="seed of the posterior draws (default: 0)")
+    group.add_argument("--fusion", action="store_true", help="model fusion: star vs single models vs ensemble (Table 2)")
+    group.add_argument("--fusion-sizes", type=_sizes, metavar="2,5,50",
+                       help="numbers of sources |Z| (default: 2,5,50; sizes above the run's sources are dropped)")
+    group.add_argument("--fusion-ce-weight", type=_weight, metavar="LAMBDA", help="λ of the stars' cross-entropy term (default: 1)")
+    group.add_argument("--fusion-star-seeds", type=_positive_int, metavar="N", help="stars per size (default: 3)")
+    group.add_argument("--fusion-star-epochs", type=_positive_int, metavar="E",
+                       help="epochs of the fusion stars (default: those of the run's star)")
+
+
+def check_application_flags(args: argparse.Namespace) -> None:
+    """Refuse an application option without its flag; fill in the defaults."""
+    for flag, options in APPLICATION_OPTIONS.items():
+        given = [name for name in options if getattr(args, name) is not None]
+        if given and not getattr(args, flag):
+            raise ValueError(f"--{given[0].replace('_', '-')} needs --{flag}")
+    defaults = {"bma_samples": 19, "bma_seed": 0, "fusion_sizes": [2, 5, 50], "fusion_ce_weight": 1.0, "fusion_star_seeds": 3}
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
+def run_applications(run: RunDir, dataset, args: argparse.Namespace, device: torch.device, progress: bool) -> int:
+    """``--bma`` and ``--fusion``: compute, write and print their results."""
+    # Imported here: fusion trains stars through starfast.train, which imports this module.
+    from starfast import bma, fusion, report
+
+    config = evaluation_config(args)
+    if args.bma:
+        bma_config = bma.BMAConfig(
+            samples=args.bma_samples, seed=args.bma_seed, batch_size=config.batch_size, bn_batches=config.bn_batches,
+            match_max_iter=config.match_max_iter, match_init=config.match_init,
+        )
+        results = bma.bayesian_model_averaging(run, dataset, config=bma_config, device=device, progress=progress)
+        folder = bma.write_bma(run, results)
+        print(report.format_bma_table(results))
+        print(f"(written to {folder}/bma.json, bma.md, bma.png)")
+    if args.fusion:
+        available = len(run.finished_seeds("sources"))
+        _, dropped = fusion.usable_sizes(args.fusion_sizes, available)
+        if dropped:
+            print(f"note: --fusion-sizes {','.join(map(str, dropped))} dropped: the run has {available} source models")
+        fusion_config = fusion.FusionConfig(
+            sizes=tuple(args.fusion_sizes), ce_weight=args.fusion_ce_weight, star_seeds=args.fusion_star_seeds,
+            star_epochs=args.fusion_star_epochs, batch_size=config.batch_size,
+        )
+        results = fusion.fusion_table(run, dataset, config=fusion_config, device=device, progress=progress)
+        folder = fusion.write_fusion(run, results)
+        print(report.format_fusion_table(results))
+        print(f"(written to {folder}/fusion.json, fusion.md)")
+    return 0
+
+
 def run_evaluation(run: RunDir, dataset, args: argparse.Namespace, device: torch.device, progress: bool) -> int:
     results = evaluate_run(run, dataset, config=evaluation_config(args), device=device, progress=progress)
     folder = write_results(run, results)
@@ -62,7 +162,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_evaluation_flags(parser)
-    args = parser.parse_args(argv)
+    add_application_flags(parser)
+    args = parse_arguments(parser, argv)
     keep_freed_memory()
     run = RunDir(args.run_dir)
     config = run.read_config()
@@ -70,11 +171,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"{run.config_path} does not exist: is {args.run_dir} a run directory of python -m starfast.train?")
     try:
         evaluation_config(args)
+        check_application_flags(args)
     except ValueError as error:
         parser.error(str(error))
     device = torch.device(args.device)
     try:
         dataset = data.load(config["dataset"], data_dir=args.data_dir, device=device)
+        if args.bma or args.fusion:
+            return run_applications(run, dataset, args, device, progress=not args.quiet)
         return run_evaluation(run, dataset, args, device, progress=not args.quiet)
     except RunDirError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from starfast import data, models
 from starfast.allocator import keep_freed_memory
+from starfast.arguments import name_parser, parse_arch_kw, parse_arguments, parse_milestones
 from starfast.evaluate import add_evaluation_flags, evaluation_config, run_evaluation
 from starfast.flat import ParamSpace
 from starfast.recipes import OPTIMIZERS, SCHEDULES, Recipe, resolve
@@ -40,26 +41,6 @@ STAR_SEED_START = 2000
 RECIPE_FLAGS = ("lr", "batch_size", "optimizer", "weight_decay", "momentum", "schedule", "milestones", "gamma", "label_smoothing", "epochs")
 
 
-def parse_arch_kw(text: str) -> tuple:
-    """``key=value`` -> ``(key, value)`` with value parsed as int, else float, else kept as str."""
-    key, separator, value = text.partition("=")
-    if not separator or not key:
-        raise argparse.ArgumentTypeError(f"--arch-kw expects key=value, got {text!r}")
-    for parse in (int, float):
-        try:
-            return key, parse(value)
-        except ValueError:
-            pass
-    return key, value
-
-
-def parse_milestones(text: str) -> List[int]:
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--milestones expects comma-separated epochs such as 100,150, got {text!r}") from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m starfast.train",
@@ -67,10 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--stage", choices=sorted(STAGES), default="all", help="what to run (default: all)")
     parser.add_argument("--run-dir", type=Path, help="run directory (default: runs/<dataset>-<arch>)")
-    parser.add_argument("--arch", choices=models.names(), default="mlp", help="architecture (default: mlp)")
+    parser.add_argument("--arch", type=name_parser(models.canonical_name), default="mlp", metavar="NAME",
+                        help=f"architecture: {', '.join(models.names())}; family names "
+                             f"{', '.join(models.ALIASES)} also work (default: mlp)")
     parser.add_argument("--arch-kw", type=parse_arch_kw, action="append", default=[], metavar="KEY=VALUE",
                         help="architecture option, repeatable (e.g. --arch-kw width=64)")
-    parser.add_argument("--dataset", choices=data.names(), default="digits", help="dataset (default: digits)")
+    parser.add_argument("--dataset", type=name_parser(data.canonical_name), default="digits", metavar="NAME",
+                        help=f"dataset: {', '.join(data.names())} (default: digits)")
     parser.add_argument("--data-dir", type=Path, help="where file-based datasets live (default: $STARFAST_DATA or ~/.cache/starfast)")
     parser.add_argument("--sources", type=int, default=10, help="number of source models, seeds 0..N-1 (default: 10)")
     parser.add_argument("--heldout", type=int, default=3, help="number of held-out models, seeds 1000.. (default: 3)")
@@ -304,7 +288,7 @@ def build_context(args: argparse.Namespace, parser: argparse.ArgumentParser, dis
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_arguments(parser, argv)
     keep_freed_memory()
     distributed = Distributed.from_environment()
     if distributed.active:

@@ -20,6 +20,7 @@ from starfast.data.imagenet import load_imagenet
 from starfast.data.mnist1d import load_mnist1d
 from starfast.data.storage import CorruptDataError, PathLike, resolve_data_dir
 from starfast.data.synthetic import load_synthetic
+from starfast.names import resolve_name
 
 _LOADERS: Dict[str, Callable[..., Dataset]] = {
     "digits": load_digits,
@@ -37,6 +38,11 @@ def names() -> List[str]:
     return list(_LOADERS)
 
 
+def canonical_name(name: str) -> str:
+    """``name`` checked (case-insensitively); ``ValueError`` with the closest name otherwise."""
+    return resolve_name("dataset", name, names())
+
+
 def load(name: str, data_dir: Optional[PathLike] = None, device: torch.device | str = "cpu",
          **options) -> Dataset:
     """Load dataset `name` onto `device`; `options` are the dataset's own keyword arguments.
@@ -45,9 +51,7 @@ def load(name: str, data_dir: Optional[PathLike] = None, device: torch.device | 
     read from files (cifar10, cifar100, imagenet). A dataset whose package is missing raises
     ImportError saying what to install.
     """
-    if name not in _LOADERS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(_LOADERS)}")
-    loader = _LOADERS[name]
+    loader = _LOADERS[canonical_name(name)]
     parameters = inspect.signature(loader).parameters
     accepted = [p for p, spec in parameters.items() if spec.kind is inspect.Parameter.KEYWORD_ONLY]
     unknown = sorted(set(options) - set(accepted))
@@ -59,5 +63,5 @@ def load(name: str, data_dir: Optional[PathLike] = None, device: torch.device | 
     return loader(device=torch.device(device), **options)
 
 
-__all__ = ["load", "names", "Dataset", "TensorDataset", "ChannelNormalisation", "Augmentation",
+__all__ = ["load", "names", "canonical_name", "Dataset", "TensorDataset", "ChannelNormalisation", "Augmentation",
            "RandomCropFlip", "CorruptDataError", "resolve_data_dir"]

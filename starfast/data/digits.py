@@ -24,8 +24,8 @@ def load_digits(device: torch.device | str = "cpu", *, split_seed: int = 0,
         from sklearn.datasets import load_digits as sklearn_digits
         from sklearn.model_selection import train_test_split
     except ImportError as error:
-        raise ImportError("the 'digits' dataset needs scikit-learn: "
-                          "pip install scikit-learn (or starfast[digits])") from error
+        raise ImportError("the 'digits' dataset needs scikit-learn, a dependency of starfast that is "
+                          "missing here: pip install scikit-learn") from error
     bunch = sklearn_digits()
     images = torch.from_numpy(bunch.images).to(torch.float32) / MAX_PIXEL_VALUE
     labels = torch.from_numpy(bunch.target).to(torch.int64)

@@ -13,6 +13,10 @@ initialised model; ``permutation_spec(model)`` returns its :class:`~starfast.spe
 - ``densenet40`` (:mod:`.densenet`): DenseNet-40, growth=12.
 - ``vit`` (:mod:`.vit`): patch=4, dim=128, depth=6, heads=4, mlp_dim=256.
 
+Family names are accepted wherever a name is (:data:`ALIASES`): ``resnet`` is ``resnet18``,
+``densenet`` ``densenet40``, ``vgg`` ``vgg19``, ``wideresnet`` ``wrn``; :func:`canonical_name`
+resolves them (case-insensitively) and suggests the closest name for a typo.
+
 ``mlp``, ``linear2`` and ``vit`` need ``input_shape``; the conv nets take any image of at least
 8x8 pixels. ``input_shape`` is the shape of one example, e.g. ``(1, 8, 8)`` or ``(2,)``. Image models take
 their channel count from ``in_channels`` and, when ``input_shape`` is given too, require the two
@@ -32,6 +36,7 @@ from starfast.models.resnet import build_resnet18, build_resnet18_imagenet, buil
 from starfast.models.vgg import build_vgg11, build_vgg19
 from starfast.models.vit import build_vit
 from starfast.models.wrn import build_wrn
+from starfast.names import resolve_name
 from starfast.spec import PermutationSpec
 
 _BUILDERS: Dict[str, Callable[..., nn.Module]] = {
@@ -48,8 +53,23 @@ _BUILDERS: Dict[str, Callable[..., nn.Module]] = {
 }
 
 
+# The family names of the paper and the official code, each mapped to the member it means.
+ALIASES: Dict[str, str] = {
+    "resnet": "resnet18",
+    "densenet": "densenet40",
+    "vgg": "vgg19",
+    "wideresnet": "wrn",
+    "wide-resnet": "wrn",
+}
+
+
 def names() -> List[str]:
     return list(_BUILDERS)
+
+
+def canonical_name(name: str) -> str:
+    """The architecture ``name`` means (an alias resolved); ``ValueError`` with a suggestion otherwise."""
+    return resolve_name("architecture", name, names(), ALIASES)
 
 
 def options(name: str) -> Dict[str, object]:
@@ -70,6 +90,7 @@ def build(
     **kw,
 ) -> nn.Module:
     """A randomly initialised model of architecture ``name`` (see the module docstring)."""
+    name = canonical_name(name)
     builder = _builder(name)
     accepted = options(name)
     unknown = sorted(set(kw) - set(accepted))
@@ -98,7 +119,4 @@ def permutation_spec(model: nn.Module) -> PermutationSpec:
 
 
 def _builder(name: str) -> Callable[..., nn.Module]:
-    try:
-        return _BUILDERS[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown architecture {name!r}; choose one of: {', '.join(_BUILDERS)}") from None
+    return _BUILDERS[canonical_name(name)]

@@ -26,6 +26,7 @@ from typing import List, Mapping, Optional, Sequence
 import torch
 
 from starfast.allocator import keep_freed_memory
+from starfast.arguments import parse_arguments
 from starfast.theory.lemma2 import default_epsilons, lemma2_table
 from starfast.theory.twolayer import PAPER_EPSILONS, GaussianTask, TrainRecipe, star_table
 
@@ -142,7 +143,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         help="torch intra-op threads (default: 1; the batched ops are small, more threads rarely help)")
     parser.add_argument("--class-mean", type=float, default=GaussianTask().mean[0], metavar="MU",
                         help="class means of the Gaussian task are +-(MU, MU) (default: %(default)s)")
-    args = parser.parse_args(argv)
+    args = parse_arguments(parser, argv)
     if args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     return args

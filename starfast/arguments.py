@@ -1,0 +1,53 @@
+"""Argument parsing that the command lines share.
+
+``name_parser`` (an argparse ``type`` that resolves aliases and suggests the closest name),
+``parse_arch_kw`` (``key=value``), ``parse_milestones`` (``100,150``) and ``parse_arguments``
+(``parse_args`` where ``-h``/``--help`` anywhere on the line prints help).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, List, Optional, Sequence
+
+
+def parse_arch_kw(text: str) -> tuple:
+    """``key=value`` -> ``(key, value)`` with value parsed as int, else float, else kept as str."""
+    key, separator, value = text.partition("=")
+    if not separator or not key:
+        raise argparse.ArgumentTypeError(f"--arch-kw expects key=value, got {text!r}")
+    for parse in (int, float):
+        try:
+            return key, parse(value)
+        except ValueError:
+            pass
+    return key, value
+
+
+def name_parser(canonical: Callable[[str], str]) -> Callable[[str], str]:
+    """An argparse ``type`` resolving aliases, whose error carries the "did you mean" hint."""
+
+    def parse(text: str) -> str:
+        try:
+            return canonical(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return parse
+
+
+def parse_milestones(text: str) -> List[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--milestones expects comma-separated epochs such as 100,150, got {text!r}") from None
+
+
+def parse_arguments(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    """``parser.parse_args``, except that ``-h``/``--help`` anywhere prints help and exits 0 (argparse
+    would first reject an invalid value that stands before it)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(arg in ("-h", "--help") for arg in argv):
+        parser.print_help()
+        parser.exit(0)
+    return parser.parse_args(argv)
