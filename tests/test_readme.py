@@ -1,7 +1,8 @@
 """The README's Python example runs as written (it is the first thing users copy)."""
 from pathlib import Path
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
 
 
 def test_the_readme_example_runs():
@@ -15,3 +16,10 @@ def test_the_readme_example_runs():
     torch = namespace["torch"]
     assert torch.equal(match.permuted, namespace["permute"](bank, match.index_maps))
     assert set(namespace["curve"].loss_barrier) == {"train", "test"}
+
+
+def test_the_documents_point_only_inside_the_project():
+    for document in [REPO / "README.md", *(REPO / "docs").glob("*.md")]:
+        text = document.read_text()
+        assert "../shared" not in text, f"{document.name} points outside the project"
+    assert (REPO / "docs" / "DESIGN.md").exists()
