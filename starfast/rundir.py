@@ -21,16 +21,16 @@ evaluation) use the same helpers: :meth:`RunDir.prepare` for their config sectio
 """
 from __future__ import annotations
 
-import io
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
+
+from starfast.files import write_atomic
 
 PathLike = Union[str, os.PathLike]
 
@@ -62,26 +62,10 @@ def heldout_seeds(count: int) -> List[int]:
 # -- atomic files ---------------------------------------------------------------------------------
 
 
-def _write_atomic(path: PathLike, write: Callable[[io.BufferedWriter], None]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            write(stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.unlink(temp)
-        raise
-
-
 def write_json(path: PathLike, data: Any) -> None:
     """Write ``data`` as indented JSON, atomically."""
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
-    _write_atomic(path, lambda stream: stream.write(text.encode()))
+    write_atomic(path, lambda stream: stream.write(text.encode()))
 
 
 def read_json(path: PathLike) -> Any:
@@ -100,7 +84,7 @@ def save_state_dict(path: PathLike, state_dict: Mapping[str, torch.Tensor], meta
 
     tensors = {name: tensor.detach().to("cpu", copy=True).contiguous() for name, tensor in state_dict.items()}
     payload = save(tensors, metadata=dict(metadata) if metadata else None)
-    _write_atomic(path, lambda stream: stream.write(payload))
+    write_atomic(path, lambda stream: stream.write(payload))
 
 
 def load_state_dict(path: PathLike, device: Union[str, torch.device] = "cpu") -> Dict[str, torch.Tensor]:
@@ -118,7 +102,7 @@ def load_state_dict(path: PathLike, device: Union[str, torch.device] = "cpu") ->
 
 def save_checkpoint(path: PathLike, state: Mapping[str, Any]) -> None:
     """``torch.save`` to a temp file, then rename: a kill never leaves half a checkpoint."""
-    _write_atomic(path, lambda stream: torch.save(dict(state), stream))
+    write_atomic(path, lambda stream: torch.save(dict(state), stream))
 
 
 def load_checkpoint(path: PathLike) -> Dict[str, Any]:
