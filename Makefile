@@ -16,7 +16,7 @@ $(PY):
 # letting pip resolve a plain `torch` would pull a multi-GB CUDA build.
 $(VENV)/.deps: $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install numpy scipy safetensors tqdm pytest pytest-benchmark ninja matplotlib scikit-learn mnist1d
+	$(PY) -m pip install numpy scipy safetensors tqdm pytest pytest-benchmark ninja matplotlib scikit-learn mnist1d torchmetrics
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps setup.py pyproject.toml $(wildcard csrc/*/*.cpp csrc/*/*.hpp csrc/ops/*/*.cpp csrc/ops/*/*.cu)

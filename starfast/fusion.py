@@ -1,0 +1,268 @@
+"""Model fusion with star models (Section 4.2 and Table 2 of the paper).
+
+A star trained with the cross-entropy term (``ce_weight`` λ: the loss at θ itself is added to
+Starlight's objective, λ = 1 in the paper) is one model standing in for an ensemble of its
+sources. For each number of sources ``|Z|`` (the first ``|Z|`` sources of the run, seed order),
+:func:`fusion_table` compares on the test set
+
+- regular: the single sources' accuracy, mean ± std and the best of the ``|Z|``;
+- ensemble: the average of the ``|Z|`` sources' probability vectors;
+- star: ``star_seeds`` stars trained on those sources, mean ± std and the best;
+
+and each method's test-time cost: forward FLOPs per example (counted by
+``torch.utils.flop_counter.FlopCounterMode``: matmuls and convolutions), parameter memory, and the
+measured time per test batch (median of a few repeats, softmax averaging included).
+
+The stars of size ``|Z|`` live in ``RUN/fusion/zNNNN/star/star-SSSS.safetensors`` (+ ``.json``
+recording sources, λ, recipe and seed), written by :func:`starfast.starlight.save_star`:
+``RUN/fusion/zNNNN`` is laid out like a run directory's star stage. A finished star is reused
+(never retrained) when its JSON matches the requested sources, λ and recipe, and refused with a
+message naming the flag otherwise; an interrupted one resumes from
+``RUN/checkpoints/fusion/zNNNN-star-SSSS.pt``. Star seed ``s`` starts from the same θ₀ and random
+streams as the run's own star ``s`` (seed ``2000 + s``). The star recipe is the one the run's first
+star was trained with (the run's recipe when it has none), with ``star_epochs`` replacing its
+epochs when given.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from statistics import median
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm.auto import tqdm
+
+from starfast import models
+from starfast.barrier import evaluate_rows
+from starfast.bma import nested_predictions, own_statistics
+from starfast.calibration import class_probabilities
+from starfast.evaluation import LoadedModel, _load_role, _load_star, _summary, star_paths
+from starfast.flat import ParamSpace
+from starfast.recipes import Recipe
+from starfast.rundir import ModelSpec, RunDir, RunDirError, read_json, write_json
+from starfast.starlight import save_star, star_path, train_star
+from starfast.train import STAR_SEED_START
+from starfast.training import init_model
+
+DEFAULT_SIZES = (2, 5, 50)
+METHODS = ("regular", "ensemble", "star")
+
+
+@dataclass
+class FusionConfig:
+    """``sizes``: the ``|Z|`` of Table 2 (those above the run's sources are dropped);
+    ``ce_weight``: λ; ``star_seeds``: stars per size; ``star_epochs``: ``None`` for the run's star
+    recipe as it is; ``batch_size``: evaluation and timing batch; ``timing_repeats``: timed
+    forward passes per method (the median is reported)."""
+
+    sizes: Tuple[int, ...] = DEFAULT_SIZES
+    ce_weight: float = 1.0
+    star_seeds: int = 3
+    star_epochs: Optional[int] = None
+    batch_size: int = 500
+    timing_repeats: int = 7
+
+
+def usable_sizes(sizes: Sequence[int], available: int) -> Tuple[List[int], List[int]]:
+    """``(kept, dropped)``: the distinct sizes in ``[1, available]`` (sorted), and the larger ones."""
+    distinct = sorted(set(int(size) for size in sizes))
+    return [size for size in distinct if size <= available], [size for size in distinct if size > available]
+
+
+def fusion_folder(run: RunDir, size: int) -> Path:
+    """``RUN/fusion/zNNNN``: a run-like folder whose ``star/`` holds the stars of ``size`` sources."""
+    return run.path / "fusion" / f"z{size:04d}"
+
+
+def star_recipe(run: RunDir, star_epochs: Optional[int] = None) -> Recipe:
+    """The recipe of the run's first star (the run's recipe without one), with ``star_epochs``
+    replacing its epochs (step milestones rescaled with them) when given."""
+    paths = star_paths(run)
+    stored = read_json(paths[0].with_suffix(".json")).get("recipe") if paths else None
+    config = run.read_config() or {}
+    if stored is None:
+        stored = config.get("recipe")
+    if stored is None:
+        raise RunDirError(f"{run.config_path} has no recipe; train the models with python -m starfast.train first")
+    recipe = Recipe.from_dict(stored)
+    if star_epochs is None or star_epochs == recipe.epochs:
+        return recipe
+    scale = star_epochs / recipe.epochs
+    return replace(recipe, epochs=star_epochs, milestones=sorted({max(1, round(m * scale)) for m in recipe.milestones}))
+
+
+def fusion_stars(
+    run: RunDir,
+    dataset: Any,
+    sources: List[LoadedModel],
+    recipe: Recipe,
+    *,
+    ce_weight: float,
+    star_seeds: int,
+    device: torch.device,
+    progress: bool = True,
+) -> List[LoadedModel]:
+    """The ``star_seeds`` fusion stars of ``sources``, trained where missing (see the module
+    docstring for where they live and when they are reused)."""
+    spec = run.model_spec()
+    skeleton = spec.build()
+    space, permutation_spec = ParamSpace(skeleton), models.permutation_spec(skeleton)
+    folder = fusion_folder(run, len(sources))
+    seeds = [source.seed for source in sources]
+    wanted = {"sources": seeds, "ce_weight": float(ce_weight), "recipe": recipe.to_dict()}
+    bank = torch.stack([source.row for source in sources])
+    stars = []
+    for star_seed in range(star_seeds):
+        path = star_path(folder, star_seed)
+        if path.with_suffix(".json").exists():
+            _check_reusable(path, wanted)
+        else:
+            checkpoint = run.checkpoint_path("fusion", f"z{len(sources):04d}-star-{star_seed:04d}.pt")
+            result = train_star(
+                skeleton, bank, permutation_spec, dataset, recipe, space=space, ce_weight=ce_weight,
+                init_row=space.flatten(init_model(spec, STAR_SEED_START + star_seed)), seed=STAR_SEED_START + star_seed,
+                device=device, checkpoint_path=checkpoint, quiet=not progress,
+            )
+            save_star(folder, star_seed, result, {"sources": seeds, "model": spec.to_dict(), "dataset": dataset.name})
+            checkpoint.unlink(missing_ok=True)
+        stars.append(_load_star(path, space, device))
+    return stars
+
+
+def fusion_table(
+    run: RunDir,
+    dataset: Any,
+    *,
+    config: FusionConfig = FusionConfig(),
+    device: torch.device = torch.device("cpu"),
+    progress: bool = True,
+) -> Dict[str, Any]:
+    """Table 2 for the run (see the module docstring); a JSON-ready dict with one entry of
+    ``rows`` per kept size and the sizes dropped for lack of sources."""
+    started = time.perf_counter()
+    model_spec = run.model_spec()
+    skeleton = model_spec.build().to(device)
+    space = ParamSpace(skeleton)
+    sources = _load_role(run, "sources", space, device)
+    sizes, dropped = usable_sizes(config.sizes, len(sources))
+    if not sizes:
+        raise RunDirError(
+            f"{run.path} has {len(sources)} source models, fewer than every --fusion-sizes value {sorted(config.sizes)}; "
+            f"pass sizes up to {len(sources)}"
+        )
+    recipe = star_recipe(run, config.star_epochs)
+    test_data = lambda: dataset.eval_batches("test", config.batch_size)  # noqa: E731
+    used = sources[: sizes[-1]]
+    rows = torch.stack([source.row for source in used])
+    source_statistics = own_statistics(skeleton, [source.state for source in used])
+    _, accuracies = evaluate_rows(skeleton, rows, source_statistics, test_data, space=space, argument="test_data")
+    ensembles = nested_predictions(skeleton, rows, source_statistics, test_data, space=space, argument="test_data")
+    timing_batch = next(iter(test_data()))[0].to(device)
+    modules = {source.label: _module(model_spec, source, device) for source in used}
+
+    table = []
+    for size in tqdm(sizes, desc="fusion", unit="size", disable=not progress):
+        stars = fusion_stars(
+            run, dataset, sources[:size], recipe,
+            ce_weight=config.ce_weight, star_seeds=config.star_seeds, device=device, progress=progress,
+        )
+        star_rows = torch.stack([star.row for star in stars])
+        star_statistics = own_statistics(skeleton, [star.state for star in stars])
+        _, star_accuracies = evaluate_rows(skeleton, star_rows, star_statistics, test_data, space=space, argument="test_data")
+        members = {
+            "regular": [modules[used[0].label]],
+            "ensemble": [modules[source.label] for source in used[:size]],
+            "star": [_module(model_spec, stars[0], device)],
+        }
+        ensemble = ensembles[size - 1]
+        table.append({
+            "size": size,
+            "sources": [source.seed for source in used[:size]],
+            "regular": _summary(accuracies[:size].tolist()),
+            "ensemble": {"accuracy": float(ensemble.correct.double().mean()), "nll": float(-ensemble.true_log_prob.mean())},
+            "star": _summary(star_accuracies.tolist()),
+            "stars": [star.label for star in stars],
+            "cost": {
+                method: inference_cost(group, timing_batch, config.timing_repeats) for method, group in members.items()
+            },
+        })
+    return {
+        "dataset": dataset.name,
+        "arch": model_spec.arch,
+        "model": model_spec.to_dict(),
+        "ce_weight": float(config.ce_weight),
+        "star_epochs": recipe.epochs,
+        "star_recipe": recipe.to_dict(),
+        "rows": table,
+        "dropped_sizes": dropped,
+        "counts": {"sources": len(sources), "test_examples": int(ensembles.confidence.shape[1])},
+        "device": str(device),
+        "config": {**asdict(config), "sizes": list(config.sizes)},
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def write_fusion(run: RunDir, results: Mapping[str, Any]) -> Path:
+    """``RUN/results/fusion.json`` (atomic), then ``fusion.md`` beside it."""
+    from starfast import report
+
+    folder = run.path / "results"
+    write_json(folder / "fusion.json", dict(results))
+    report.write_text(folder / "fusion.md", report.format_fusion_table(results) + "\n")
+    return folder
+
+
+@torch.no_grad()
+def inference_cost(members: Sequence[nn.Module], inputs: torch.Tensor, repeats: int) -> Dict[str, float]:
+    """Cost of predicting with the average of ``members``' probability vectors on one batch:
+    counted forward FLOPs per example, parameter bytes, and the median seconds of ``repeats``
+    timed passes (after one warm-up pass)."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+
+    def predict() -> torch.Tensor:
+        return sum(class_probabilities(member(inputs)) for member in members) / len(members)
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        predict()
+    predict()  # warm-up outside the counter
+    seconds = [_timed(predict, inputs.device) for _ in range(repeats)]
+    return {
+        "members": len(members),
+        "flops_per_example": counter.get_total_flops() / inputs.shape[0],
+        "parameter_bytes": sum(p.numel() * p.element_size() for member in members for p in member.parameters()),
+        "seconds_per_batch": median(seconds),
+        "batch_size": int(inputs.shape[0]),
+    }
+
+
+def _timed(work: Callable[[], torch.Tensor], device: torch.device) -> float:
+    synchronise = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    synchronise()
+    started = time.perf_counter()
+    work()
+    synchronise()
+    return time.perf_counter() - started
+
+
+def _module(spec: ModelSpec, model: LoadedModel, device: torch.device) -> nn.Module:
+    module = spec.build().to(device)
+    module.load_state_dict(model.state)
+    return module.eval()
+
+
+def _check_reusable(path: Path, wanted: Mapping[str, Any]) -> None:
+    """Refuse a finished fusion star trained with other sources, λ or recipe (naming the flag)."""
+    stored = read_json(path.with_suffix(".json"))
+    flags = {"sources": "--fusion-sizes (or the run's sources)", "ce_weight": "--fusion-ce-weight", "recipe": "--fusion-star-epochs"}
+    for key, value in wanted.items():
+        if stored.get(key) != value:
+            raise RunDirError(
+                f"{path.with_suffix('.json')} was trained with {key} = {stored.get(key)!r}, not {value!r}; use the same "
+                f"{flags[key]} as before, or delete {path.parent.parent} to train those stars again"
+            )
