@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
-from tqdm import tqdm
+from starfast.progress import progress_bar
 
 from starfast import models
 from starfast.barrier import BarrierCurve, barrier_curve
@@ -98,7 +98,7 @@ def evaluate_run(
     train_data = lambda: dataset.eval_batches("train", config.batch_size)  # noqa: E731
     test_data = lambda: dataset.eval_batches("test", config.batch_size)  # noqa: E731
     total = sum(len(items) for items in pairs.values())
-    bar = tqdm(total=total, desc="barriers", unit="pair", disable=not progress)
+    bar = progress_bar(total=total, desc="barriers", unit="pair", enabled=progress)
     curves: Dict[str, List[BarrierCurve]] = {}
     labels: Dict[str, List[Dict[str, str]]] = {kind: [] for kind in pairs}  # the models of each curve
     # Each model's own loss, read off the end points of the curves it is part of.

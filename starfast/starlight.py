@@ -52,7 +52,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.func import functional_call, replace_all_batch_norm_modules_, vmap
-from tqdm.auto import tqdm
+from starfast.progress import progress_bar
 
 from starfast.barrier import evaluate_rows
 from starfast.bn import has_batchnorm, recompute_bn
@@ -422,7 +422,7 @@ def train_star(
         perms, rematches = resumed["perms"], resumed["rematches"]
     matcher = SourceMatcher(bank, spec, space, perms=perms, rematches=rematches, seed=seed, rank=rank, world_size=world_size)
 
-    bar = tqdm(total=recipe.epochs, initial=start_epoch, desc="starlight", unit="epoch", leave=False, disable=quiet or rank != 0)
+    bar = progress_bar(total=recipe.epochs, initial=start_epoch, desc="starlight", unit="epoch", enabled=not quiet and rank == 0, nested=True)
     devices = [device.index or 0] if device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=devices):

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
-from tqdm.auto import tqdm
+from starfast.progress import progress_bar
 
 import starfast
 from starfast.recipes import Recipe
@@ -270,8 +270,8 @@ def _load_matching_checkpoint(path, identity: Dict[str, Any]) -> Optional[Dict[s
     return state
 
 
-def _progress_bar(recipe: Recipe, start_epoch: int, description: str, enabled: bool) -> tqdm:
-    return tqdm(total=recipe.epochs, initial=start_epoch, desc=description, unit="epoch", leave=False, disable=not enabled)
+def _epoch_bar(recipe: Recipe, start_epoch: int, description: str, enabled: bool):
+    return progress_bar(total=recipe.epochs, initial=start_epoch, desc=description, unit="epoch", enabled=enabled, nested=True)
 
 
 # -- one seed ----------------------------------------------------------------------------------
@@ -320,7 +320,7 @@ def train_model(
             generator.set_state(resumed["data_rng"])
             _set_global_rng_state(resumed["global_rng"], device)
             start_epoch, seconds = resumed["epoch"], resumed["seconds"]
-        with _progress_bar(recipe, start_epoch, f"seed {seed}", progress) as bar:
+        with _epoch_bar(recipe, start_epoch, f"seed {seed}", progress) as bar:
             for epoch in range(start_epoch, recipe.epochs):
                 started = time.perf_counter()
                 model.train()
@@ -490,7 +490,7 @@ def train_models_parallel(
             seconds = sum(state["seconds"] for state in resumed)
 
         diverged: Dict[int, TrainingDiverged] = {}
-        with _progress_bar(recipe, start_epoch, f"seeds {seeds[0]}..{seeds[-1]}", progress) as bar:
+        with _epoch_bar(recipe, start_epoch, f"seeds {seeds[0]}..{seeds[-1]}", progress) as bar:
             for epoch in range(start_epoch, recipe.epochs):
                 started = time.perf_counter()
                 bank.skeleton.train()
@@ -597,6 +597,11 @@ def train_missing_models(
     if parallel_seeds < 1:
         raise ValueError(f"--parallel-seeds must be >= 1, got {parallel_seeds}")
     missing = [job for job in jobs if not run.is_finished(job.role, job.seed)]
+    if len(missing) < len(jobs):
+        report(f"reused {len(jobs) - len(missing)} trained models in {run.path}"
+               + (f"; training {len(missing)}" if missing else ""))
+    if not missing:
+        return [], []
     groups: List[List[ModelJob]] = []
     for role in dict.fromkeys(job.role for job in missing):
         by_epoch: Dict[int, List[ModelJob]] = {}
@@ -608,7 +613,7 @@ def train_missing_models(
 
     trained: List[ModelJob] = []
     failures: List[TrainingDiverged] = []
-    overall = tqdm(total=len(missing), desc=f"models (rank {rank})" if rank else "models", unit="model", disable=not progress)
+    overall = progress_bar(total=len(missing), desc=f"models (rank {rank})" if rank else "models", unit="model", enabled=progress)
     for group in groups:
         paths = [run.model_checkpoint_path(job.role, job.seed) for job in group]
         if len(group) == 1:

@@ -211,7 +211,9 @@ def test_finished_models_are_not_retrained_and_load_back(digits, mlp, tmp_path):
     trained, _ = train_missing_models(run, mlp, digits, recipe, jobs, parallel_seeds=2, progress=False, report=lambda line: None)
     assert trained == jobs
     stamps = {path: path.stat().st_mtime_ns for path in run.path.rglob("seed-*")}
-    trained_again, _ = train_missing_models(run, mlp, digits, recipe, jobs, progress=False, report=lambda line: None)
+    lines = []
+    trained_again, _ = train_missing_models(run, mlp, digits, recipe, jobs, progress=True, report=lines.append)
+    assert lines == [f"reused 3 trained models in {run.path}"]
     assert trained_again == [] and stamps == {path: path.stat().st_mtime_ns for path in run.path.rglob("seed-*")}
     assert not list(run.checkpoint_path().rglob("*.pt"))
     model = run.build_model("heldout", 1000)
@@ -264,7 +266,7 @@ def test_cli_models_stage_end_to_end(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--arch", "nosuchnet"])
     error = capsys.readouterr().err
-    assert "invalid choice: 'nosuchnet'" in error and "resnet18" in error
+    assert "unknown architecture 'nosuchnet'" in error and "resnet18" in error
 
 
 @pytest.mark.slow

@@ -281,7 +281,7 @@ def lemma2_table(
     ``m >= 3``: fraction of pairs whose found gap equals the exact one to 1e-9, and fraction of
     ``(phi, eps)`` decisions that agree) and ``max_gap`` (``{m: [worst gap per phi]}``).
     """
-    from tqdm.auto import tqdm
+    from starfast.progress import progress_bar
 
     if not epsilons or min(epsilons) <= 0:
         raise ValueError("lemma2_table: give at least one tolerance, all > 0")
@@ -294,7 +294,7 @@ def lemma2_table(
     method: Dict[int, str] = {}
     check: Dict[int, Dict[str, float]] = {}
     max_gap: Dict[int, List[float]] = {}
-    for m in tqdm(list(widths), desc="lemma 2 widths", disable=not progress):
+    for m in progress_bar(list(widths), desc="lemma 2 widths", enabled=progress):
         gen = seeded_generator(seed, m)
         phi1, phi2 = sample_solution_set(n_phi, m, c, gen)
         theta1, theta2 = sample_solution_set(n_theta, m, c, gen)

@@ -141,7 +141,7 @@ def train_two_layer(
     recipe: TrainRecipe = TrainRecipe(), progress: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Train ``n_models`` networks of one width together; returns ``(w1 [K, m, 2], w2 [K, 1, m])``."""
-    from tqdm.auto import tqdm
+    from starfast.progress import progress_bar
 
     _activation(activation)
     if recipe.epochs < 1 or recipe.batch_size < 1 or recipe.lr <= 0:
@@ -155,7 +155,7 @@ def train_two_layer(
     optimizer = torch.optim.SGD([w1, w2], lr=recipe.lr, momentum=recipe.momentum)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=recipe.epochs * steps_per_epoch)
     orders = [seeded_generator(seed, width, k, 1) for k in range(n_models)]
-    for _ in tqdm(range(recipe.epochs), desc=f"train {activation} m={width}", disable=not progress, leave=False):
+    for _ in progress_bar(range(recipe.epochs), desc=f"train {activation} m={width}", enabled=progress, nested=True):
         order = torch.stack([torch.randperm(n, generator=g) for g in orders])
         for step in range(steps_per_epoch):
             idx = order[:, step * batch:(step + 1) * batch]
@@ -271,13 +271,13 @@ def star_table(
     "barrier_quantiles": {m: {q: value}}, "pairs_evaluated": {m: ordered pairs whose barrier was
     computed (the rest reuse their partner's)}, "config"}``.
     """
-    from tqdm.auto import tqdm
+    from starfast.progress import progress_bar
 
     if n_models < 2:
         raise ValueError(f"star_table needs at least 2 models per width, got {n_models}")
     x, y = gaussian_data(task)
     table, train_loss, quantiles, evaluated = {}, {}, {}, {}
-    for m in tqdm(list(widths), desc=f"{activation} widths", disable=not progress):
+    for m in progress_bar(list(widths), desc=f"{activation} widths", enabled=progress):
         w1, w2 = train_two_layer(m, activation, n_models, x, y, seed, recipe, progress)
         losses = bce_losses(w1, w2, x, y, activation)
         matrix, evaluated[m] = barrier_matrix(w1, w2, x, y, activation)

@@ -1,0 +1,43 @@
+"""The progress-bar policy: full bars on a terminal, few lines and no nested bars in a log."""
+import io
+import sys
+
+import pytest
+
+from starfast import progress
+from starfast.progress import progress_bar
+
+
+class FakeStderr(io.StringIO):
+    def __init__(self, terminal):
+        super().__init__()
+        self.terminal = terminal
+
+    def isatty(self):
+        return self.terminal
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_nested_bars_are_dropped_and_outer_bars_thinned_in_a_log(monkeypatch, terminal):
+    stream = FakeStderr(terminal)
+    monkeypatch.setattr(sys, "stderr", stream)
+    outer = progress_bar(total=1000, desc="outer", file=stream)
+    inner = progress_bar(total=1000, desc="inner", nested=True, file=stream)
+    for _ in range(1000):
+        outer.update(1)
+        inner.update(1)
+    inner.close()
+    outer.close()
+    text = stream.getvalue()
+    assert ("inner" in text) is terminal
+    assert "outer" in text and "1000/1000" in text
+    if not terminal:  # a start line and a final line, nothing in between at this speed
+        assert text.count("outer") <= 2 + int(outer.format_dict["elapsed"] // progress.LOG_INTERVAL_S), text
+
+
+def test_quiet_draws_nothing(monkeypatch):
+    stream = FakeStderr(True)
+    monkeypatch.setattr(sys, "stderr", stream)
+    for _ in progress_bar(range(10), enabled=False, desc="quiet", file=stream):
+        pass
+    assert stream.getvalue() == ""
