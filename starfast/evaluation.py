@@ -28,12 +28,12 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
-from starfast.progress import progress_bar
 
 from starfast import models
 from starfast.barrier import BarrierCurve, barrier_curve
 from starfast.flat import ParamSpace
 from starfast.matching import match_weights
+from starfast.progress import progress_bar
 from starfast.rundir import RunDir, RunDirError, load_state_dict, read_json, write_json
 
 KINDS = ("regular_regular", "star_heldout", "star_source")

@@ -52,13 +52,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.func import functional_call, replace_all_batch_norm_modules_, vmap
-from starfast.progress import progress_bar
 
 from starfast.barrier import evaluate_rows
 from starfast.bn import has_batchnorm, recompute_bn
 from starfast.flat import ParamSpace
 from starfast.matching import MatchResult, match_weights
 from starfast.ops import lerp_gather
+from starfast.progress import progress_bar
 from starfast.recipes import Recipe
 from starfast.rundir import RunDir, RunDirError, load_checkpoint, save_checkpoint, save_state_dict, write_json
 from starfast.spec import PermutationSpec

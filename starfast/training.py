@@ -47,9 +47,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
-from starfast.progress import progress_bar
 
 import starfast
+from starfast.progress import progress_bar
 from starfast.recipes import Recipe
 from starfast.rundir import ModelSpec, RunDir, RunDirError, load_checkpoint, save_checkpoint
 
