@@ -118,11 +118,12 @@ def check_application_flags(args: argparse.Namespace) -> None:
 
 def run_applications(run: RunDir, dataset, args: argparse.Namespace, device: torch.device, progress: bool) -> int:
     """``--bma`` and ``--fusion``: compute, write and print their results."""
-    # Imported here: fusion trains stars through starfast.train, which imports this module.
-    from starfast import bma, fusion, report
+    from starfast import report
 
     config = evaluation_config(args)
     if args.bma:
+        from starfast import bma
+
         bma_config = bma.BMAConfig(
             samples=args.bma_samples, seed=args.bma_seed, batch_size=config.batch_size, bn_batches=config.bn_batches,
             match_max_iter=config.match_max_iter, match_init=config.match_init,
@@ -132,6 +133,9 @@ def run_applications(run: RunDir, dataset, args: argparse.Namespace, device: tor
         print(report.format_bma_table(results))
         print(f"(written to {folder}/bma.json, bma.md, bma.png)")
     if args.fusion:
+        # Imported here: fusion trains stars through starfast.train, which imports this module.
+        from starfast import fusion
+
         available = len(run.finished_seeds("sources"))
         _, dropped = fusion.usable_sizes(args.fusion_sizes, available)
         if dropped:
