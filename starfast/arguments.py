@@ -2,13 +2,19 @@
 
 ``name_parser`` (an argparse ``type`` that resolves aliases and suggests the closest name),
 ``parse_arch_kw`` (``key=value``), ``parse_milestones`` (``100,150``) and ``parse_arguments``
-(``parse_args`` where ``-h``/``--help`` anywhere on the line prints help).
+(``parse_args`` where ``-h``/``--help`` anywhere on the line prints help), and ``DATA_ERRORS``:
+what loading a dataset raises for a person to act on, which a command line prints as one line
+(the message says what to do; the traceback would only bury it).
 """
 from __future__ import annotations
 
 import argparse
 import sys
 from typing import Callable, List, Optional, Sequence
+
+from starfast.data import CorruptDataError
+
+DATA_ERRORS = (CorruptDataError, ConnectionError, FileNotFoundError, ImportError)
 
 
 def parse_arch_kw(text: str) -> tuple:

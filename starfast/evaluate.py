@@ -19,7 +19,7 @@ import torch
 
 from starfast import data
 from starfast.allocator import keep_freed_memory
-from starfast.arguments import parse_arguments
+from starfast.arguments import DATA_ERRORS, parse_arguments
 from starfast.evaluation import EvaluationConfig, evaluate_run, write_results
 from starfast.report import format_table
 from starfast.rundir import RunDir, RunDirError
@@ -184,7 +184,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.bma or args.fusion:
             return run_applications(run, dataset, args, device, progress=not args.quiet)
         return run_evaluation(run, dataset, args, device, progress=not args.quiet)
-    except RunDirError as error:
+    except (RunDirError, *DATA_ERRORS) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
 

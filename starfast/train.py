@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from starfast import data, models
 from starfast.allocator import keep_freed_memory
-from starfast.arguments import name_parser, parse_arch_kw, parse_arguments, parse_milestones
+from starfast.arguments import DATA_ERRORS, name_parser, parse_arch_kw, parse_arguments, parse_milestones
 from starfast.evaluate import add_evaluation_flags, evaluation_config, run_evaluation
 from starfast.flat import ParamSpace
 from starfast.recipes import OPTIMIZERS, SCHEDULES, Recipe, resolve
@@ -305,7 +305,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if status:
                 return status
         return 0
-    except (RunDirError, TrainingDiverged, StarlightDiverged, FileNotFoundError, ImportError) as error:
+    except (RunDirError, TrainingDiverged, StarlightDiverged, *DATA_ERRORS) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     finally:

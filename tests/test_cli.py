@@ -106,3 +106,17 @@ def test_the_probe_refuses_an_optional_package():
     done = subprocess.run([sys.executable, "-c", BASE_INSTALL_PROBE, json.dumps(dependencies)],
                           capture_output=True, text=True, cwd=REPO)
     assert done.returncode != 0 and "scikit-learn" in done.stderr
+
+
+def test_a_failed_download_is_one_line_naming_what_to_do(tmp_path, monkeypatch, capsys):
+    import urllib.error
+    import urllib.request
+
+    def offline(url):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    assert main(["--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--run-dir", str(tmp_path / "run"), "--quiet"]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("error: cannot download https://") and "save it as" in error, error
+    assert "Traceback" not in error and len(error.strip().splitlines()) == 1

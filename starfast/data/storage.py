@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Dict, Optional, Union
 
 import numpy as np
-from tqdm.auto import tqdm
+
+from starfast.files import replaced_atomically, write_atomic
+from starfast.progress import progress_bar
 
 PathLike = Union[str, os.PathLike]
 _CHUNK = 1 << 20
@@ -55,15 +57,12 @@ def download(url: str, destination: PathLike, expected_md5: Optional[str] = None
     transfer and the checksum succeed; on any failure nothing is left behind.
     """
     destination = Path(destination)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    handle, partial = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.",
-                                       suffix=".part")
-    try:
+    with replaced_atomically(destination) as partial:
         digest = hashlib.md5()
-        with os.fdopen(handle, "wb") as out, _open_url(url, destination) as response:
+        with open(partial, "wb") as out, _open_url(url, destination) as response:
             total = response.headers.get("Content-Length")
-            with tqdm(total=int(total) if total else None, unit="B", unit_scale=True,
-                      desc=f"downloading {destination.name}", disable=not progress) as bar:
+            with progress_bar(total=int(total) if total else None, unit="B", unit_scale=True,
+                              desc=f"downloading {destination.name}", enabled=progress) as bar:
                 for chunk in iter(lambda: response.read(_CHUNK), b""):
                     out.write(chunk)
                     digest.update(chunk)
@@ -72,10 +71,6 @@ def download(url: str, destination: PathLike, expected_md5: Optional[str] = None
             raise CorruptDataError(
                 f"{url} downloaded with md5 {digest.hexdigest()}, expected {expected_md5}: the "
                 f"transfer was incomplete or the file changed; run again to re-download")
-        os.replace(partial, destination)
-    except BaseException:
-        Path(partial).unlink(missing_ok=True)
-        raise
     return destination
 
 
@@ -125,15 +120,7 @@ def extract_member_dir(archive: PathLike, member_dir: str, destination: PathLike
 
 def save_arrays(path: PathLike, arrays: Dict[str, np.ndarray]) -> None:
     """Write `arrays` as an uncompressed .npz at `path`, atomically."""
-    path = Path(path)
-    handle, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            np.savez(out, **arrays)
-        os.replace(partial, path)
-    except BaseException:
-        Path(partial).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda out: np.savez(out, **arrays))
 
 
 def load_arrays(path: PathLike, names: tuple) -> Dict[str, np.ndarray]:
