@@ -31,7 +31,6 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from starfast import calibration, models
 from starfast.barrier import _check_buffers
@@ -41,6 +40,7 @@ from starfast.evaluation import LoadedModel, _load_role, _load_star, _own_source
 from starfast.flat import ParamSpace
 from starfast.matching import match_weights
 from starfast.ops import lerp_gather
+from starfast.progress import progress_bar
 from starfast.rundir import RunDir, RunDirError, write_json
 from starfast.spec import PermutationSpec
 from starfast.starlight import Draw, sample_draws
@@ -189,7 +189,7 @@ def bayesian_model_averaging(
     train_data = lambda: dataset.eval_batches("train", config.batch_size)  # noqa: E731
     test_data = lambda: dataset.eval_batches("test", config.batch_size)  # noqa: E731
     ensembles = {"source_ensemble": sources[: config.samples], "heldout_ensemble": heldout[: config.samples]}
-    bar = tqdm(total=2 + sum(1 for members in ensembles.values() if members), desc="bma", unit="step", disable=not progress)
+    bar = progress_bar(total=2 + sum(1 for members in ensembles.values() if members), desc="bma", unit="step", enabled=progress)
 
     domain = StarDomain.matched(
         star.row, torch.stack([source.row for source in sources]), spec, space, [source.seed for source in sources],

@@ -34,7 +34,6 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
-from tqdm.auto import tqdm
 
 from starfast import models
 from starfast.barrier import evaluate_rows
@@ -42,6 +41,7 @@ from starfast.bma import nested_predictions, own_statistics
 from starfast.calibration import class_probabilities
 from starfast.evaluation import LoadedModel, _load_role, _load_star, _summary, star_paths
 from starfast.flat import ParamSpace
+from starfast.progress import progress_bar
 from starfast.recipes import Recipe
 from starfast.rundir import ModelSpec, RunDir, RunDirError, read_json, write_json
 from starfast.starlight import save_star, star_path, train_star
@@ -165,7 +165,7 @@ def fusion_table(
     modules = {source.label: _module(model_spec, source, device) for source in used}
 
     table = []
-    for size in tqdm(sizes, desc="fusion", unit="size", disable=not progress):
+    for size in progress_bar(sizes, desc="fusion", unit="size", enabled=progress):
         stars = fusion_stars(
             run, dataset, sources[:size], recipe,
             ce_weight=config.ce_weight, star_seeds=config.star_seeds, device=device, progress=progress,
