@@ -172,13 +172,17 @@ def format_fusion_table(results: Mapping[str, Any]) -> str:
             f"{100 * row['ensemble']['accuracy']:.2f} | {_percent(stars)} (n={len(stars['values']) if stars else 0}) | "
             f"{_percent(stars, 'max')} |"
         )
-    lines += ["", "| #models | method | forward FLOPs / example | parameter memory | time / test batch (ms) |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| #models | method | forward FLOPs / example | parameter memory | time / test batch (ms) | time vs regular |",
+        "|---|---|---|---|---|---|",
+    ]
     for row in results["rows"]:
         for method in ("regular", "ensemble", "star"):
             cost = row["cost"][method]
             lines.append(
                 f"| {row['size']} | {method} | {cost['flops_per_example']:,.0f} | {_bytes(cost['parameter_bytes'])} | "
-                f"{1000 * cost['seconds_per_batch']:.3f} |"
+                f"{1000 * cost['seconds_per_batch']:.3f} | {cost['seconds_per_batch'] / row['cost']['regular']['seconds_per_batch']:.2f}× |"
             )
     return "\n".join(lines)
 
