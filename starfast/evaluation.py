@@ -21,16 +21,20 @@ values`` of the loss barriers on ``train`` and ``test``. :func:`write_results` s
 from __future__ import annotations
 
 import itertools
+import math
 import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
+from torch import nn
 
 from starfast import models
-from starfast.barrier import BarrierCurve, barrier_curve
+from starfast.barrier import barrier_curve
+from starfast.bn import has_batchnorm
+from starfast.files import file_digest
 from starfast.flat import ParamSpace
 from starfast.matching import match_weights
 from starfast.progress import progress_bar
@@ -59,6 +63,7 @@ class LoadedModel:
     label: str
     row: torch.Tensor
     state: Dict[str, torch.Tensor]
+    digest: str  # of the file's bytes: partial results are reused only for the same models
     seed: Optional[int] = None
     sources: Optional[List[int]] = None  # a star's: the source seeds it was trained against
 
@@ -97,28 +102,39 @@ def evaluate_run(
     }
     train_data = lambda: dataset.eval_batches("train", config.batch_size)  # noqa: E731
     test_data = lambda: dataset.eval_batches("test", config.batch_size)  # noqa: E731
+    partial = PartialResults(run.results_folder / PARTIAL_NAME, config, [*sources, *heldout, *stars])
+    batches_per_pair = _batches_per_pair(skeleton, dataset, config)
     total = sum(len(items) for items in pairs.values())
     bar = progress_bar(total=total, desc="barriers", unit="pair", enabled=progress)
-    curves: Dict[str, List[BarrierCurve]] = {}
-    labels: Dict[str, List[Dict[str, str]]] = {kind: [] for kind in pairs}  # the models of each curve
-    # Each model's own loss, read off the end points of the curves it is part of.
-    own_loss: Dict[str, Dict[str, Tuple[float, float]]] = {"regular": {}, "star": {}}
+    if partial.curves:
+        bar.write(f"resuming the evaluation: {len(partial.curves)} of {total} pairs were measured before")
+    curves: Dict[str, List[Dict[str, Any]]] = {kind: [] for kind in pairs}
     for kind, items in pairs.items():
-        curves[kind] = []
         for anchor, partners in _grouped_by_anchor(items):
-            matched = _match(anchor, partners, spec, space, config)
-            for partner, (partner_state, partner_row) in zip(partners, matched):
-                curve = barrier_curve(
-                    skeleton, anchor.row, partner_row, train_data, test_data, config.ts,
-                    buffers_a=anchor.state, buffers_b=partner_state, bn_batches=config.bn_batches, space=space,
-                )
+            todo = [partner for partner in partners if partial.get(anchor, partner) is None]
+            matched = dict(zip((id(partner) for partner in todo), _match(anchor, todo, spec, space, config))) if todo else {}
+            for partner in partners:
+                curve = partial.get(anchor, partner)
+                if curve is None:
+                    partner_state, partner_row = matched[id(partner)]
+                    with progress_bar(total=batches_per_pair, desc=f"{anchor.label} ~ {partner.label}, {config.ts} points",
+                                      unit="batch", enabled=progress, nested=True) as pair_bar:
+                        measured = barrier_curve(
+                            skeleton, anchor.row, partner_row, _counted(train_data, pair_bar), _counted(test_data, pair_bar),
+                            config.ts, buffers_a=anchor.state, buffers_b=partner_state, bn_batches=config.bn_batches,
+                            space=space,
+                        )
+                    curve = {"a": anchor.label, "b": partner.label, **measured.to_dict()}
+                    partial.add(anchor, partner, curve)
                 curves[kind].append(curve)
-                labels[kind].append({"a": anchor.label, "b": partner.label})
-                anchor_kind = "regular" if kind == "regular_regular" else "star"
-                own_loss[anchor_kind][anchor.label] = (float(curve.train_loss[0]), float(curve.test_loss[0]))
-                own_loss["regular"][partner.label] = (float(curve.train_loss[-1]), float(curve.test_loss[-1]))
                 bar.update(1)
     bar.close()
+    # Each model's own loss, read off the end points of the curves it is part of.
+    own_loss: Dict[str, Dict[str, Tuple[float, float]]] = {"regular": {}, "star": {}}
+    for kind in KINDS:
+        for curve in curves[kind]:
+            own_loss["regular" if kind == "regular_regular" else "star"][curve["a"]] = (curve["train_loss"][0], curve["test_loss"][0])
+            own_loss["regular"][curve["b"]] = (curve["train_loss"][-1], curve["test_loss"][-1])
 
     results = {
         "regular_loss": _summary([train for train, _ in own_loss["regular"].values()]),
@@ -127,7 +143,7 @@ def evaluate_run(
         "star_test_loss": _summary([test for _, test in own_loss["star"].values()]),
         "barriers": {kind: _barrier_table(curves[kind], "loss_barrier") for kind in KINDS},
         "accuracy_barriers": {kind: _barrier_table(curves[kind], "acc_barrier") for kind in KINDS},
-        "curves": {kind: [{**names, **curve.to_dict()} for names, curve in zip(labels[kind], curves[kind])] for kind in KINDS},
+        "curves": curves,
         "counts": {"sources": len(sources), "heldout": len(heldout), "stars": len(stars),
                    **{kind: len(curves[kind]) for kind in KINDS}},
         "config": asdict(config),
@@ -140,11 +156,61 @@ def write_results(run: RunDir, results: Mapping[str, Any]) -> Path:
     """``RUN/results/results.json`` (atomic), then ``table.md`` and ``curves.png`` beside it."""
     from starfast import report
 
-    folder = run.path / "results"
+    folder = run.results_folder
     write_json(folder / "results.json", dict(results))
     report.write_table(folder / "table.md", results)
     report.plot_curves(folder / "curves.png", results)
+    (folder / PARTIAL_NAME).unlink(missing_ok=True)
     return folder
+
+
+# -- resuming an interrupted evaluation -----------------------------------------------------------
+
+PARTIAL_NAME = "partial.json"
+
+
+class PartialResults:
+    """The curves measured so far, in ``RUN/results/partial.json``, rewritten (atomically) after
+    every pair, so a killed evaluation resumes at the next pair. Curves are kept only while the
+    evaluation settings and the bytes of every model file are those they were measured with; the
+    file is removed once the results are written."""
+
+    def __init__(self, path: Path, config: EvaluationConfig, loaded: Sequence[LoadedModel]):
+        self.path = path
+        self.identity = {"config": asdict(config), "models": {model.label: model.digest for model in loaded}}
+        stored = read_json(path) if path.exists() else {}
+        same = isinstance(stored, dict) and stored.get("identity") == self.identity
+        self.curves: Dict[str, Dict[str, Any]] = dict(stored.get("curves", {})) if same else {}
+
+    @staticmethod
+    def _key(anchor: LoadedModel, partner: LoadedModel) -> str:
+        return f"{anchor.label} ~ {partner.label}"
+
+    def get(self, anchor: LoadedModel, partner: LoadedModel) -> Optional[Dict[str, Any]]:
+        return self.curves.get(self._key(anchor, partner))
+
+    def add(self, anchor: LoadedModel, partner: LoadedModel, curve: Dict[str, Any]) -> None:
+        self.curves[self._key(anchor, partner)] = curve
+        write_json(self.path, {"identity": self.identity, "curves": self.curves})
+
+
+def _batches_per_pair(skeleton: nn.Module, dataset: Any, config: EvaluationConfig) -> int:
+    """Data batches one barrier curve reads: BatchNorm recomputation (if any), train, test."""
+    train = math.ceil(dataset.num_train / config.batch_size)
+    test = math.ceil(dataset.num_test / config.batch_size)
+    recompute = min(train, config.bn_batches or train) if has_batchnorm(skeleton) else 0
+    return recompute + train + test
+
+
+def _counted(data, bar) -> Callable[[], Iterator]:
+    """``data`` (a callable giving batches) ticking ``bar`` once per batch read."""
+
+    def batches():
+        for batch in data():
+            bar.update(1)  # before the yield: a reader that stops early (bn_batches) still counts
+            yield batch
+
+    return batches
 
 
 # -- helpers --------------------------------------------------------------------------------------
@@ -173,12 +239,13 @@ def _own_sources(star: LoadedModel, sources: List[LoadedModel]) -> List[LoadedMo
 
 
 def _load_file(path: Path, label: str, space: ParamSpace, device) -> LoadedModel:
+    digest = file_digest(path)
     state = load_state_dict(path, device)
     try:
         row = space.flatten(state)
     except ValueError as error:
         raise RunDirError(f"{path}: {error}; delete it to train it again") from None
-    return LoadedModel(label, row, state)
+    return LoadedModel(label, row, state, digest)
 
 
 def _limit(items: Sequence, count: Optional[int]) -> List:
@@ -216,5 +283,5 @@ def _summary(values: Sequence) -> Optional[Dict[str, Any]]:
     }
 
 
-def _barrier_table(curves: List[BarrierCurve], attribute: str) -> Dict[str, Optional[Dict[str, Any]]]:
-    return {split: _summary([getattr(c, attribute)[split] for c in curves if split in getattr(c, attribute)]) for split in SPLITS}
+def _barrier_table(curves: List[Dict[str, Any]], key: str) -> Dict[str, Optional[Dict[str, Any]]]:
+    return {split: _summary([curve[key][split] for curve in curves if split in curve[key]]) for split in SPLITS}

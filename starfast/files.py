@@ -5,9 +5,11 @@ gives the file the mode any other program's new file would get (``0o666`` less t
 ``tempfile.mkstemp`` creates files readable by their owner only), and renames it onto ``path``;
 when the block fails the temporary file is removed. ``write_atomic(path, write)`` does the same
 for a writer of a binary stream and flushes the data to disk before the rename.
+``file_digest(path)`` is a fast content hash (BLAKE2b) of a file's bytes.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import tempfile
@@ -47,3 +49,11 @@ def write_atomic(path: PathLike, write: Callable[[io.BufferedWriter], None]) -> 
             write(stream)
             stream.flush()
             os.fsync(stream.fileno())
+
+
+def file_digest(path: PathLike) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -7,6 +7,8 @@ Layout (every file is written atomically: a temp file in the same folder, then `
     RUN/sources/seed-0000.json             its metadata: model, dataset, seed, recipe, metrics...
     RUN/heldout/seed-1000.safetensors      held-out models, same format
     RUN/checkpoints/<role>/seed-0000.pt    in-progress training state (removed once finished)
+    RUN/results/                           the evaluation's results.json, table.md, curves.png
+    RUN/results/partial.json               curves of an evaluation in progress (removed once written)
 
 A model is *finished* when both its ``.safetensors`` and its ``.json`` exist (the JSON is written
 last, so a crash between the two leaves an unfinished model that is trained again from its
@@ -192,6 +194,11 @@ class RunDir:
 
     def __init__(self, path: PathLike):
         self.path = Path(path)
+
+    @property
+    def results_folder(self) -> Path:
+        """``RUN/results``: the evaluation's and the applications' outputs."""
+        return self.path / "results"
 
     @property
     def config_path(self) -> Path:

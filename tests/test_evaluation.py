@@ -111,3 +111,92 @@ def test_stars_are_measured_against_their_own_sources(tmp_path, digits):
     write_json(run.path / "star" / "star-0.json", {"star_seed": 0, "sources": [1]})
     results = evaluate_run(run, digits, config=EvaluationConfig(ts=3, batch_size=400), progress=False)
     assert results["counts"]["star_source"] == 1
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_an_interrupted_evaluation_resumes_at_the_next_pair(tmp_path, digits, monkeypatch):
+    from starfast import evaluation
+
+    run = make_run(tmp_path, digits)
+    config = EvaluationConfig(ts=3, batch_size=600)
+    uninterrupted = evaluate_run(run, digits, config=config, progress=False)
+    (run.results_folder / "partial.json").unlink()  # kept until write_results: start afresh
+    real_curve, measured, interrupt_at = evaluation.barrier_curve, [], [3]
+
+    def measure(*args, **kwargs):
+        if len(measured) in interrupt_at:
+            raise Interrupted
+        measured.append(1)
+        return real_curve(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "barrier_curve", measure)
+    with pytest.raises(Interrupted):
+        evaluate_run(run, digits, config=config, progress=False)
+    stored = json.loads((run.results_folder / "partial.json").read_text())
+    assert len(stored["curves"]) == 3
+    measured.clear()
+    interrupt_at.clear()
+    resumed = evaluate_run(run, digits, config=config, progress=False)
+    total = sum(resumed["counts"][kind] for kind in ("regular_regular", "star_heldout", "star_source"))
+    assert len(measured) == total - 3  # only the pairs that were not measured yet
+    assert resumed["curves"] == uninterrupted["curves"] and resumed["barriers"] == uninterrupted["barriers"]
+    write_results(run, resumed)
+    assert not (run.results_folder / "partial.json").exists()
+
+
+def test_partial_results_of_other_settings_or_other_models_are_not_reused(tmp_path, digits, monkeypatch):
+    from starfast import evaluation
+
+    run = make_run(tmp_path, digits)
+    config = EvaluationConfig(ts=3, batch_size=600)
+    real_curve, measured = evaluation.barrier_curve, []
+
+    def measure(*args, **kwargs):
+        measured.append(1)
+        return real_curve(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "barrier_curve", measure)
+    first = evaluate_run(run, digits, config=config, progress=False)
+    pairs = len(measured)
+    evaluate_run(run, digits, config=EvaluationConfig(ts=5, batch_size=600), progress=False)
+    assert len(measured) == 2 * pairs  # other settings: everything measured again
+    # the ts=5 run's partial file stands; a model file that changed invalidates it as well
+    state = run.load_model("heldout", 1000)[0]
+    run.save_model("heldout", 1000, {name: value * 1.01 if value.is_floating_point() else value for name, value in state.items()},
+                   {"model": run.read_config()["model"], "metrics": {}})
+    again = evaluate_run(run, digits, config=EvaluationConfig(ts=5, batch_size=600), progress=False)
+    assert len(measured) == 3 * pairs and again["curves"] != first["curves"]
+
+
+@pytest.mark.parametrize("arch, kwargs, bn_batches", [("mlp", dict(width=16, depth=2), None), ("resnet20", dict(width=0.25), 2)])
+def test_each_pair_shows_progress_over_the_batches_it_reads(tmp_path, digits, monkeypatch, arch, kwargs, bn_batches):
+    from starfast import evaluation
+
+    bars = []
+
+    class Recorder:
+        def __init__(self, total=None, nested=False, **options):
+            self.total, self.nested, self.count = total, nested, 0
+            bars.append(self)
+
+        def update(self, count=1):
+            self.count += count
+
+        def write(self, line):
+            pass
+
+        def close(self):
+            pass
+
+        __enter__ = lambda self: self  # noqa: E731
+        __exit__ = lambda self, *exc: None  # noqa: E731
+
+    monkeypatch.setattr(evaluation, "progress_bar", Recorder)
+    run = make_run(tmp_path, digits, arch, kwargs)
+    evaluate_run(run, digits, config=EvaluationConfig(ts=3, batch_size=500, bn_batches=bn_batches), progress=True)
+    pair_bars = [bar for bar in bars if bar.nested]
+    assert pair_bars and all(bar.count == bar.total for bar in pair_bars), [(bar.count, bar.total) for bar in pair_bars]
+    assert [bar.count for bar in bars if not bar.nested] == [len(pair_bars)]
