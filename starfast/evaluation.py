@@ -12,7 +12,7 @@ BatchNorm recomputation (:func:`starfast.barrier.barrier_curve`) and aggregates 
 Each curve in ``curves[KIND]`` names its two models (``"a"``, the anchor, and ``"b"``, e.g.
 ``"star star-0000"`` and ``"heldout seed 1000"``), so per-model summaries can be read off.
 
-The result is a JSON-ready dict ``{"regular_loss", "star_loss", "regular_test_loss",
+The result is a JSON-ready dict ``{"dataset", "model", "regular_loss", "star_loss", "regular_test_loss",
 "star_test_loss", "barriers", "accuracy_barriers", "curves", "counts", "config", "seconds"}``
 (losses summarise each distinct model's own train/test loss) where ``barriers[KIND][SPLIT]`` holds ``mean, std, min, max,
 values`` of the loss barriers on ``train`` and ``test``. :func:`write_results` stores it as
@@ -137,6 +137,8 @@ def evaluate_run(
             own_loss["regular"][curve["b"]] = (curve["train_loss"][-1], curve["test_loss"][-1])
 
     results = {
+        "dataset": dataset.name,
+        "model": run.model_spec().to_dict(),
         "regular_loss": _summary([train for train, _ in own_loss["regular"].values()]),
         "star_loss": _summary([train for train, _ in own_loss["star"].values()]),
         "regular_test_loss": _summary([test for _, test in own_loss["regular"].values()]),
