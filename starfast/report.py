@@ -127,6 +127,8 @@ def plot_bma(path: Path, results: Mapping[str, Any]) -> bool:
     plt = _pyplot(path)
     if plt is None:
         return False
+    from matplotlib.ticker import MaxNLocator
+
     figure, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for axis, (metric, title) in zip(axes, BMA_PANELS):
         for method, label, color in BMA_METHODS:
@@ -137,6 +139,7 @@ def plot_bma(path: Path, results: Mapping[str, Any]) -> bool:
             axis.plot([size for size, _ in points], [value for _, value in points], marker="o", markersize=3, color=color, label=label)
         axis.set_title(title)
         axis.set_xlabel("number of models")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
     axes[0].legend()
     figure.suptitle(f"Bayesian model averaging: {results['dataset']}, {results['arch']} (star trained on {len(results['star_sources'])} sources)")
