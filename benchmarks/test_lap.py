@@ -1,16 +1,11 @@
 """linear_assignment vs scipy (and lapx when installed) on weight-matching-like and iid costs,
 single problems and a batch of 50 x 512 against a scipy loop."""
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
 from starfast.lap import linear_assignment
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from lap_problems import make_costs  # noqa: E402
+from starfast.testing.lap_problems import make_costs
 
 SIZES = [64, 256, 512, 1024, 2048]
 

@@ -14,8 +14,6 @@
 - ``permute`` of a [50, P] bank vs a per-parameter index_select loop.
 """
 import dataclasses
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,9 +22,7 @@ from starfast import models
 from starfast.flat import ParamSpace
 from starfast.matching import match_weights
 from starfast.ops import permute
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from matching_reference import match_one  # noqa: E402
+from starfast.testing.matching_reference import match_one
 
 NUM_SOURCES = 50
 ARCH = "resnet18" if torch.cuda.is_available() else "resnet20"

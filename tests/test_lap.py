@@ -6,8 +6,8 @@ from scipy.optimize import linear_sum_assignment
 
 from starfast import ops
 from starfast.lap import assignment_objective, linear_assignment, linear_assignment_reference
+from starfast.testing.lap_problems import KINDS, make_costs
 
-from lap_problems import KINDS, make_costs
 
 def scipy_objective(cost: np.ndarray, maximize: bool) -> float:
     rows, cols = linear_sum_assignment(cost, maximize=maximize)

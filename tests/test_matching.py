@@ -7,8 +7,7 @@ from starfast import models
 from starfast.flat import ParamSpace
 from starfast.matching import match_weights
 from starfast.ops import lerp_gather, permute
-
-from matching_reference import match_one
+from starfast.testing.matching_reference import match_one
 
 # Small instances of every architecture: (name, build kwargs, input shape).
 ARCHS = [

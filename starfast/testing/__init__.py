@@ -1,0 +1,12 @@
+"""Reference implementations and problem generators for the tests and the benchmarks.
+
+Nothing in the library imports this package. It ships with starfast so that ``tests/`` and
+``benchmarks/`` share one copy through ordinary imports (``numpy.testing`` and ``torch.testing``
+do the same):
+
+- :mod:`starfast.testing.lap_problems`: random linear-assignment problems of the kinds weight
+  matching meets (``make_costs``).
+- :mod:`starfast.testing.matching_reference`: a plain, one-model-at-a-time Git Re-Basin weight
+  matching with scipy (``match_one``): the tests' independent reference for
+  :mod:`starfast.matching` and the benchmarks' baseline.
+"""
