@@ -16,7 +16,7 @@ Loss: ``loss="cross_entropy"`` expects outputs ``[B, C]`` and integer labels ``[
 ``loss="binary"`` expects one logit per example (outputs ``[B]`` or ``[B, 1]``) and labels in
 ``{0, 1}`` (binary cross-entropy on the logit, predicted class ``logit > 0``); ``loss="auto"`` (the
 default) picks ``binary`` when the model gives one output per example, else ``cross_entropy``.
-Data: see :mod:`starfast.bn` (a callable returning fresh ``(x, y)`` batches, or a re-iterable).
+Data: see :mod:`starfast.bank` (a callable returning fresh ``(x, y)`` batches, or a re-iterable).
 """
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from starfast.bn import Data, batchnorm_buffer_names, check_bank, recompute_bn, run_bank
+from starfast.bank import Data, check_bank, run_bank
+from starfast.bn import batchnorm_buffer_names, recompute_bn
 from starfast.flat import ParamSpace
 
 LOSSES = ("auto", "cross_entropy", "binary")

@@ -9,7 +9,7 @@ weight-matched onto the star: a sample is ``(1 - t) θ* + t π_n(θ_n)`` with ``
   from a seeded generator (:func:`starfast.starlight.sample_draws`), :meth:`StarDomain.rows` builds
   the samples with :func:`~starfast.ops.lerp_gather` as one ``[K, P]`` bank;
 - :func:`nested_predictions`: the averaged softmax outputs of the first ``S`` rows of a bank, for
-  every ``S = 1..K`` at once (one pass of :func:`starfast.bn.run_bank` over the data), summarised
+  every ``S = 1..K`` at once (one pass of :func:`starfast.bank.run_bank` over the data), summarised
   per example (:mod:`starfast.calibration`); the same rows serve every ``S``, so the curves are
   nested;
 - :func:`bayesian_model_averaging`: Figure 4 for a run directory: ``K`` star-domain samples, their
@@ -33,8 +33,9 @@ import torch
 from torch import nn
 
 from starfast import calibration, models
+from starfast.bank import Data, check_bank, run_bank
 from starfast.barrier import _check_buffers
-from starfast.bn import Data, batchnorm_buffer_names, check_bank, recompute_bn, run_bank
+from starfast.bn import batchnorm_buffer_names, recompute_bn
 from starfast.calibration import PerExample
 from starfast.evaluation import LoadedModel, _load_role, _load_star, _own_sources, star_paths
 from starfast.flat import ParamSpace

@@ -49,6 +49,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 import starfast
+from starfast.bank import has_convolutions
 from starfast.progress import progress_bar
 from starfast.recipes import Recipe
 from starfast.rundir import ModelSpec, RunDir, RunDirError, load_checkpoint, save_checkpoint
@@ -231,10 +232,6 @@ def _autocast(device: torch.device, speed: SpeedOptions):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
-def _is_conv_net(model: nn.Module) -> bool:
-    return any(isinstance(module, nn.modules.conv._ConvNd) for module in model.modules())
-
-
 def _check_finite(loss_sums: torch.Tensor, seeds: Sequence[int], epoch: int, recipe: Recipe) -> List[TrainingDiverged]:
     values = loss_sums.tolist()
     return [TrainingDiverged(seed, epoch, value, recipe) for seed, value in zip(seeds, values) if not math.isfinite(value)]
@@ -300,7 +297,7 @@ def train_model(
     steps = _steps_per_epoch(dataset, recipe)
     checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
     model = init_model(spec, seed).to(device)
-    channels_last = device.type == "cuda" and _is_conv_net(model)
+    channels_last = device.type == "cuda" and has_convolutions(model)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(recipe, model.parameters())
