@@ -64,6 +64,9 @@ def linear_assignment_reference(cost: torch.Tensor, maximize: bool = False) -> t
 
 
 def assignment_objective(cost: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-    """``sum_i cost[..., i, columns[..., i]]`` in float64: the value of an assignment."""
-    picked = torch.gather(cost.double(), -1, columns.unsqueeze(-1)).squeeze(-1)
-    return picked.sum(-1)
+    """``sum_i cost[..., i, columns[..., i]]`` in float64: the value of an assignment.
+
+    The ``n`` picked entries are converted, not the ``n x n`` matrix (exact either way), which
+    keeps it cheap inside the weight matching loop."""
+    picked = torch.gather(cost, -1, columns.unsqueeze(-1)).squeeze(-1)
+    return picked.double().sum(-1)

@@ -21,17 +21,11 @@ The float64 objective is kept per (parameter, source) and only the pairs a sweep
 recomputed.
 
 Warm starts from a previous result (``init=previous_match``, the same sources, a moved target)
-also skip the groups that *provably* cannot change. Each result keeps, per source and group, the
-margin by which every unit's own column beats its other columns in the final cost matrix. When
-the target moves by Δ, each cost entry moves by at most ``‖Δ_j‖·‖B_k‖`` (Cauchy–Schwarz over the
-group's axes), so a group whose margins exceed ``2·‖Δ_j‖·max_k ‖B_k‖`` keeps its assignment and
-starts clean; its margins carry over, lowered by that bound. The result is the one an ordinary
-warm start would find; only work is skipped. ``max_k ‖B_k‖`` ignores permutations, so it is
-computed once per bank and carried in the result, and only for groups where a cheap lower bound
-leaves enough sources certifiable (for unrelated models it is never needed). A source
-fingerprint (per-parameter norms) makes sure a result is only reused with its own sources, and
-``out=previous_match.permuted`` updates the previous result's rows in place instead of copying
-them.
+also skip the groups that *provably* cannot change: each result keeps, per source and group, the
+margin of every unit's assignment, and the certificate in :mod:`starfast.warm_start` carries
+them over the target's move. The result is the one an ordinary warm start would find; only work
+is skipped. ``out=previous_match.permuted`` updates the previous result's rows in place instead
+of copying them.
 
 Starting point: the identity (Git Re-Basin's choice, the default), warm-start permutations, or
 ``init="sorted"``: every group solved once, independently, on each unit's weights *sorted*, which
@@ -42,6 +36,8 @@ a coupling-free first guess for unrelated models.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Union
 
@@ -49,9 +45,10 @@ import torch
 from torch import nn
 
 from starfast.flat import ParamSpace
-from starfast.lap import linear_assignment
+from starfast.lap import assignment_objective, linear_assignment
 from starfast.ops import permute
 from starfast.spec import Group, PermutationSpec
+from starfast.warm_start import WarmStart, row_margins
 
 Perm = Dict[str, torch.Tensor]
 ModelLike = Union[nn.Module, Mapping[str, torch.Tensor], torch.Tensor]
@@ -82,13 +79,10 @@ class MatchResult:
     spec: PermutationSpec = field(repr=False)
     space: ParamSpace = field(repr=False)
     source_scales: Optional[Dict[str, torch.Tensor]] = field(default=None, repr=False)
-    built_index_maps: Optional[torch.Tensor] = field(default=None, repr=False)
 
-    @property
+    @functools.cached_property
     def index_maps(self) -> torch.Tensor:
-        if self.built_index_maps is None:
-            self.built_index_maps = self.spec.index_map(self.space, self.perms)
-        return self.built_index_maps
+        return self.spec.index_map(self.space, self.perms)
 
 
 def match_weights(
@@ -129,9 +123,11 @@ def match_weights(
     groups = [group for group in spec.groups if any(axis.name in space for axis in group.axes)]
 
     target_views = space.views(target_row)
-    row_squares = _row_squares(space, space.views(bank))
-    fingerprint = torch.stack([squares.sum(1) for squares in row_squares.values()], 1).double().cpu()
-    previous = _batched(init, num_sources, fingerprint) if isinstance(init, MatchResult) else None
+    warm_start = WarmStart(groups, space, space.views(bank))
+    previous = None
+    if isinstance(init, MatchResult):
+        warm_start.check(init)
+        previous = init if init.permuted.dim() == 2 else _with_source_dim(init, None)
     if isinstance(init, str):
         if init != "sorted":
             raise ValueError(f"match_weights: init must be None, 'sorted', a dict of permutations or a MatchResult, got {init!r}")
@@ -150,24 +146,11 @@ def match_weights(
     dirty = {group.name: torch.ones(num_sources, dtype=torch.bool) for group in groups}
     source_scales: Dict[str, torch.Tensor] = {}
     if previous is not None:
-        # A group's largest source unit norm ignores every permutation: computed once per bank,
-        # and only for groups where a cheap lower bound (within ~3% of it) leaves at least a
-        # quarter of the sources able to keep their assignment. It costs about as much as one
-        # cost matrix for all sources, so it is not worth it for a few (unrelated models).
-        source_scales = dict(previous.source_scales or {})
-        move = _move_bounds(groups, space, target_row - previous.target.to(target_row), target_row)
-        lower = None
-        for group in groups:
-            kept = previous.margins[group.name]
-            if group.name not in source_scales:
-                if lower is None:
-                    lower = _scale_lower_bounds(groups, space, row_squares, permuted)
-                if 4 * int((kept > move[group.name] * lower[group.name]).all(1).sum()) < num_sources:
-                    continue  # solved again for every source, margins unknown
-                source_scales.update(_largest_unit_norms([group], space, permuted))
-            carried = kept - move[group.name] * source_scales[group.name]
-            margins[group.name] = carried
-            dirty[group.name] = ~(carried > 0).all(1)
+        # Certified groups start clean for the sources whose margins survive the move.
+        carried, source_scales = warm_start.certify(previous, target_row, permuted)
+        for name, kept in carried.items():
+            margins[name] = kept
+            dirty[name] = ~(kept > 0).all(1)
 
     objective = _Objective(target_views, permuted)
     history = [objective.total()]
@@ -188,9 +171,9 @@ def match_weights(
             cost = _group_cost(group, space, target_views, permuted, None if all_rows else rows.to(target_row.device))
             relative = linear_assignment(cost, maximize=True)
             current = torch.diagonal(cost, dim1=1, dim2=2).double().sum(-1)
-            gain = _assignment_value(cost, relative) - current
+            gain = assignment_objective(cost, relative) - current
             improved = (gain > 1e-12 * torch.clamp(current.abs(), min=1.0)).cpu()
-            margins[group.name][rows] = _row_margins(cost, relative, improved.to(cost.device))
+            margins[group.name][rows] = row_margins(cost, relative, improved.to(cost.device))
             if not bool(improved.any()):
                 continue
             accepted = rows[improved]
@@ -206,13 +189,14 @@ def match_weights(
         active &= changed
         history.append(objective.total())
 
-    unchanged = previous is not None and all(torch.equal(perms[name], previous.perms[name].to(perms[name])) for name in perms)
-    index_maps = previous.built_index_maps if unchanged else None
     result = MatchResult(
-        perms, work, torch.stack(history), sweeps, target_row.clone(), margins, fingerprint, spec, space,
-        source_scales, None if index_maps is None else index_maps.to(bank.device),
+        perms, work, torch.stack(history), sweeps, target_row.clone(), margins, warm_start.fingerprint, spec, space,
+        source_scales,
     )
-    return _squeeze(result) if single else result
+    built = _built_index_maps(previous) if previous is not None else None
+    if built is not None and all(torch.equal(perms[name], previous.perms[name].to(perms[name])) for name in perms):
+        result.index_maps = built.to(bank.device)  # the permutations did not change: neither did their maps
+    return _with_source_dim(result, 0) if single else result
 
 
 def _group_cost(group: Group, space: ParamSpace, target_views, permuted, rows: Optional[torch.Tensor]) -> torch.Tensor:
@@ -233,149 +217,6 @@ def _group_cost(group: Group, space: ParamSpace, target_views, permuted, rows: O
         term = torch.bmm(a.expand(b.shape[0], -1, -1), b.transpose(1, 2))
         cost = term if cost is None else cost.add_(term)
     return cost
-
-
-def _row_margins(cost: torch.Tensor, relative: torch.Tensor, improved: torch.Tensor) -> torch.Tensor:
-    """``[R, n]``: by how much each unit's column beats its best other column in the assignment
-    kept (``relative`` where ``improved``, else the current one), float64 on the CPU."""
-    identity = torch.arange(cost.shape[-1], device=cost.device).expand_as(relative)
-    chosen = torch.where(improved[:, None], relative.to(cost.device), identity).unsqueeze(2)
-    own = torch.gather(cost, 2, chosen).squeeze(2)
-    best_other = cost.scatter(2, chosen, float("-inf")).amax(2)
-    return (own - best_other).double().cpu()
-
-
-def _unit_squares(groups: List[Group], space: ParamSpace, views) -> Dict[str, torch.Tensor]:
-    """group -> ``[R, n]``: every unit's squared norm summed over the group's axes, for the R rows
-    behind ``views``. Each parameter is reduced once, over the axes no group acts on (a
-    contiguous reduction for convolutions), and the groups sum the small result: reducing each
-    group's axis separately would stride through every tensor twice."""
-    acting: Dict[str, List[int]] = {}
-    for group in groups:
-        for axis in group.axes:
-            if axis.name in space and axis.axis not in acting.setdefault(axis.name, []):
-                acting[axis.name].append(axis.axis)
-    reduced = {}
-    for name, axes in acting.items():
-        axes.sort()
-        view = views[name]
-        rest = [dim + 1 for dim in range(view.dim() - 1) if dim not in axes]
-        reduced[name] = torch.linalg.vector_norm(view, dim=rest).square() if rest else view.square()
-    squares = {}
-    for group in groups:
-        total = None
-        for axis in group.axes:
-            if axis.name not in space:
-                continue
-            dim = 1 + acting[axis.name].index(axis.axis)
-            unit = reduced[axis.name].narrow(dim, axis.offset, group.size)
-            others = [d for d in range(1, unit.dim()) if d != dim]
-            term = unit.sum(others).reshape(unit.shape[0], group.size) if others else unit
-            total = term if total is None else total + term
-        squares[group.name] = total
-    return squares
-
-
-def _largest_unit_norms(groups: List[Group], space: ParamSpace, sources) -> Dict[str, torch.Tensor]:
-    """group -> ``[N, 1]`` float64: an upper bound on ``max_k ‖B_k‖`` over the group's units, per
-    source.
-
-    Summed in the sources' own precision (a float64 copy of the bank would cost more than the rest
-    of a warm start), then inflated by ``(m + 4)·eps`` for ``m`` terms per unit: the worst-case
-    relative error of any summation order of rounded squares (a norm squared counts as its
-    terms' sum plus two roundings) and of the square root, so the bound stays rigorous."""
-    squares = _unit_squares(groups, space, sources)
-    scales = {}
-    for group in groups:
-        eps = torch.finfo(squares[group.name].dtype).eps
-        largest = squares[group.name].amax(1, keepdim=True).double()
-        scales[group.name] = (largest * (1 + (_terms_per_unit(group, space) + 4) * eps)).sqrt().cpu()
-    return scales
-
-
-def _row_squares(space: ParamSpace, views) -> Dict[str, torch.Tensor]:
-    """name -> ``[R, d0]``: the squared norm of every parameter's rows (slices along its first
-    axis) for the R rows behind ``views``, in one pass that reads memory in order. Permutations
-    only reorder these, so they fingerprint a bank (summed per parameter) and bound its units."""
-    squares = {}
-    for entry in space.entries:
-        view = views[entry.name]
-        if view.dim() <= 2:  # a vector's rows are its elements (a scalar is one row)
-            squares[entry.name] = view.reshape(view.shape[0], -1).square()
-        else:
-            squares[entry.name] = torch.linalg.vector_norm(view.flatten(2), dim=2).square()
-    return squares
-
-
-def _scale_lower_bounds(groups: List[Group], space: ParamSpace, row_squares, sources) -> Dict[str, torch.Tensor]:
-    """group -> ``[N, 1]`` float64: a lower bound on ``max_k ‖B_k‖``, from the sources'
-    :func:`_row_squares`: the largest unit norm over the unit-major (first-axis) terms alone, or
-    the mean unit norm ``‖B‖_F / √n``, whichever is larger; deflated by ``(m + 4)·eps`` for
-    rounding. Only an axis on part of a later dimension (a concatenation) reads ``sources``."""
-    bounds = {}
-    for group in groups:
-        n, unit_major, total = group.size, None, None
-        for axis in group.axes:
-            if axis.name not in space:
-                continue
-            shape = space.entry(axis.name).shape
-            if axis.axis == 0:
-                unit = row_squares[axis.name].narrow(1, axis.offset, n)
-                unit_major = unit if unit_major is None else unit_major + unit
-                term = unit.sum(1)
-            elif n == shape[axis.axis]:
-                term = row_squares[axis.name].sum(1)
-            else:
-                segment = sources[axis.name].narrow(axis.axis + 1, axis.offset, n)
-                term = torch.linalg.vector_norm(segment.flatten(1), dim=1).square()
-            total = term if total is None else total + term
-        largest = total / n if unit_major is None else torch.maximum(unit_major.amax(1), total / n)
-        eps = torch.finfo(largest.dtype).eps
-        bounds[group.name] = (largest.double() * (1 - (_terms_per_unit(group, space) + 4) * eps)).clamp(min=0).sqrt().cpu()[:, None]
-    return bounds
-
-
-def _terms_per_unit(group: Group, space: ParamSpace) -> int:
-    """How many weights make up one unit of ``group``: the ``m`` of the rounding bounds above."""
-    total = 0
-    for axis in group.axes:
-        if axis.name in space:
-            entry = space.entry(axis.name)
-            total += entry.numel // entry.shape[axis.axis]
-    return total
-
-
-def _move_bounds(groups: List[Group], space: ParamSpace, delta: torch.Tensor, target_row: torch.Tensor) -> Dict[str, torch.Tensor]:
-    """group -> ``[n]``: times ``max_k ‖B_k‖``, a bound on how much the target's move ``delta``
-    can shrink each unit's margin: ``2·‖Δ_j‖`` plus float rounding of the cost matrices,
-    ``64·eps·‖θ_j‖``."""
-    squares = _unit_squares(groups, space, space.views(torch.stack([delta, target_row]).double()))
-    eps = torch.finfo(target_row.dtype).eps
-    return {name: (2 * unit[0].sqrt() + 64 * eps * unit[1].sqrt()).cpu() for name, unit in squares.items()}
-
-
-def _batched(previous: "MatchResult", num_sources: int, fingerprint: torch.Tensor) -> "MatchResult":
-    """A previous result as ``[N, ...]`` tensors, checked to belong to these sources."""
-    if previous.permuted.dim() == 1:
-        built = previous.built_index_maps
-        previous = MatchResult(
-            {name: index[None] for name, index in previous.perms.items()}, previous.permuted[None],
-            previous.objective[:, None], previous.sweeps[None], previous.target,
-            {name: margin[None] for name, margin in previous.margins.items()}, previous.fingerprint,
-            previous.spec, previous.space, previous.source_scales, None if built is None else built[None],
-        )
-    if previous.fingerprint.shape != fingerprint.shape or not _same_fingerprint(previous.fingerprint, fingerprint):
-        raise ValueError(
-            "match_weights: init is a MatchResult of other sources (their norms differ); warm-start from "
-            "a result only with the same sources, or pass init=result.perms"
-        )
-    return previous
-
-
-def _same_fingerprint(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal up to the rounding of a reduction of positive terms (relative error ~m·eps at worst,
-    whatever the summation order); another model's norms differ by far more than 1e-5."""
-    return bool(((a - b).abs() <= 1e-5 * torch.maximum(a, b)).all())
 
 
 def _neighbours(groups: List[Group]) -> Dict[str, List[str]]:
@@ -424,10 +265,6 @@ def _regather(group: Group, space: ParamSpace, permuted, rows: torch.Tensor, ste
             segment.copy_(gathered)
         else:
             segment.index_copy_(0, rows, gathered)
-
-
-def _assignment_value(cost: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-    return torch.gather(cost, 2, columns.unsqueeze(2).to(cost.device)).squeeze(2).double().sum(-1)
 
 
 class _Objective:
@@ -528,18 +365,23 @@ def _as_bank(sources, space: ParamSpace):
     return torch.stack(rows), False
 
 
-def _squeeze(result: MatchResult) -> MatchResult:
-    built = result.built_index_maps
-    return MatchResult(
-        perms={name: index[0] for name, index in result.perms.items()},
-        permuted=result.permuted[0],
-        objective=result.objective[:, 0],
-        sweeps=result.sweeps[0],
-        target=result.target,
-        margins={name: margin[0] for name, margin in result.margins.items()},
-        fingerprint=result.fingerprint,
-        spec=result.spec,
-        space=result.space,
-        source_scales=result.source_scales,
-        built_index_maps=None if built is None else built[0],
+def _with_source_dim(result: MatchResult, index: Optional[int]) -> MatchResult:
+    """``result`` with its per-source tensors indexed by ``index`` along their source dim: ``0``
+    drops it (a single source's result), ``None`` adds it back."""
+    changed = dataclasses.replace(
+        result,
+        perms={name: perm[index] for name, perm in result.perms.items()},
+        permuted=result.permuted[index],
+        objective=result.objective[:, index],
+        sweeps=result.sweeps[index],
+        margins={name: margin[index] for name, margin in result.margins.items()},
     )
+    built = _built_index_maps(result)
+    if built is not None:
+        changed.index_maps = built[index]
+    return changed
+
+
+def _built_index_maps(result: MatchResult) -> Optional[torch.Tensor]:
+    """``result.index_maps`` if already built (read, or carried over), else ``None``."""
+    return vars(result).get("index_maps")

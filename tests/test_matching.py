@@ -202,15 +202,15 @@ def brute_force_unit_norms(group, space, row):
 def test_source_scale_bounds_bracket_the_largest_unit_norm(name, kw, shape, rng):
     """The exact scale (an upper bound within rounding) and its cheap lower bound, against a
     unit-by-unit float64 loop, on every architecture (concatenations, heads, later axes)."""
-    from starfast import matching
+    from starfast import warm_start
 
     target = build(name, kw, shape, 0)
     space, spec = ParamSpace(target), models.permutation_spec(target)
     bank = torch.randn(3, space.size, generator=rng) * torch.rand(3, 1, generator=rng)
     groups = [g for g in spec.groups if any(axis.name in space for axis in g.axes)]
     views = space.views(bank)
-    upper = matching._largest_unit_norms(groups, space, views)
-    lower = matching._scale_lower_bounds(groups, space, matching._row_squares(space, views), views)
+    upper = warm_start._largest_unit_norms(groups, space, views)
+    lower = warm_start._scale_lower_bounds(groups, space, warm_start._row_squares(space, views), views)
     for group in groups:
         exact = torch.stack([brute_force_unit_norms(group, space, row).max() for row in bank])
         assert bool((upper[group.name][:, 0] >= exact).all()), group.name
@@ -224,13 +224,13 @@ def test_source_scale_bounds_bracket_the_largest_unit_norm(name, kw, shape, rng)
 def test_unrelated_sources_skip_the_exact_scale_and_match_as_from_perms(monkeypatch, rng):
     """Independently initialised sources: a 1% move leaves no source certifiable by the lower
     bound, so the exact scale is never computed, and the result is still the plain warm start's."""
-    from starfast import matching
+    from starfast import warm_start
 
     space, spec, row, bank = independent_zoo(*ARCHS[3], first_seed=20)
     first = match_weights(row, bank, spec, space=space)
     exact_groups = []
-    original = matching._largest_unit_norms
-    monkeypatch.setattr(matching, "_largest_unit_norms", lambda groups, *args: exact_groups.extend(groups) or original(groups, *args))
+    original = warm_start._largest_unit_norms
+    monkeypatch.setattr(warm_start, "_largest_unit_norms", lambda groups, *args: exact_groups.extend(groups) or original(groups, *args))
     moved = row + 0.01 * row.abs().mean() * torch.randn(row.shape, generator=rng)
     from_result = match_weights(moved, bank, spec, space=space, init=first)
     from_perms = match_weights(moved, bank, spec, space=space, init=first.perms)
@@ -258,6 +258,31 @@ def test_small_moves_skip_every_cost_matrix(monkeypatch, rng):
     third = match_weights(moved + 1e-4 * row.abs().mean() * torch.randn(row.shape, generator=rng), bank, spec,
                           space=space, init=again)
     assert not calls and all(torch.equal(third.perms[g], first.perms[g]) for g in first.perms)
+
+
+def test_index_maps_are_built_once_and_reused_while_the_permutations_hold(rng):
+    """``index_maps`` is built on first read and cached; a warm start that changes no permutation
+    carries the previous result's maps over (for a bank and for a single source) instead of
+    building them again; any other result builds its own from its perms."""
+    name, kw, shape = ARCHS[3]
+    space, spec, row, bank = star_like_zoo(name, kw, shape, rng)
+    first = match_weights(row, bank, spec, space=space)
+    maps = first.index_maps
+    assert first.index_maps is maps and torch.equal(maps, spec.index_map(space, first.perms))
+    moved = row + 1e-4 * row.abs().mean() * torch.randn(row.shape, generator=rng)
+    again = match_weights(moved, bank, spec, space=space, init=first)
+    assert all(torch.equal(again.perms[g], first.perms[g]) for g in first.perms)
+    assert again.index_maps is maps
+    single = match_weights(row, bank[1], spec, space=space)
+    single_maps = single.index_maps
+    single_again = match_weights(moved, bank[1], spec, space=space, init=single)
+    assert all(torch.equal(single_again.perms[g], single.perms[g]) for g in single.perms)
+    assert single_again.index_maps.data_ptr() == single_maps.data_ptr()
+    assert torch.equal(single_again.index_maps, spec.index_map(space, single_again.perms))
+    far = match_weights(row + 3.0 * row.abs().mean() * torch.randn(row.shape, generator=rng), bank, spec,
+                        space=space, init=first)
+    assert torch.equal(far.index_maps, spec.index_map(space, far.perms))
+    assert torch.equal(far.permuted, permute(bank, far.index_maps))
 
 
 @pytest.mark.parametrize("zoo", ["star-like", "independent"])
