@@ -26,7 +26,7 @@ from starfast.ops import lerp_gather
 from starfast.recipes import Recipe
 from starfast.starlight import StarObjective, sample_draws, train_star
 from starfast import data
-from starfast.rundir import ModelSpec
+from starfast.models import ModelSpec
 from starfast.training import init_model, make_optimizer, train_model
 
 STEP_BATCH, IMAGE_SHAPE, CLASSES = 32, (3, 32, 32), 10

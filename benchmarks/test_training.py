@@ -11,8 +11,9 @@ import torch
 
 from starfast import data, models
 from starfast.recipes import resolve
-from starfast.rundir import ModelSpec
-from starfast.training import SpeedOptions, init_model, make_optimizer, per_example_loss, train_model, train_models_parallel
+from starfast.models import ModelSpec
+from starfast.training import SpeedOptions, init_model, make_optimizer, train_model, train_models_parallel
+from starfast.training_common import per_example_loss
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 STEP_BATCH = 16

@@ -37,12 +37,13 @@ from starfast.bank import Data, check_bank, run_bank
 from starfast.barrier import _check_buffers
 from starfast.bn import batchnorm_buffer_names, recompute_bn
 from starfast.calibration import PerExample
-from starfast.evaluation import LoadedModel, _load_role, _load_star, _own_sources, star_paths
+from starfast.evaluation import LoadedModel, load_models, load_stars, own_sources
 from starfast.flat import ParamSpace
 from starfast.matching import match_weights
 from starfast.ops import lerp_gather
 from starfast.progress import progress_bar
-from starfast.rundir import RunDir, RunDirError, write_json
+from starfast.files import write_json
+from starfast.rundir import RunDir, RunDirError
 from starfast.spec import PermutationSpec
 from starfast.starlight import Draw, sample_draws
 
@@ -179,14 +180,14 @@ def bayesian_model_averaging(
     model_spec = run.model_spec()
     skeleton = model_spec.build().to(device)
     space, spec = ParamSpace(skeleton), models.permutation_spec(skeleton)
-    paths = star_paths(run)
-    if not paths:
-        raise RunDirError(f"{run.path / 'star'} holds no finished star; train one with python -m starfast.train --stage star")
-    star = _load_star(paths[0], space, device)
-    sources = _own_sources(star, _load_role(run, "sources", space, device))
+    stars = load_stars(run, space, device)
+    if not stars:
+        raise RunDirError(f"{run.star_path(0).parent} holds no finished star; train one with python -m starfast.train --stage star")
+    star = stars[0]
+    sources = own_sources(star, load_models(run, "sources", space, device))
     if not sources:
-        raise RunDirError(f"the sources of {paths[0].name} ({star.sources}) are not in {run.path / 'sources'}")
-    heldout = _load_role(run, "heldout", space, device)
+        raise RunDirError(f"the sources of {star.label} ({star.sources}) are not in {run.path / 'sources'}")
+    heldout = load_models(run, "heldout", space, device)
     train_data = lambda: dataset.eval_batches("train", config.batch_size)  # noqa: E731
     test_data = lambda: dataset.eval_batches("test", config.batch_size)  # noqa: E731
     ensembles = {"source_ensemble": sources[: config.samples], "heldout_ensemble": heldout[: config.samples]}
@@ -232,7 +233,7 @@ def write_bma(run: RunDir, results: Mapping[str, Any]) -> Path:
     """``RUN/results/bma.json`` (atomic), then ``bma.md`` and ``bma.png`` beside it."""
     from starfast import report
 
-    folder = run.path / "results"
+    folder = run.results_folder
     write_json(folder / "bma.json", dict(results))
     report.write_text(folder / "bma.md", report.format_bma_table(results) + "\n")
     report.plot_bma(folder / "bma.png", results)
@@ -242,5 +243,5 @@ def write_bma(run: RunDir, results: Mapping[str, Any]) -> Path:
 def _ensemble_predictions(skeleton: nn.Module, space: ParamSpace, members: List[LoadedModel], data: Data) -> PerExample:
     rows = torch.stack([member.row for member in members])
     return nested_predictions(
-        skeleton, rows, own_statistics(skeleton, [member.state for member in members]), data, space=space, argument="test_data"
+        skeleton, rows, own_statistics(skeleton, [member.buffers for member in members]), data, space=space, argument="test_data"
     )

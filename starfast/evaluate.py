@@ -2,10 +2,10 @@
 
 Reads ``RUN/config.json`` for the architecture and dataset, evaluates (see
 :mod:`starfast.evaluation`), writes ``RUN/results/{results.json, table.md, curves.png}`` and
-prints the table. With ``--bma`` and/or ``--fusion`` it runs those applications of the star
-instead (Section 4 of the paper): Bayesian model averaging over the star domain
-(:mod:`starfast.bma`, ``RUN/results/bma.{json,md,png}``) and model fusion
-(:mod:`starfast.fusion`, ``RUN/results/fusion.{json,md}``).
+prints the table and the verdict line (:func:`starfast.report.verdict`). With ``--bma`` and/or
+``--fusion`` it runs those applications of the star instead (Section 4 of the paper): Bayesian
+model averaging over the star domain (:mod:`starfast.bma`, ``RUN/results/bma.{json,md,png}``) and
+model fusion (:mod:`starfast.fusion`, ``RUN/results/fusion.{json,md}``).
 """
 from __future__ import annotations
 
@@ -21,8 +21,9 @@ from starfast import data
 from starfast.allocator import keep_freed_memory
 from starfast.arguments import DATA_ERRORS, parse_arguments
 from starfast.evaluation import EvaluationConfig, evaluate_run, write_results
-from starfast.report import format_table
-from starfast.rundir import RunDir, RunDirError
+from starfast.report import format_table, verdict
+from starfast.files import StoredFileError
+from starfast.rundir import RunDir
 
 
 def add_evaluation_flags(parser: argparse.ArgumentParser) -> None:
@@ -151,10 +152,11 @@ def run_applications(run: RunDir, dataset, args: argparse.Namespace, device: tor
     return 0
 
 
-def run_evaluation(run: RunDir, dataset, args: argparse.Namespace, device: torch.device, progress: bool) -> int:
-    results = evaluate_run(run, dataset, config=evaluation_config(args), device=device, progress=progress)
+def run_evaluation(run: RunDir, dataset, config: EvaluationConfig, device: torch.device, progress: bool) -> int:
+    results = evaluate_run(run, dataset, config=config, device=device, progress=progress)
     folder = write_results(run, results)
     print(format_table(results))
+    print(verdict(results))
     print(f"(written to {folder}/results.json, table.md, curves.png)")
     return 0
 
@@ -183,8 +185,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         dataset = data.load(config["dataset"], data_dir=args.data_dir, device=device)
         if args.bma or args.fusion:
             return run_applications(run, dataset, args, device, progress=not args.quiet)
-        return run_evaluation(run, dataset, args, device, progress=not args.quiet)
-    except (RunDirError, *DATA_ERRORS) as error:
+        return run_evaluation(run, dataset, evaluation_config(args), device, progress=not args.quiet)
+    except (StoredFileError, *DATA_ERRORS) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
 

@@ -34,11 +34,11 @@ from torch import nn
 from starfast import models
 from starfast.barrier import barrier_curve
 from starfast.bn import has_batchnorm
-from starfast.files import file_digest
 from starfast.flat import ParamSpace
 from starfast.matching import match_weights
 from starfast.progress import progress_bar
-from starfast.rundir import RunDir, RunDirError, load_state_dict, read_json, write_json
+from starfast.files import file_digest, load_state_dict, read_json, write_json
+from starfast.rundir import MAIN_STARS, RunDir, RunDirError
 
 KINDS = ("regular_regular", "star_heldout", "star_source")
 SPLITS = ("train", "test")
@@ -60,20 +60,18 @@ class EvaluationConfig:
 
 @dataclass
 class LoadedModel:
+    """A stored model as a row and its buffers (BatchNorm statistics), loaded through the run."""
+
     label: str
     row: torch.Tensor
-    state: Dict[str, torch.Tensor]
+    buffers: Dict[str, torch.Tensor]  # the state dict's entries that are not parameters
     digest: str  # of the file's bytes: partial results are reused only for the same models
     seed: Optional[int] = None
     sources: Optional[List[int]] = None  # a star's: the source seeds it was trained against
 
-
-def star_paths(run: RunDir) -> List[Path]:
-    """``RUN/star/star-S.safetensors`` files whose metadata ``.json`` exists (finished stars)."""
-    folder = run.path / "star"
-    if not folder.is_dir():
-        return []
-    return sorted(path for path in folder.glob("star-*.safetensors") if path.with_suffix(".json").exists())
+    def state_dict(self, space: ParamSpace) -> Dict[str, torch.Tensor]:
+        """Parameters (views of the row) and buffers, loadable into a module of ``space``."""
+        return {**space.views(self.row), **self.buffers}
 
 
 def evaluate_run(
@@ -88,9 +86,9 @@ def evaluate_run(
     started = time.perf_counter()
     skeleton = run.model_spec().build().to(device)
     space, spec = ParamSpace(skeleton), models.permutation_spec(skeleton)
-    sources = _load_role(run, "sources", space, device)
-    heldout = _load_role(run, "heldout", space, device)
-    stars = [_load_star(path, space, device) for path in star_paths(run)]
+    sources = load_models(run, "sources", space, device)
+    heldout = load_models(run, "heldout", space, device)
+    stars = load_stars(run, space, device)
     if len(heldout) < 1 or (len(heldout) < 2 and not sources):
         raise RunDirError(f"{run.path} has too few trained models to measure barriers; run python -m starfast.train --stage models")
 
@@ -98,7 +96,7 @@ def evaluate_run(
         "regular_regular": _limit(list(itertools.combinations(heldout, 2)), config.heldout_pairs)
         + _limit([(h, s) for s in sources for h in heldout], config.heldout_source_pairs),
         "star_heldout": [(star, h) for star in stars for h in heldout],
-        "star_source": [(star, s) for star in stars for s in _limit(_own_sources(star, sources), config.star_sources)],
+        "star_source": [(star, s) for star in stars for s in _limit(own_sources(star, sources), config.star_sources)],
     }
     train_data = lambda: dataset.eval_batches("train", config.batch_size)  # noqa: E731
     test_data = lambda: dataset.eval_batches("test", config.batch_size)  # noqa: E731
@@ -116,12 +114,12 @@ def evaluate_run(
             for partner in partners:
                 curve = partial.get(anchor, partner)
                 if curve is None:
-                    partner_state, partner_row = matched[id(partner)]
+                    partner_buffers, partner_row = matched[id(partner)]
                     with progress_bar(total=batches_per_pair, desc=f"{anchor.label} ~ {partner.label}, {config.ts} points",
                                       unit="batch", enabled=progress, nested=True) as pair_bar:
                         measured = barrier_curve(
                             skeleton, anchor.row, partner_row, _counted(train_data, pair_bar), _counted(test_data, pair_bar),
-                            config.ts, buffers_a=anchor.state, buffers_b=partner_state, bn_batches=config.bn_batches,
+                            config.ts, buffers_a=anchor.buffers, buffers_b=partner_buffers, bn_batches=config.bn_batches,
                             space=space,
                         )
                     curve = {"a": anchor.label, "b": partner.label, **measured.to_dict()}
@@ -139,10 +137,10 @@ def evaluate_run(
     results = {
         "dataset": dataset.name,
         "model": run.model_spec().to_dict(),
-        "regular_loss": _summary([train for train, _ in own_loss["regular"].values()]),
-        "star_loss": _summary([train for train, _ in own_loss["star"].values()]),
-        "regular_test_loss": _summary([test for _, test in own_loss["regular"].values()]),
-        "star_test_loss": _summary([test for _, test in own_loss["star"].values()]),
+        "regular_loss": summarise([train for train, _ in own_loss["regular"].values()]),
+        "star_loss": summarise([train for train, _ in own_loss["star"].values()]),
+        "regular_test_loss": summarise([test for _, test in own_loss["regular"].values()]),
+        "star_test_loss": summarise([test for _, test in own_loss["star"].values()]),
         "barriers": {kind: _barrier_table(curves[kind], "loss_barrier") for kind in KINDS},
         "accuracy_barriers": {kind: _barrier_table(curves[kind], "acc_barrier") for kind in KINDS},
         "curves": curves,
@@ -218,36 +216,41 @@ def _counted(data, bar) -> Callable[[], Iterator]:
 # -- helpers --------------------------------------------------------------------------------------
 
 
-def _load_role(run: RunDir, role: str, space: ParamSpace, device) -> List[LoadedModel]:
+def load_models(run: RunDir, role: str, space: ParamSpace, device) -> List[LoadedModel]:
+    """Every finished model of ``role`` (``sources`` or ``heldout``), in seed order."""
     models = []
     for seed in run.finished_seeds(role):
-        loaded = _load_file(run.model_path(role, seed), f"{role} seed {seed}", space, device)
-        loaded.seed = seed
-        models.append(loaded)
+        state, _ = run.load_model(role, seed, device)
+        models.append(_loaded(run.model_path(role, seed), f"{role} seed {seed}", state, space, seed=seed))
     return models
 
 
-def _load_star(path: Path, space: ParamSpace, device) -> LoadedModel:
-    star = _load_file(path, f"star {path.stem}", space, device)
-    star.sources = read_json(path.with_suffix(".json")).get("sources")
-    return star
+def load_stars(run: RunDir, space: ParamSpace, device, star_set: str = MAIN_STARS) -> List[LoadedModel]:
+    """Every finished star of ``star_set``, in seed order, with the source seeds it was trained on."""
+    stars = []
+    for star_seed in run.finished_stars(star_set):
+        path = run.star_path(star_seed, star_set)
+        star = _loaded(path, f"star {path.stem}", load_state_dict(path, device), space, seed=star_seed)
+        star.sources = run.read_star_metadata(star_seed, star_set).get("sources")
+        stars.append(star)
+    return stars
 
 
-def _own_sources(star: LoadedModel, sources: List[LoadedModel]) -> List[LoadedModel]:
+def own_sources(star: LoadedModel, sources: List[LoadedModel]) -> List[LoadedModel]:
     """The sources a star was trained against (all sources when its metadata does not say)."""
     if star.sources is None:
         return sources
     return [source for source in sources if source.seed in set(star.sources)]
 
 
-def _load_file(path: Path, label: str, space: ParamSpace, device) -> LoadedModel:
-    digest = file_digest(path)
-    state = load_state_dict(path, device)
+def _loaded(path: Path, label: str, state: Dict[str, torch.Tensor], space: ParamSpace, seed: int) -> LoadedModel:
     try:
         row = space.flatten(state)
     except ValueError as error:
         raise RunDirError(f"{path}: {error}; delete it to train it again") from None
-    return LoadedModel(label, row, state, digest)
+    parameters = set(space.names)
+    buffers = {name: tensor for name, tensor in state.items() if name not in parameters}
+    return LoadedModel(label, row, buffers, file_digest(path), seed=seed)
 
 
 def _limit(items: Sequence, count: Optional[int]) -> List:
@@ -262,17 +265,18 @@ def _grouped_by_anchor(items: List[Tuple[LoadedModel, LoadedModel]]):
 
 
 def _match(anchor: LoadedModel, partners: List[LoadedModel], spec, space: ParamSpace, config: EvaluationConfig):
-    """Each partner weight-matched onto the anchor: ``[(permuted state dict, permuted row)]``."""
+    """Each partner weight-matched onto the anchor: ``[(permuted buffers, permuted row)]`` (the rows
+    come permuted from the matching; only the BatchNorm statistics are permuted here)."""
     bank = torch.stack([partner.row for partner in partners])
     result = match_weights(anchor.row, bank, spec, space=space, max_iter=config.match_max_iter, init=config.match_init)
     matched = []
     for k, partner in enumerate(partners):
         perm = {name: index[k] for name, index in result.perms.items()}
-        matched.append((spec.apply(partner.state, perm), result.permuted[k]))
+        matched.append((spec.apply(partner.buffers, perm), result.permuted[k]))
     return matched
 
 
-def _summary(values: Sequence) -> Optional[Dict[str, Any]]:
+def summarise(values: Sequence) -> Optional[Dict[str, Any]]:
     values = [float(v) for v in values]
     if not values:
         return None
@@ -286,4 +290,4 @@ def _summary(values: Sequence) -> Optional[Dict[str, Any]]:
 
 
 def _barrier_table(curves: List[Dict[str, Any]], key: str) -> Dict[str, Optional[Dict[str, Any]]]:
-    return {split: _summary([curve[key][split] for curve in curves if split in curve[key]]) for split in SPLITS}
+    return {split: summarise([curve[key][split] for curve in curves if split in curve[key]]) for split in SPLITS}

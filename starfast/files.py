@@ -6,19 +6,32 @@ gives the file the mode any other program's new file would get (``0o666`` less t
 when the block fails the temporary file is removed. ``write_atomic(path, write)`` does the same
 for a writer of a binary stream and flushes the data to disk before the rename.
 ``file_digest(path)`` is a fast content hash (BLAKE2b) of a file's bytes.
+
+On top of them, the formats starfast stores: JSON (:func:`write_json`, :func:`read_json`), state
+dicts as safetensors (:func:`save_state_dict`, :func:`load_state_dict`) and training checkpoints
+(:func:`save_checkpoint`, :func:`load_checkpoint`). A file that cannot be read back raises
+:class:`StoredFileError` naming it and what to do. This module knows no directory layout (that is
+:mod:`starfast.rundir`'s), so the algorithms that checkpoint their work use it directly.
 """
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Union
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Union
+
+import torch
 
 PathLike = Union[str, os.PathLike]
 TEMP_SUFFIX = ".tmp"
+
+
+class StoredFileError(RuntimeError):
+    """A stored file is corrupt, unreadable, or was written for other settings."""
 
 
 def _umask() -> int:
@@ -57,3 +70,60 @@ def file_digest(path: PathLike) -> str:
         for chunk in iter(lambda: stream.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def write_json(path: PathLike, data: Any) -> None:
+    """Write ``data`` as indented JSON, atomically."""
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    write_atomic(path, lambda stream: stream.write(text.encode()))
+
+
+def read_json(path: PathLike) -> Any:
+    try:
+        with open(path) as stream:
+            return json.load(stream)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as error:
+        raise StoredFileError(f"{path} is not readable JSON ({error}); delete it and run again to recreate it") from error
+
+
+def save_state_dict(path: PathLike, state_dict: Mapping[str, torch.Tensor], metadata: Optional[Mapping[str, str]] = None) -> None:
+    """Save tensors (moved to CPU, made contiguous and unshared) as safetensors, atomically."""
+    from safetensors.torch import save
+
+    tensors = {name: tensor.detach().to("cpu", copy=True).contiguous() for name, tensor in state_dict.items()}
+    payload = save(tensors, metadata=dict(metadata) if metadata else None)
+    write_atomic(path, lambda stream: stream.write(payload))
+
+
+def load_state_dict(path: PathLike, device: Union[str, torch.device] = "cpu") -> Dict[str, torch.Tensor]:
+    """Load a safetensors file; a corrupt file raises :class:`StoredFileError` naming it."""
+    from safetensors.torch import load
+
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        tensors = load(data)
+    except Exception as error:  # safetensors raises several types for truncated/garbled files
+        raise StoredFileError(f"{path} is corrupt ({error}); delete it (and its .json) to train that model again") from error
+    return {name: tensor.to(device) for name, tensor in tensors.items()}
+
+
+def save_checkpoint(path: PathLike, state: Mapping[str, Any]) -> None:
+    """``torch.save`` to a temp file, then rename: a kill never leaves half a checkpoint."""
+    write_atomic(path, lambda stream: torch.save(dict(state), stream))
+
+
+def load_checkpoint(path: PathLike) -> Dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint` (tensors on CPU)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as error:
+        # torch's own message is long and suggests weights_only=False; the type is enough here
+        raise StoredFileError(
+            f"checkpoint {path} is corrupt or not a starfast checkpoint ({type(error).__name__}); delete it to restart "
+            "that training from scratch"
+        ) from error

@@ -14,12 +14,11 @@ and each method's test-time cost: forward FLOPs per example (counted by
 measured time per test batch (median of a few repeats, softmax averaging included).
 
 The stars of size ``|Z|`` live in ``RUN/fusion/zNNNN/star/star-SSSS.safetensors`` (+ ``.json``
-recording sources, λ, recipe and seed), written by :func:`starfast.starlight.save_star`:
-``RUN/fusion/zNNNN`` is laid out like a run directory's star stage. A finished star is reused
-(never retrained) when its JSON matches the requested sources, λ and recipe, and refused with a
-message naming the flag otherwise; an interrupted one resumes from
-``RUN/checkpoints/fusion/zNNNN-star-SSSS.pt``. Star seed ``s`` starts from the same θ₀ and random
-streams as the run's own star ``s`` (seed ``2000 + s``). The star recipe is the one the run's first
+recording sources, λ, recipe and seed), trained by :func:`starfast.pipeline.train_missing_stars`
+like the run's own stars: a finished star is reused (never retrained) when its JSON matches the
+requested sources, λ and recipe, and refused with a message naming the flag otherwise; an
+interrupted one resumes from ``RUN/checkpoints/fusion/zNNNN/star/star-SSSS.pt``. Star seed ``s``
+starts from the same θ₀ and random streams as the run's own star ``s``. The star recipe is the one the run's first
 star was trained with (the run's recipe when it has none), with ``star_epochs`` replacing its
 epochs when given.
 """
@@ -35,18 +34,18 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from starfast import models
 from starfast.barrier import evaluate_rows
 from starfast.bma import nested_predictions, own_statistics
 from starfast.calibration import class_probabilities
-from starfast.evaluation import LoadedModel, _load_role, _load_star, _summary, star_paths
+from starfast.evaluation import LoadedModel, load_models, load_stars, summarise
+from starfast.files import write_json
 from starfast.flat import ParamSpace
+from starfast.models import ModelSpec
+from starfast.pipeline import STAR_FLAGS, train_missing_stars
 from starfast.progress import progress_bar
 from starfast.recipes import Recipe
-from starfast.rundir import ModelSpec, RunDir, RunDirError, read_json, write_json
-from starfast.starlight import save_star, star_path, train_star
-from starfast.train import STAR_SEED_START
-from starfast.training import init_model
+from starfast.rundir import RunDir, RunDirError, fusion_star_set
+from starfast.starlight import StarlightOptions
 
 DEFAULT_SIZES = (2, 5, 50)
 METHODS = ("regular", "ensemble", "star")
@@ -73,16 +72,11 @@ def usable_sizes(sizes: Sequence[int], available: int) -> Tuple[List[int], List[
     return [size for size in distinct if size <= available], [size for size in distinct if size > available]
 
 
-def fusion_folder(run: RunDir, size: int) -> Path:
-    """``RUN/fusion/zNNNN``: a run-like folder whose ``star/`` holds the stars of ``size`` sources."""
-    return run.path / "fusion" / f"z{size:04d}"
-
-
 def star_recipe(run: RunDir, star_epochs: Optional[int] = None) -> Recipe:
     """The recipe of the run's first star (the run's recipe without one), with ``star_epochs``
     replacing its epochs (step milestones rescaled with them) when given."""
-    paths = star_paths(run)
-    stored = read_json(paths[0].with_suffix(".json")).get("recipe") if paths else None
+    stars = run.finished_stars()
+    stored = run.read_star_metadata(stars[0]).get("recipe") if stars else None
     config = run.read_config() or {}
     if stored is None:
         stored = config.get("recipe")
@@ -93,6 +87,15 @@ def star_recipe(run: RunDir, star_epochs: Optional[int] = None) -> Recipe:
         return recipe
     scale = star_epochs / recipe.epochs
     return replace(recipe, epochs=star_epochs, milestones=sorted({max(1, round(m * scale)) for m in recipe.milestones}))
+
+
+# What changes a fusion star's recorded settings, for reuse refusals.
+FUSION_FLAGS = {
+    **{key: "(fixed for fusion stars)" for key in STAR_FLAGS},
+    "sources": "--fusion-sizes (or the run's sources)",
+    "ce_weight": "--fusion-ce-weight",
+    "recipe": "--fusion-star-epochs",
+}
 
 
 def fusion_stars(
@@ -109,28 +112,13 @@ def fusion_stars(
     """The ``star_seeds`` fusion stars of ``sources``, trained where missing (see the module
     docstring for where they live and when they are reused)."""
     spec = run.model_spec()
-    skeleton = spec.build()
-    space, permutation_spec = ParamSpace(skeleton), models.permutation_spec(skeleton)
-    folder = fusion_folder(run, len(sources))
-    seeds = [source.seed for source in sources]
-    wanted = {"sources": seeds, "ce_weight": float(ce_weight), "recipe": recipe.to_dict()}
-    bank = torch.stack([source.row for source in sources])
-    stars = []
-    for star_seed in range(star_seeds):
-        path = star_path(folder, star_seed)
-        if path.with_suffix(".json").exists():
-            _check_reusable(path, wanted)
-        else:
-            checkpoint = run.checkpoint_path("fusion", f"z{len(sources):04d}-star-{star_seed:04d}.pt")
-            result = train_star(
-                skeleton, bank, permutation_spec, dataset, recipe, space=space, ce_weight=ce_weight,
-                init_row=space.flatten(init_model(spec, STAR_SEED_START + star_seed)), seed=STAR_SEED_START + star_seed,
-                device=device, checkpoint_path=checkpoint, quiet=not progress,
-            )
-            save_star(folder, star_seed, result, {"sources": seeds, "model": spec.to_dict(), "dataset": dataset.name})
-            checkpoint.unlink(missing_ok=True)
-        stars.append(_load_star(path, space, device))
-    return stars
+    star_set = fusion_star_set(len(sources))
+    train_missing_stars(
+        run, spec, dataset, recipe, StarlightOptions(ce_weight=ce_weight), star_seeds=star_seeds,
+        sources=[source.seed for source in sources], star_set=star_set, flags=FUSION_FLAGS, device=device,
+        progress=progress, report=lambda line: None,
+    )
+    return load_stars(run, ParamSpace(spec.build()), device, star_set)[:star_seeds]
 
 
 def fusion_table(
@@ -147,7 +135,7 @@ def fusion_table(
     model_spec = run.model_spec()
     skeleton = model_spec.build().to(device)
     space = ParamSpace(skeleton)
-    sources = _load_role(run, "sources", space, device)
+    sources = load_models(run, "sources", space, device)
     sizes, dropped = usable_sizes(config.sizes, len(sources))
     if not sizes:
         raise RunDirError(
@@ -158,7 +146,7 @@ def fusion_table(
     test_data = lambda: dataset.eval_batches("test", config.batch_size)  # noqa: E731
     used = sources[: sizes[-1]]
     rows = torch.stack([source.row for source in used])
-    source_statistics = own_statistics(skeleton, [source.state for source in used])
+    source_statistics = own_statistics(skeleton, [source.buffers for source in used])
     _, accuracies = evaluate_rows(skeleton, rows, source_statistics, test_data, space=space, argument="test_data")
     ensembles = nested_predictions(skeleton, rows, source_statistics, test_data, space=space, argument="test_data")
     timing_batch = next(iter(test_data()))[0].to(device)
@@ -171,7 +159,7 @@ def fusion_table(
             ce_weight=config.ce_weight, star_seeds=config.star_seeds, device=device, progress=progress,
         )
         star_rows = torch.stack([star.row for star in stars])
-        star_statistics = own_statistics(skeleton, [star.state for star in stars])
+        star_statistics = own_statistics(skeleton, [star.buffers for star in stars])
         _, star_accuracies = evaluate_rows(skeleton, star_rows, star_statistics, test_data, space=space, argument="test_data")
         members = {
             "regular": [modules[used[0].label]],
@@ -182,9 +170,9 @@ def fusion_table(
         table.append({
             "size": size,
             "sources": [source.seed for source in used[:size]],
-            "regular": _summary(accuracies[:size].tolist()),
+            "regular": summarise(accuracies[:size].tolist()),
             "ensemble": {"accuracy": float(ensemble.correct.double().mean()), "nll": float(-ensemble.true_log_prob.mean())},
-            "star": _summary(star_accuracies.tolist()),
+            "star": summarise(star_accuracies.tolist()),
             "stars": [star.label for star in stars],
             "cost": {
                 method: inference_cost(group, timing_batch, config.timing_repeats) for method, group in members.items()
@@ -210,7 +198,7 @@ def write_fusion(run: RunDir, results: Mapping[str, Any]) -> Path:
     """``RUN/results/fusion.json`` (atomic), then ``fusion.md`` beside it."""
     from starfast import report
 
-    folder = run.path / "results"
+    folder = run.results_folder
     write_json(folder / "fusion.json", dict(results))
     report.write_text(folder / "fusion.md", report.format_fusion_table(results) + "\n")
     return folder
@@ -252,17 +240,5 @@ def _timed(work: Callable[[], torch.Tensor], device: torch.device) -> float:
 
 def _module(spec: ModelSpec, model: LoadedModel, device: torch.device) -> nn.Module:
     module = spec.build().to(device)
-    module.load_state_dict(model.state)
+    module.load_state_dict(model.state_dict(ParamSpace(module)))
     return module.eval()
-
-
-def _check_reusable(path: Path, wanted: Mapping[str, Any]) -> None:
-    """Refuse a finished fusion star trained with other sources, λ or recipe (naming the flag)."""
-    stored = read_json(path.with_suffix(".json"))
-    flags = {"sources": "--fusion-sizes (or the run's sources)", "ce_weight": "--fusion-ce-weight", "recipe": "--fusion-star-epochs"}
-    for key, value in wanted.items():
-        if stored.get(key) != value:
-            raise RunDirError(
-                f"{path.with_suffix('.json')} was trained with {key} = {stored.get(key)!r}, not {value!r}; use the same "
-                f"{flags[key]} as before, or delete {path.parent.parent} to train those stars again"
-            )

@@ -2,8 +2,10 @@
 
 ``format_table(results)`` renders the paper-style summary (regular and star loss; train and test
 loss barriers of regular–regular, star–held-out and star–source pairs as mean ± std [min, max]);
-``write_table`` saves it as ``table.md``; ``plot_curves`` draws loss and accuracy along t with ±1
-std bands, star–held-out against regular–regular (the paper's Figure 2), as ``curves.png``.
+``verdict(results)`` is the one-line answer to the paper's claim (see its docstring for the three
+conditions); ``write_table`` saves the table and the verdict as ``table.md``; ``plot_curves`` draws
+loss and accuracy along t with ±1 std bands, star–held-out against regular–regular (the paper's
+Figure 2), as ``curves.png``.
 
 The applications' output: ``format_bma_table`` / ``plot_bma`` (``bma.md`` / ``bma.png``, Figure 4's
 three panels) for :mod:`starfast.bma`, ``format_fusion_table`` (``fusion.md``, Table 2 and the
@@ -12,7 +14,7 @@ test-time costs) for :mod:`starfast.fusion`; ``write_text`` writes any of them a
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from starfast.files import replaced_atomically
 
@@ -48,8 +50,78 @@ def format_table(results: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# The star-domain claim, as :func:`verdict` tests it on the train-split loss barriers.
+CLAIM_RATIO = 0.6  # star–held-out at most this fraction of regular–regular
+CLAIM_LOSS_FACTOR = 2.0  # the star's own train loss at most this multiple of the regular models'
+
+
+def verdict(results: Mapping[str, Any]) -> str:
+    """One line: do the results show the paper's claim (a star is closer to held-out solutions)?
+
+    All quantities are train-split loss barriers (eq. 1, ``barriers[KIND]["train"]``). The claim
+    holds when all three conditions do:
+
+    - **ratio**: mean star–held-out barrier / mean regular–regular barrier <= ``CLAIM_RATIO``;
+    - **per-model means do not overlap**: each model's barriers are averaged over the pairs it is
+      in (``curves[KIND]``, whose ``"a"``/``"b"`` name the two models). The largest held-out
+      model's mean star–held-out barrier (over the stars) is below the smallest model's mean
+      regular–regular barrier (over the regular pairs it is in). A mean per model, not per pair,
+      because pairs sharing a model are not independent draws; and the worst against the best, so
+      no held-out model is closer to the regular models than some other is to the stars;
+    - **the star is trained as well**: mean star train loss <= ``CLAIM_LOSS_FACTOR`` × mean
+      regular train loss (an under-trained star has low barriers for the wrong reason).
+
+    Results without a star (or without regular pairs) get a line saying the claim was not tested.
+    """
+    barriers = results["barriers"]
+    regular, star = barriers["regular_regular"]["train"], barriers["star_heldout"]["train"]
+    if not star:
+        return "verdict: no star was evaluated, so the star-domain claim was not tested (train the star stage)"
+    if not regular:
+        return "verdict: no regular–regular pair was measured, so the star-domain claim was not tested"
+    ratio = star["mean"] / regular["mean"] if regular["mean"] > 0 else float("inf")
+    star_loss, regular_loss = results["star_loss"]["mean"], results["regular_loss"]["mean"]
+    loss_factor = star_loss / regular_loss if regular_loss > 0 else float("inf")
+    heldout_means = _model_means(results["curves"]["star_heldout"], ("b",))  # "a" is the star
+    regular_means = _model_means(results["curves"]["regular_regular"], ("a", "b"))
+    labelled = bool(heldout_means and regular_means)
+    worst_heldout = max(heldout_means.values()) if labelled else None
+    best_regular = min(regular_means.values()) if labelled else None
+    separated = labelled and worst_heldout < best_regular
+    if not labelled:
+        overlap = "per-model means unknown: the curves name no models"
+    elif separated:
+        overlap = "per-model means do not overlap"
+    else:
+        overlap = (f"per-model means overlap: largest held-out mean to the stars {worst_heldout:.3g}, "
+                   f"smallest regular mean {best_regular:.3g}")
+    failures = [
+        reason for failed, reason in (
+            (ratio > CLAIM_RATIO, f"ratio above {CLAIM_RATIO:g}×"),
+            (not separated, "per-model means overlap" if labelled else "per-model means not checked"),
+            (loss_factor > CLAIM_LOSS_FACTOR, f"star under-trained, loss above {CLAIM_LOSS_FACTOR:g}×"),
+        ) if failed
+    ]
+    outcome = "the star-domain claim holds here" if not failures else f"the star-domain claim does not hold here ({'; '.join(failures)})"
+    return (f"verdict: star–held-out barrier {star['mean']:.3g} vs regular–regular {regular['mean']:.3g} "
+            f"({ratio:.2f}×, {overlap}); star train loss {star_loss:.3g} vs regular {regular_loss:.3g} "
+            f"({loss_factor:.1f}×): {outcome}")
+
+
+def _model_means(curves, ends: Tuple[str, ...]) -> Optional[Dict[str, float]]:
+    """Mean train loss barrier per model over the curves it is an end (``"a"``/``"b"``) of."""
+    barriers: Dict[str, List[float]] = {}
+    for curve in curves:
+        if any(end not in curve for end in ends):
+            return None
+        for end in ends:
+            barriers.setdefault(curve[end], []).append(curve["loss_barrier"]["train"])
+    return {label: sum(values) / len(values) for label, values in barriers.items()} or None
+
+
 def write_table(path: Path, results: Mapping[str, Any]) -> None:
-    write_text(path, format_table(results) + "\n")
+    """``table.md``: the table, then the verdict line."""
+    write_text(path, format_table(results) + "\n\n" + verdict(results) + "\n")
 
 
 def plot_curves(path: Path, results: Mapping[str, Any]) -> bool:

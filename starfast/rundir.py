@@ -6,7 +6,11 @@ Layout (every file is written atomically: a temp file in the same folder, then `
     RUN/sources/seed-0000.safetensors      state_dict (parameters and buffers) of source model 0
     RUN/sources/seed-0000.json             its metadata: model, dataset, seed, recipe, metrics...
     RUN/heldout/seed-1000.safetensors      held-out models, same format
+    RUN/models.json                        metrics of every finished model
+    RUN/star/star-0000.safetensors         the star models (+ .json: sources, settings, metrics)
+    RUN/fusion/z0005/star/star-0000.*      fusion stars trained on the first 5 sources
     RUN/checkpoints/<role>/seed-0000.pt    in-progress training state (removed once finished)
+    RUN/checkpoints/<star set>/star-0000.pt  in-progress star training
     RUN/results/                           the evaluation's results.json, table.md, curves.png
     RUN/results/partial.json               curves of an evaluation in progress (removed once written)
 
@@ -15,35 +19,38 @@ last, so a crash between the two leaves an unfinished model that is trained agai
 checkpoint). Source seeds are ``0 .. N-1`` and held-out seeds ``1000 .. 1000+H-1``
 (:func:`source_seeds`, :func:`heldout_seeds`), so the two sets never overlap.
 
-This module also owns :class:`ModelSpec`, the JSON description from which any stored model can be
-rebuilt (``starfast.models.build``) without loading the dataset. Later stages (the star trainer,
-evaluation) use the same helpers: :meth:`RunDir.prepare` for their config section,
-:meth:`RunDir.checkpoint_path` for their checkpoints, :func:`save_checkpoint` /
-:func:`load_checkpoint`, :func:`write_json` / :func:`read_json`.
+:class:`RunDir` is the only code that knows this layout; the pipeline (:mod:`starfast.pipeline`)
+fills it, the algorithms below never see it (they get tensors and a checkpoint path). The file
+formats themselves are :mod:`starfast.files`'.
 """
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from starfast.files import write_atomic
+from starfast.files import StoredFileError, load_state_dict, read_json, save_state_dict, write_json
+from starfast.models import ModelSpec
 
 PathLike = Union[str, os.PathLike]
 
 ROLES = ("sources", "heldout")
 HELDOUT_SEED_START = 1000
 CONFIG_IDENTITY = ("model", "dataset", "recipe")
+MAIN_STARS = "star"  # the main job's star set; fusion stars of N sources are "fusion/zNNNN/star"
+
+
+def fusion_star_set(num_sources: int) -> str:
+    return f"fusion/z{num_sources:04d}/star"
 # config.json key -> the CLI flag that sets it, for mismatch messages
 _FLAG_OF = {"model.arch": "--arch", "model.kwargs": "--arch-kw", "dataset": "--dataset"}
 
 
-class RunDirError(RuntimeError):
+class RunDirError(StoredFileError):
     """A run-directory file is corrupt, missing, or belongs to a different configuration."""
 
 
@@ -59,108 +66,6 @@ def heldout_seeds(count: int) -> List[int]:
     if count < 0:
         raise ValueError(f"--heldout must be >= 0, got {count}")
     return list(range(HELDOUT_SEED_START, HELDOUT_SEED_START + count))
-
-
-# -- atomic files ---------------------------------------------------------------------------------
-
-
-def write_json(path: PathLike, data: Any) -> None:
-    """Write ``data`` as indented JSON, atomically."""
-    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
-    write_atomic(path, lambda stream: stream.write(text.encode()))
-
-
-def read_json(path: PathLike) -> Any:
-    try:
-        with open(path) as stream:
-            return json.load(stream)
-    except FileNotFoundError:
-        raise
-    except (OSError, ValueError) as error:
-        raise RunDirError(f"{path} is not readable JSON ({error}); delete it and run again to recreate it") from error
-
-
-def save_state_dict(path: PathLike, state_dict: Mapping[str, torch.Tensor], metadata: Optional[Mapping[str, str]] = None) -> None:
-    """Save tensors (moved to CPU, made contiguous and unshared) as safetensors, atomically."""
-    from safetensors.torch import save
-
-    tensors = {name: tensor.detach().to("cpu", copy=True).contiguous() for name, tensor in state_dict.items()}
-    payload = save(tensors, metadata=dict(metadata) if metadata else None)
-    write_atomic(path, lambda stream: stream.write(payload))
-
-
-def load_state_dict(path: PathLike, device: Union[str, torch.device] = "cpu") -> Dict[str, torch.Tensor]:
-    """Load a safetensors file; a corrupt file raises :class:`RunDirError` naming it."""
-    from safetensors.torch import load
-
-    path = Path(path)
-    data = path.read_bytes()
-    try:
-        tensors = load(data)
-    except Exception as error:  # safetensors raises several types for truncated/garbled files
-        raise RunDirError(f"{path} is corrupt ({error}); delete it (and its .json) to train that model again") from error
-    return {name: tensor.to(device) for name, tensor in tensors.items()}
-
-
-def save_checkpoint(path: PathLike, state: Mapping[str, Any]) -> None:
-    """``torch.save`` to a temp file, then rename: a kill never leaves half a checkpoint."""
-    write_atomic(path, lambda stream: torch.save(dict(state), stream))
-
-
-def load_checkpoint(path: PathLike) -> Dict[str, Any]:
-    """Load a checkpoint written by :func:`save_checkpoint` (tensors on CPU)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as error:
-        # torch's own message is long and suggests weights_only=False; the type is enough here
-        raise RunDirError(
-            f"checkpoint {path} is corrupt or not a starfast checkpoint ({type(error).__name__}); delete it to restart "
-            "that training from scratch"
-        ) from error
-
-
-# -- model description ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Everything ``starfast.models.build`` needs to rebuild a stored model (JSON-ready)."""
-
-    arch: str
-    num_classes: int
-    in_channels: int
-    input_shape: Tuple[int, ...]
-    kwargs: Dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def for_dataset(cls, arch: str, dataset: Any, kwargs: Optional[Mapping[str, Any]] = None) -> "ModelSpec":
-        """The spec of ``arch`` on ``dataset``: binary tasks get one output logit (BCE)."""
-        return cls(
-            arch=arch,
-            num_classes=1 if dataset.binary else int(dataset.num_classes),
-            in_channels=int(dataset.in_channels),
-            input_shape=tuple(int(size) for size in dataset.input_shape),
-            kwargs=dict(kwargs or {}),
-        )
-
-    def build(self) -> nn.Module:
-        """A freshly initialised module (uses the global RNG: see ``starfast.training.init_model``)."""
-        from starfast import models
-
-        return models.build(
-            self.arch, num_classes=self.num_classes, in_channels=self.in_channels, input_shape=self.input_shape, **self.kwargs
-        )
-
-    def to_dict(self) -> Dict[str, Any]:
-        data = asdict(self)
-        data["input_shape"] = list(self.input_shape)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "ModelSpec":
-        return cls(**{**data, "input_shape": tuple(data["input_shape"])})
 
 
 # -- the directory --------------------------------------------------------------------------------
@@ -275,6 +180,41 @@ class RunDir:
         save_state_dict(path, state_dict, {"role": role, "seed": str(seed), "arch": str(metadata.get("model", {}).get("arch", ""))})
         write_json(path.with_suffix(".json"), dict(metadata))
         return path
+
+    @property
+    def models_summary_path(self) -> Path:
+        """``RUN/models.json``: the metrics of every finished model."""
+        return self.path / "models.json"
+
+    # -- stars --------------------------------------------------------------------------------
+
+    def star_path(self, star_seed: int, star_set: str = MAIN_STARS) -> Path:
+        """``RUN/<star_set>/star-SSSS.safetensors``; its metadata is the same path with ``.json``."""
+        return self.path / star_set / f"star-{star_seed:04d}.safetensors"
+
+    def star_checkpoint_path(self, star_seed: int, star_set: str = MAIN_STARS) -> Path:
+        return self.checkpoint_path(*star_set.split("/"), f"star-{star_seed:04d}.pt")
+
+    def finished_stars(self, star_set: str = MAIN_STARS) -> List[int]:
+        """Seeds of the stars of ``star_set`` whose metadata JSON (written last) exists."""
+        folder = self.path / star_set
+        if not folder.is_dir():
+            return []
+        seeds = (path.stem.split("-", 1)[1] for path in folder.glob("star-*.json"))
+        return sorted(int(seed) for seed in seeds if seed.isdigit() and self.star_path(int(seed), star_set).exists())
+
+    def save_star(self, star_seed: int, state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, Any],
+                  star_set: str = MAIN_STARS) -> Path:
+        """Write the star's weights, then its metadata JSON (which marks it finished)."""
+        path = self.star_path(star_seed, star_set)
+        save_state_dict(path, state_dict, {"role": "star", "seed": str(star_seed)})
+        write_json(path.with_suffix(".json"), dict(metadata))
+        return path
+
+    def read_star_metadata(self, star_seed: int, star_set: str = MAIN_STARS) -> Dict[str, Any]:
+        return read_json(self.star_path(star_seed, star_set).with_suffix(".json"))
+
+    # -- models -------------------------------------------------------------------------------
 
     def read_metadata(self, role: str, seed: int) -> Dict[str, Any]:
         """The JSON stored beside a model (``RUN/<role>/seed-XXXX.json``)."""

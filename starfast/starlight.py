@@ -15,7 +15,6 @@ This module owns
   place, synchronously or in a background thread;
 - :func:`sample_t` — the point on the segment: ``uniform`` (the paper), ``beta`` (Beta(2, 2), the
   ablation of Appendix D.4) or ``constant`` (0.5);
-- :func:`save_star` / :func:`star_path` — ``RUN/star/star-SSSS.safetensors`` and its ``.json``.
 
 BatchNorm. The interpolated model normalises with the batch's statistics (train mode). The
 forward runs on a private copy of the skeleton whose BatchNorm layers keep no running statistics
@@ -42,12 +41,11 @@ import functools
 import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -60,9 +58,18 @@ from starfast.matching import MatchResult, match_weights
 from starfast.ops import lerp_gather
 from starfast.progress import progress_bar
 from starfast.recipes import Recipe
-from starfast.rundir import RunDir, RunDirError, load_checkpoint, save_checkpoint, save_state_dict, write_json
+from starfast.files import save_checkpoint
 from starfast.spec import PermutationSpec
-from starfast.training import make_optimizer, per_example_loss
+from starfast.training import make_optimizer
+from starfast.training_common import (
+    StarStream,
+    forked_global_rng,
+    per_example_loss,
+    resume_checkpoint,
+    seed_global_rng,
+    steps_per_epoch,
+    stream_seed,
+)
 
 T_SAMPLINGS = ("uniform", "beta", "constant")
 CONSTANT_T = 0.5
@@ -73,7 +80,6 @@ DIVERGENCE_LIMIT = 1e6
 DIVERGENCE_CHECK_INTERVAL = 32
 EVAL_BATCH_SIZE = 1000
 CHECKPOINT_FORMAT = 1
-INIT_STREAM, SAMPLE_STREAM, DATA_STREAM, DROPOUT_STREAM, MATCH_STREAM = range(5)
 
 Perm = Dict[str, torch.Tensor]
 
@@ -89,13 +95,43 @@ class Draw(NamedTuple):
     t: float
 
 
+@dataclass(frozen=True)
+class StarlightOptions:
+    """How Starlight trains a star beyond its recipe; validated on construction (errors name the
+    CLI flag), JSON-ready with :meth:`to_dict` (what a star's metadata records).
+
+    ``t_sampling``: ``uniform``, ``beta`` or ``constant`` (see :func:`sample_t`); ``rematch_every``:
+    re-match all sources every this many steps (``None``: at every epoch start); ``ce_weight``: λ of
+    the added loss λ·L(θ) on the same batch (Section 4.2; 0 is the paper's Starlight);
+    ``samples_per_step``: S draws per step, each on 1/S of the batch, run under one ``vmap``;
+    ``rematch_async``: re-match in a background thread (see :class:`SourceMatcher`; not
+    bit-reproducible, not available under ``torch.distributed``).
+    """
+
+    t_sampling: str = "uniform"
+    rematch_every: Optional[int] = None
+    ce_weight: float = 0.0
+    samples_per_step: int = 1
+    rematch_async: bool = False
+
+    def __post_init__(self) -> None:
+        if self.t_sampling not in T_SAMPLINGS:
+            raise ValueError(f"--t-sampling must be one of {', '.join(T_SAMPLINGS)}, got {self.t_sampling!r}")
+        every = self.rematch_every
+        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+            raise ValueError(f"--rematch-every must be a positive number of steps (or omitted: every epoch), got {every!r}")
+        if not (isinstance(self.ce_weight, (int, float)) and math.isfinite(self.ce_weight) and self.ce_weight >= 0):
+            raise ValueError(f"--ce-weight must be a finite number >= 0, got {self.ce_weight}")
+        object.__setattr__(self, "ce_weight", float(self.ce_weight))
+        if isinstance(self.samples_per_step, bool) or not isinstance(self.samples_per_step, int) or self.samples_per_step < 1:
+            raise ValueError(f"--samples-per-step must be a positive int, got {self.samples_per_step!r}")
+        object.__setattr__(self, "rematch_async", bool(self.rematch_async))
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
 # -- sampling ------------------------------------------------------------------------------------
-
-
-def _stream_seed(seed: int, *stream: int) -> int:
-    """A 63-bit seed for the random stream ``(seed, *stream)``, e.g. ``(seed, SAMPLE_STREAM, epoch, rank)``."""
-    high, low = np.random.SeedSequence([seed, *stream]).generate_state(2, dtype=np.uint32)
-    return (int(high) << 32 | int(low)) >> 1
 
 
 def sample_t(kind: str, count: int, generator: torch.Generator) -> torch.Tensor:
@@ -248,7 +284,7 @@ class SourceMatcher:
         """Match every source to ``theta`` (see the class docstring); a pending match is finished first."""
         self.finish()
         started = time.perf_counter()
-        seed = _stream_seed(self.seed, MATCH_STREAM, self.rematches)
+        seed = stream_seed(self.seed, StarStream.MATCH, self.rematches)
         self.rematches += 1
         if background and self.matched:
             if self._executor is None:
@@ -337,37 +373,19 @@ class StarResult:
     settings: Dict[str, Any] = field(default_factory=dict)
 
 
-def fresh_init_row(skeleton: nn.Module, seed: int, space: Optional[ParamSpace] = None) -> torch.Tensor:
-    """θ₀: a copy of ``skeleton`` re-initialised by every module's ``reset_parameters()`` under
-    ``seed`` (CPU, the caller's RNG untouched), flattened. Parameters of modules without
-    ``reset_parameters`` keep the skeleton's values."""
-    space = space if space is not None else ParamSpace(skeleton)
-    model = copy.deepcopy(skeleton).cpu()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(_stream_seed(seed, INIT_STREAM))
-        for module in model.modules():
-            if callable(getattr(module, "reset_parameters", None)):
-                module.reset_parameters()
-    return space.flatten(model)
-
-
 def train_star(
     skeleton: nn.Module,
     bank: torch.Tensor,
     spec: PermutationSpec,
     dataset,
     recipe: Recipe,
+    options: StarlightOptions = StarlightOptions(),
     *,
     space: Optional[ParamSpace] = None,
-    t_sampling: str = "uniform",
-    rematch_every: Optional[int] = None,
-    ce_weight: float = 0.0,
-    samples_per_step: int = 1,
     init_row: Optional[torch.Tensor] = None,
     seed: int = 0,
     device: Union[str, torch.device] = "cpu",
     checkpoint_path=None,
-    rematch_async: bool = False,
     quiet: bool = False,
     on_epoch_end: Optional[Callable[[int], None]] = None,
 ) -> StarResult:
@@ -379,15 +397,11 @@ def train_star(
         spec: the architecture's permutation spec.
         dataset: a :class:`starfast.data.Dataset` (``train_batches``, ``eval_batches``, ``binary``).
         recipe: optimizer, learning-rate schedule, epochs, batch size (per rank), label smoothing.
-        t_sampling: ``uniform``, ``beta`` or ``constant`` (see :func:`sample_t`).
-        rematch_every: re-match all sources every this many steps; ``None``: at every epoch start.
-        ce_weight: λ of the added loss λ·L(θ) on the same batch (Section 4.2); 0 = the paper's Starlight.
-        samples_per_step: S draws per step, each on 1/S of the batch, run under one ``vmap``.
-        init_row: θ₀ ``[P]``; default :func:`fresh_init_row` of ``seed``.
-        seed: drives θ₀ and every random stream (see the module docstring).
+        options: t-sampling, re-matching, ce-weight, samples per step (:class:`StarlightOptions`).
+        init_row: θ₀ ``[P]``; default: the skeleton's own parameters (initialise the skeleton, or
+            pass a row, e.g. ``space.flatten(training.init_model(spec, seed))`` as the pipeline does).
+        seed: drives every random stream (see the module docstring).
         checkpoint_path: written atomically after every epoch; an existing one is resumed.
-        rematch_async: re-match in a background thread (see :class:`SourceMatcher`); not
-            bit-reproducible, and not available under ``torch.distributed``.
         quiet: no progress bar.
         on_epoch_end: called with the number of finished epochs after each epoch's checkpoint.
 
@@ -398,21 +412,22 @@ def train_star(
     space = space if space is not None else ParamSpace(skeleton)
     space.check_compatible(skeleton, "skeleton")
     rank, world_size = _distributed_place()
-    settings = _check_settings(t_sampling, rematch_every, ce_weight, samples_per_step, recipe, rematch_async, world_size, seed)
+    settings = _check_settings(options, recipe, world_size, seed)
     bank = _checked_bank(bank, space, device)
-    theta = _checked_init_row(init_row, skeleton, space, seed).to(device).requires_grad_()
+    theta = _checked_init_row(init_row, skeleton, space).to(device).requires_grad_()
     if world_size > 1:
         dist.broadcast(theta.data, src=0)  # every rank starts from rank 0's θ₀
-    steps = _steps_per_epoch(dataset, recipe.batch_size, world_size)
-    period = rematch_every or steps
+    steps = steps_per_epoch(dataset, recipe.batch_size, world_size)
+    period = options.rematch_every or steps
 
     objective = StarObjective(
-        skeleton, bank, space=space, binary=dataset.binary, label_smoothing=recipe.label_smoothing, ce_weight=ce_weight
+        skeleton, bank, space=space, binary=dataset.binary, label_smoothing=recipe.label_smoothing,
+        ce_weight=options.ce_weight,
     )
     optimizer = make_optimizer(recipe, [theta])
     identity = {"format": CHECKPOINT_FORMAT, **settings, "num_sources": bank.shape[0], "P": space.size, "world_size": world_size}
     checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
-    resumed = _load_matching_checkpoint(checkpoint_path, identity)
+    resumed = resume_checkpoint(checkpoint_path, identity, lambda state: state.get("identity", {}), "star checkpoint")
     start_epoch, seconds, history, perms, rematches = 0, 0.0, [], None, 0
     if resumed is not None:
         with torch.no_grad():
@@ -423,15 +438,14 @@ def train_star(
     matcher = SourceMatcher(bank, spec, space, perms=perms, rematches=rematches, seed=seed, rank=rank, world_size=world_size)
 
     bar = progress_bar(total=recipe.epochs, initial=start_epoch, desc="starlight", unit="epoch", enabled=not quiet and rank == 0, nested=True)
-    devices = [device.index or 0] if device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=devices):
+        with forked_global_rng(device) as devices:
             for epoch in range(start_epoch, recipe.epochs):
                 started = time.perf_counter()
                 rematch_before = (matcher.seconds, matcher.wait_seconds)
-                _seed_global_rng(_stream_seed(seed, DROPOUT_STREAM, epoch, rank), devices)
-                samples = torch.Generator().manual_seed(_stream_seed(seed, SAMPLE_STREAM, epoch, rank))
-                order = torch.Generator().manual_seed(_stream_seed(seed, DATA_STREAM, epoch))
+                seed_global_rng(stream_seed(seed, StarStream.DROPOUT, epoch, rank), devices)
+                samples = torch.Generator().manual_seed(stream_seed(seed, StarStream.SAMPLE, epoch, rank))
+                order = torch.Generator().manual_seed(stream_seed(seed, StarStream.DATA, epoch))
                 batches = islice(dataset.train_batches(recipe.batch_size, generator=order), rank, steps * world_size, world_size)
                 step_losses = torch.zeros(steps, 2, device=device)  # interpolated, at θ
                 draws_of_steps: List[List[Draw]] = []
@@ -439,12 +453,12 @@ def train_star(
                 for step, (inputs, labels) in enumerate(batches):
                     global_step = epoch * steps + step
                     if global_step % period == 0:
-                        matcher.rematch(theta, background=rematch_async)
+                        matcher.rematch(theta, background=options.rematch_async)
                     else:
                         matcher.poll()
                     for group in optimizer.param_groups:
                         group["lr"] = recipe.lr_at(epoch + step / steps)
-                    draws = sample_draws(bank.shape[0], samples_per_step, t_sampling, samples)
+                    draws = sample_draws(bank.shape[0], options.samples_per_step, options.t_sampling, samples)
                     draws_of_steps.append(draws)
                     result = objective(theta, matcher.index_maps, inputs.to(device), labels.to(device), draws)
                     optimizer.zero_grad(set_to_none=True)
@@ -462,7 +476,7 @@ def train_star(
                 matcher.finish()
                 elapsed = time.perf_counter() - started
                 seconds += elapsed
-                history.append(_epoch_record(epoch, step_losses, ce_weight, world_size, recipe, elapsed, matcher, rematch_before))
+                history.append(_epoch_record(epoch, step_losses, options.ce_weight, world_size, recipe, elapsed, matcher, rematch_before))
                 if checkpoint_path is not None and rank == 0:
                     save_checkpoint(
                         checkpoint_path,
@@ -574,36 +588,20 @@ def _distributed_place() -> Tuple[int, int]:
     return 0, 1
 
 
-def _check_settings(
-    t_sampling, rematch_every, ce_weight, samples_per_step, recipe: Recipe, rematch_async, world_size, seed
-) -> Dict[str, Any]:
-    """Validate the Starlight options (errors name the CLI flag); returns them JSON-ready."""
-    if t_sampling not in T_SAMPLINGS:
-        raise ValueError(f"--t-sampling must be one of {', '.join(T_SAMPLINGS)}, got {t_sampling!r}")
-    if rematch_every is not None and (not isinstance(rematch_every, int) or rematch_every < 1):
-        raise ValueError(f"--rematch-every must be a positive number of steps (or omitted: every epoch), got {rematch_every!r}")
-    if not (math.isfinite(ce_weight) and ce_weight >= 0):
-        raise ValueError(f"--ce-weight must be a finite number >= 0, got {ce_weight}")
-    if not isinstance(samples_per_step, int) or samples_per_step < 1:
-        raise ValueError(f"--samples-per-step must be a positive int, got {samples_per_step!r}")
-    if recipe.batch_size % samples_per_step:
+def _check_settings(options: StarlightOptions, recipe: Recipe, world_size: int, seed: int) -> Dict[str, Any]:
+    """Check the options against the recipe and the process group; returns the star's settings
+    JSON-ready (options, seed and recipe)."""
+    if recipe.batch_size % options.samples_per_step:
         raise ValueError(
-            f"--samples-per-step {samples_per_step} must divide --batch-size {recipe.batch_size} (each draw gets an equal chunk)"
+            f"--samples-per-step {options.samples_per_step} must divide --batch-size {recipe.batch_size} "
+            "(each draw gets an equal chunk)"
         )
-    if rematch_async and world_size > 1:
+    if options.rematch_async and world_size > 1:
         raise ValueError(
             "--rematch-async is not supported under torchrun: ranks would swap the index maps at different steps; "
             "drop it (re-matching then runs on rank 0 and is broadcast)"
         )
-    return {
-        "t_sampling": t_sampling,
-        "rematch_every": rematch_every,
-        "ce_weight": float(ce_weight),
-        "samples_per_step": samples_per_step,
-        "rematch_async": bool(rematch_async),
-        "seed": seed,
-        "recipe": recipe.to_dict(),
-    }
+    return {**options.to_dict(), "seed": seed, "recipe": recipe.to_dict()}
 
 
 def _checked_bank(bank: torch.Tensor, space: ParamSpace, device: torch.device) -> torch.Tensor:
@@ -617,62 +615,12 @@ def _checked_bank(bank: torch.Tensor, space: ParamSpace, device: torch.device) -
     return bank
 
 
-def _checked_init_row(init_row, skeleton, space: ParamSpace, seed: int) -> torch.Tensor:
+def _checked_init_row(init_row, skeleton, space: ParamSpace) -> torch.Tensor:
     if init_row is None:
-        return fresh_init_row(skeleton, seed, space)
+        init_row = space.flatten(skeleton)
     if not isinstance(init_row, torch.Tensor) or tuple(init_row.shape) != (space.size,):
         shape = list(init_row.shape) if isinstance(init_row, torch.Tensor) else type(init_row).__name__
         raise ValueError(f"init_row must be one row [{space.size}], got {shape}")
     if not bool(torch.isfinite(init_row).all()):
         raise ValueError("init_row has NaN or infinite entries")
     return init_row.detach().to(space.dtype).clone()
-
-
-def _steps_per_epoch(dataset, batch_size: int, world_size: int) -> int:
-    steps = (dataset.num_train // batch_size) // world_size
-    if steps == 0:
-        raise ValueError(
-            f"--batch-size {batch_size} on {world_size} process(es) needs at least {batch_size * world_size} training "
-            f"examples; {dataset.name} has {dataset.num_train}"
-        )
-    return steps
-
-
-def _seed_global_rng(value: int, devices: Sequence[int]) -> None:
-    torch.default_generator.manual_seed(value)
-    for index in devices:
-        torch.cuda.default_generators[index].manual_seed(value)
-
-
-def _load_matching_checkpoint(path: Optional[Path], identity: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
-    """The checkpoint at ``path`` if there is one; raises if it belongs to other settings."""
-    if path is None or not path.exists():
-        return None
-    state = load_checkpoint(path)
-    stored = state.get("identity", {})
-    for key, value in identity.items():
-        if stored.get(key) != value:
-            raise RunDirError(
-                f"star checkpoint {path} was written for {key} = {stored.get(key)!r}, not {value!r}; "
-                f"delete it to restart the star training, or use the same settings"
-            )
-    return state
-
-
-# -- the run directory ---------------------------------------------------------------------------
-
-
-def star_path(run_dir: Union[RunDir, str, Path], star_seed: int) -> Path:
-    """``RUN/star/star-SSSS.safetensors``; its metadata is the same path with ``.json``."""
-    root = run_dir.path if isinstance(run_dir, RunDir) else Path(run_dir)
-    return root / "star" / f"star-{star_seed:04d}.safetensors"
-
-
-def save_star(run_dir: Union[RunDir, str, Path], star_seed: int, result: StarResult, meta: Mapping[str, Any]) -> Path:
-    """Write the star model's state dict (loadable into ``models.build(...)``), then its JSON
-    (``result.settings``, ``result.metrics`` and ``meta``, e.g. the source seeds used), atomically;
-    the JSON, written last, marks it finished. Returns the ``.safetensors`` path."""
-    path = star_path(run_dir, star_seed)
-    save_state_dict(path, result.state_dict, {"role": "star", "seed": str(star_seed)})
-    write_json(path.with_suffix(".json"), {"star_seed": star_seed, **result.settings, "metrics": result.metrics, **meta})
-    return path

@@ -30,13 +30,15 @@ from starfast import data, models
 from starfast.allocator import keep_freed_memory
 from starfast.arguments import DATA_ERRORS, name_parser, parse_arch_kw, parse_arguments, parse_milestones
 from starfast.evaluate import add_evaluation_flags, evaluation_config, run_evaluation
-from starfast.flat import ParamSpace
+from starfast.evaluation import EvaluationConfig
+from starfast.files import StoredFileError, write_json
+from starfast.models import ModelSpec
+from starfast.pipeline import ModelJob, train_missing_models, train_missing_stars
 from starfast.recipes import OPTIMIZERS, SCHEDULES, Recipe, resolve
-from starfast.rundir import ModelSpec, RunDir, RunDirError, heldout_seeds, read_json, source_seeds, write_json
-from starfast.starlight import T_SAMPLINGS, StarlightDiverged, save_star, star_path, train_star
-from starfast.training import PRECISIONS, ModelJob, SpeedOptions, TrainingDiverged, init_model, train_missing_models
+from starfast.rundir import RunDir, heldout_seeds, source_seeds
+from starfast.starlight import T_SAMPLINGS, StarlightDiverged, StarlightOptions
+from starfast.training import PRECISIONS, SpeedOptions, TrainingDiverged
 
-STAR_SEED_START = 2000
 
 RECIPE_FLAGS = ("lr", "batch_size", "optimizer", "weight_decay", "momentum", "schedule", "milestones", "gamma", "label_smoothing", "epochs")
 
@@ -115,47 +117,53 @@ class Distributed:
             torch.distributed.barrier()
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunContext:
-    """Everything a stage needs; built once by :func:`main`."""
+    """Everything a stage needs, built once from the flags by :func:`build_context`."""
 
-    args: argparse.Namespace
     run: RunDir
     device: torch.device
     dataset: Any
     spec: ModelSpec
     recipe: Recipe
+    star_recipe: Recipe
+    star_options: StarlightOptions
+    evaluation: EvaluationConfig
     speed: SpeedOptions
+    sources: int
+    heldout: int
+    star_seeds: int
+    parallel_seeds: int
+    progress: bool
     distributed: Distributed
-
-    @property
-    def progress(self) -> bool:
-        return not self.args.quiet
 
     def config(self) -> Dict[str, Any]:
         return {
             "model": self.spec.to_dict(),
             "dataset": self.dataset.name,
             "recipe": self.recipe.to_dict(),
-            "sources": self.args.sources,
-            "heldout": self.args.heldout,
+            "sources": self.sources,
+            "heldout": self.heldout,
         }
 
     def jobs(self) -> List[ModelJob]:
-        return [ModelJob("sources", seed) for seed in source_seeds(self.args.sources)] + [
-            ModelJob("heldout", seed) for seed in heldout_seeds(self.args.heldout)
+        return [ModelJob("sources", seed) for seed in source_seeds(self.sources)] + [
+            ModelJob("heldout", seed) for seed in heldout_seeds(self.heldout)
         ]
+
+    def report(self, line: str) -> None:
+        if self.progress:
+            tqdm.write(line)
 
 
 def models_stage(context: RunContext) -> int:
     """Train the missing source and held-out models (this rank's share of them)."""
     distributed = context.distributed
     jobs = context.jobs()[distributed.rank :: distributed.world_size]
-    report = tqdm.write if context.progress else (lambda line: None)
     _, diverged = train_missing_models(
         context.run, context.spec, context.dataset, context.recipe, jobs,
-        parallel_seeds=context.args.parallel_seeds, speed=context.speed, progress=context.progress,
-        rank=distributed.rank, report=report,
+        parallel_seeds=context.parallel_seeds, speed=context.speed, progress=context.progress,
+        rank=distributed.rank, report=context.report,
     )
     for failure in diverged:
         print(f"error: {failure}", file=sys.stderr)
@@ -178,45 +186,17 @@ def summarise_models(context: RunContext) -> None:
             spread = statistics.pstdev(accuracies)
             print(f"{role}: {len(metrics)} models, test accuracy {statistics.mean(accuracies):.4f} ± {spread:.4f}, "
                   f"train loss {statistics.mean(losses):.4g}")
-    write_json(run.path / "models.json", summary)
+    write_json(run.models_summary_path, summary)
 
 
 def star_stage(context: RunContext) -> int:
     """Train the missing star models (Starlight) against every source model of the run."""
-    args, run, distributed = context.args, context.run, context.distributed
-    seeds = source_seeds(args.sources)
-    missing = [seed for seed in seeds if not run.is_finished("sources", seed)]
-    if missing:
-        raise RunDirError(f"source models {missing[:5]} are not trained; run --stage models first (or --stage all)")
-    skeleton = context.spec.build()
-    space, spec = ParamSpace(skeleton), models.permutation_spec(skeleton)
-    bank = space.stack([run.load_model("sources", seed)[0] for seed in seeds])
-    recipe = context.recipe if args.star_epochs is None else recipe_from_flags(args, epochs=args.star_epochs)
-    for star_seed in range(args.star_seeds):
-        finished = star_path(run, star_seed).with_suffix(".json")
-        if finished.exists():
-            trained_on = read_json(finished).get("sources")
-            if trained_on != seeds:
-                raise RunDirError(
-                    f"{finished} was trained on sources {trained_on} but this run has {len(seeds)} sources; "
-                    f"use the same --sources, another --run-dir, or delete the star's files to train it again"
-                )
-            continue
-        checkpoint = run.checkpoint_path("star", f"star-{star_seed:04d}.pt")
-        result = train_star(
-            skeleton, bank, spec, context.dataset, recipe, space=space, t_sampling=args.t_sampling,
-            rematch_every=args.rematch_every, ce_weight=args.ce_weight, samples_per_step=args.samples_per_step,
-            init_row=space.flatten(init_model(context.spec, STAR_SEED_START + star_seed)), seed=STAR_SEED_START + star_seed,
-            device=context.device, checkpoint_path=checkpoint, rematch_async=args.rematch_async, quiet=not context.progress,
-        )
-        if distributed.rank == 0:
-            save_star(run, star_seed, result, {"sources": seeds, "model": context.spec.to_dict(), "dataset": context.dataset.name})
-            checkpoint.unlink(missing_ok=True)
-            if context.progress:
-                metrics = result.metrics
-                print(f"star {star_seed}: loss at the star {metrics['final_loss']:.4g}, mean interpolated loss "
-                      f"{metrics['mean_interpolated_loss']:.4g}, {metrics['seconds']:.1f} s")
-        distributed.barrier()
+    train_missing_stars(
+        context.run, context.spec, context.dataset, context.star_recipe, context.star_options,
+        star_seeds=context.star_seeds, sources=source_seeds(context.sources), device=context.device,
+        progress=context.progress, rank=context.distributed.rank, barrier=context.distributed.barrier,
+        report=context.report,
+    )
     return 0
 
 
@@ -224,7 +204,7 @@ def evaluate_stage(context: RunContext) -> int:
     """Measure the barriers of the run and write RUN/results (rank 0 only)."""
     if context.distributed.rank != 0:
         return 0
-    return run_evaluation(context.run, context.dataset, context.args, context.device, progress=context.progress)
+    return run_evaluation(context.run, context.dataset, context.evaluation, context.device, progress=context.progress)
 
 
 Stage = Callable[[RunContext], int]
@@ -259,13 +239,8 @@ def recipe_from_flags(args: argparse.Namespace, epochs: Optional[int] = None) ->
 
 
 def build_context(args: argparse.Namespace, parser: argparse.ArgumentParser, distributed: Distributed) -> RunContext:
+    """Every flag checked and turned into options before anything is loaded or written."""
     device = _device(args.device, distributed, parser)
-    try:
-        recipe = recipe_from_flags(args)
-        speed = SpeedOptions(precision=args.precision)
-        source_seeds(args.sources), heldout_seeds(args.heldout)
-    except ValueError as error:
-        parser.error(str(error))
     if args.parallel_seeds < 1:
         parser.error(f"--parallel-seeds must be >= 1, got {args.parallel_seeds}")
     for flag in ("star_seeds", "star_epochs"):
@@ -273,7 +248,15 @@ def build_context(args: argparse.Namespace, parser: argparse.ArgumentParser, dis
         if value is not None and value < (0 if flag == "star_seeds" else 1):
             parser.error(f"--{flag.replace('_', '-')} must be >= {0 if flag == 'star_seeds' else 1}, got {value}")
     try:
-        evaluation_config(args)
+        recipe = recipe_from_flags(args)
+        star_recipe = recipe if args.star_epochs is None else recipe_from_flags(args, epochs=args.star_epochs)
+        star_options = StarlightOptions(
+            t_sampling=args.t_sampling, rematch_every=args.rematch_every, ce_weight=args.ce_weight,
+            samples_per_step=args.samples_per_step, rematch_async=args.rematch_async,
+        )
+        speed = SpeedOptions(precision=args.precision)
+        source_seeds(args.sources), heldout_seeds(args.heldout)
+        evaluation = evaluation_config(args)
     except ValueError as error:
         parser.error(str(error))
     dataset = data.load(args.dataset, data_dir=args.data_dir, device=device)
@@ -283,7 +266,11 @@ def build_context(args: argparse.Namespace, parser: argparse.ArgumentParser, dis
     except (TypeError, ValueError) as error:
         parser.error(f"--arch {args.arch} with --arch-kw {dict(args.arch_kw)}: {error}")
     run = RunDir(args.run_dir or Path("runs") / f"{args.dataset}-{args.arch}")
-    return RunContext(args, run, device, dataset, spec, recipe, speed, distributed)
+    return RunContext(
+        run, device, dataset, spec, recipe, star_recipe, star_options, evaluation, speed, sources=args.sources,
+        heldout=args.heldout, star_seeds=args.star_seeds, parallel_seeds=args.parallel_seeds, progress=not args.quiet,
+        distributed=distributed,
+    )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -305,7 +292,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if status:
                 return status
         return 0
-    except (RunDirError, TrainingDiverged, StarlightDiverged, *DATA_ERRORS) as error:
+    except (StoredFileError, TrainingDiverged, StarlightDiverged, *DATA_ERRORS) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     finally:

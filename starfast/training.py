@@ -12,11 +12,11 @@ This module owns
   optimizers; each seed draws its own batches from its own generator, exactly as
   :func:`train_model` does (``Dataset.stacked_train_batches`` gathers all K in one index), so both
   paths agree to float rounding;
-- :func:`evaluate` and :func:`train_missing_models` (fill a run directory, used by the CLI).
+- :func:`evaluate`: mean loss and accuracy of a model (or K) on a split.
 
-Seeds. A seed ``s`` drives three independent random streams, derived with numpy's
-``SeedSequence([s, stream])``: *init* (the module is built inside ``torch.random.fork_rng`` with
-the CPU RNG seeded from it, so the caller's global RNG is neither used nor changed), *data* (a CPU
+Seeds. A seed ``s`` drives three independent random streams
+(:class:`~starfast.training_common.RegularStream`): *init* (the module is built inside
+``torch.random.fork_rng`` with the CPU RNG seeded from it, so the caller's global RNG is neither used nor changed), *data* (a CPU
 ``torch.Generator`` handed to ``Dataset.train_batches``: batch order and augmentation, identical on
 every device) and *dropout* (the global RNG, forked and seeded, for models with dropout; under
 ``vmap`` dropout draws differ from the sequential path). Same seed ⇒ identical weights on CPU.
@@ -36,25 +36,30 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
-import starfast
 from starfast.bank import has_convolutions
+from starfast.files import save_checkpoint
+from starfast.models import ModelSpec
 from starfast.progress import progress_bar
 from starfast.recipes import Recipe
-from starfast.rundir import ModelSpec, RunDir, RunDirError, load_checkpoint, save_checkpoint
+from starfast.training_common import (
+    RegularStream,
+    forked_global_rng,
+    is_correct,
+    per_example_loss,
+    resume_checkpoint,
+    steps_per_epoch,
+    stream_seed,
+)
 
-INIT_STREAM, DATA_STREAM, DROPOUT_STREAM = 0, 1, 2
 CHECKPOINT_FORMAT = 1
 EVAL_BATCH_SIZE = 1000
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -106,22 +111,16 @@ class TrainingMetrics:
         return dataclasses.asdict(self)
 
 
-def stream_seed(seed: int, stream: int) -> int:
-    """A 63-bit seed for one of a seed's independent random streams (see module docstring)."""
-    high, low = np.random.SeedSequence([seed, stream]).generate_state(2, dtype=np.uint32)
-    return (int(high) << 32 | int(low)) >> 1
-
-
 def init_model(spec: ModelSpec, seed: int) -> nn.Module:
     """``spec.build()`` on the CPU with the init stream of ``seed``; the global RNG is untouched."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(stream_seed(seed, INIT_STREAM))
+        torch.manual_seed(stream_seed(seed, RegularStream.INIT))
         return spec.build()
 
 
 def data_generator(seed: int) -> torch.Generator:
     """The CPU generator of ``seed``'s batch order and augmentation."""
-    return torch.Generator().manual_seed(stream_seed(seed, DATA_STREAM))
+    return torch.Generator().manual_seed(stream_seed(seed, RegularStream.DATA))
 
 
 FUSED_OPTIMIZER_DEVICES = ("cpu", "cuda")
@@ -140,25 +139,6 @@ def make_optimizer(recipe: Recipe, parameters) -> torch.optim.Optimizer:
         )
     adam = torch.optim.Adam if recipe.optimizer == "adam" else torch.optim.AdamW
     return adam(parameters, lr=recipe.lr, weight_decay=recipe.weight_decay, fused=fused)
-
-
-def per_example_loss(logits: torch.Tensor, labels: torch.Tensor, binary: bool, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Loss of each example (any leading dims): BCE-with-logits on one logit, else cross-entropy.
-    Half-precision logits (autocast) are upcast to float32; float64 stays float64."""
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    if binary:
-        targets = labels.to(logits.dtype) * (1 - label_smoothing) + 0.5 * label_smoothing
-        return F.binary_cross_entropy_with_logits(logits.squeeze(-1), targets, reduction="none")
-    flat = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none", label_smoothing=label_smoothing
-    )
-    return flat.view(labels.shape)
-
-
-def is_correct(logits: torch.Tensor, labels: torch.Tensor, binary: bool) -> torch.Tensor:
-    predictions = (logits.squeeze(-1) > 0).long() if binary else logits.argmax(-1)
-    return predictions == labels
 
 
 @torch.no_grad()
@@ -184,34 +164,11 @@ def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], dataset, split: st
 # -- shared pieces of both training paths ------------------------------------------------------
 
 
-def _steps_per_epoch(dataset, recipe: Recipe) -> int:
-    steps = dataset.num_train // recipe.batch_size
-    if steps == 0:
-        raise ValueError(
-            f"--batch-size {recipe.batch_size} is larger than the {dataset.num_train} training examples of {dataset.name}"
-        )
-    return steps
-
-
 def _resolve_device(dataset, device) -> torch.device:
     data_device = torch.device(dataset.device)
     if device is not None and torch.device(device) != data_device:
         raise ValueError(f"the dataset lives on {data_device} but training was asked to run on {device}; load it with device={device}")
     return data_device
-
-
-@contextlib.contextmanager
-def _dropout_rng(seed: int, device: torch.device) -> Iterator[None]:
-    """Fork the global RNG (CPU and ``device``) and seed it with ``seed``'s dropout stream."""
-    devices = []
-    if device.type == "cuda":
-        devices = [device.index if device.index is not None else torch.cuda.current_device()]
-    with torch.random.fork_rng(devices=devices, device_type="cuda"):
-        value = stream_seed(seed, DROPOUT_STREAM)
-        torch.default_generator.manual_seed(value)
-        for index in devices:
-            torch.cuda.default_generators[index].manual_seed(value)
-        yield
 
 
 def _global_rng_state(device: torch.device) -> Dict[str, torch.Tensor]:
@@ -241,6 +198,10 @@ def _checkpoint_identity(spec: ModelSpec, dataset, recipe: Recipe, seed: int) ->
     return {"format": CHECKPOINT_FORMAT, "seed": seed, "model": spec.to_dict(), "dataset": dataset.name, "recipe": recipe.to_dict()}
 
 
+def _stored_identity(state: Dict[str, Any]) -> Dict[str, Any]:
+    return state  # a regular checkpoint keeps its identity keys at the top level
+
+
 def _checkpoint(identity, epoch, seconds, model_state, optimizer_state, generator, device) -> Dict[str, Any]:
     """Everything needed to continue a seed's training after ``epoch`` epochs."""
     return {
@@ -252,19 +213,6 @@ def _checkpoint(identity, epoch, seconds, model_state, optimizer_state, generato
         "data_rng": generator.get_state(),
         "global_rng": _global_rng_state(device),
     }
-
-
-def _load_matching_checkpoint(path, identity: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-    """The checkpoint at ``path`` if there is one; raises if it belongs to another run."""
-    if path is None or not path.exists():
-        return None
-    state = load_checkpoint(path)
-    for key, value in identity.items():
-        if state.get(key) != value:
-            raise RunDirError(
-                f"checkpoint {path} was written for {key} = {state.get(key)!r}, not {value!r}; delete it to restart that training"
-            )
-    return state
 
 
 def _epoch_bar(recipe: Recipe, start_epoch: int, description: str, enabled: bool):
@@ -294,7 +242,7 @@ def train_model(
     when the loss becomes non-finite.
     """
     device = _resolve_device(dataset, device)
-    steps = _steps_per_epoch(dataset, recipe)
+    steps = steps_per_epoch(dataset, recipe.batch_size)
     checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
     model = init_model(spec, seed).to(device)
     channels_last = device.type == "cuda" and has_convolutions(model)
@@ -308,9 +256,9 @@ def train_model(
     def prepare(inputs: torch.Tensor) -> torch.Tensor:
         return inputs.contiguous(memory_format=torch.channels_last) if channels_last and inputs.dim() == 4 else inputs
 
-    with _dropout_rng(seed, device):
+    with forked_global_rng(device, stream_seed(seed, RegularStream.DROPOUT)):
         start_epoch, seconds = 0, 0.0
-        resumed = _load_matching_checkpoint(checkpoint_path, identity)
+        resumed = resume_checkpoint(checkpoint_path, identity, _stored_identity, "checkpoint")
         if resumed is not None:
             model.load_state_dict(resumed["model_state"])
             optimizer.load_state_dict(resumed["optimizer_state"])
@@ -464,7 +412,7 @@ def train_models_parallel(
     if not seeds:
         return [], []
     device = _resolve_device(dataset, device)
-    steps = _steps_per_epoch(dataset, recipe)
+    steps = steps_per_epoch(dataset, recipe.batch_size)
     paths = [Path(path) for path in checkpoint_paths] if checkpoint_paths is not None else [None] * len(seeds)
     bank = _Bank([init_model(spec, seed) for seed in seeds], device)
     optimizer = make_optimizer(recipe, list(bank.params.values()))
@@ -472,8 +420,8 @@ def train_models_parallel(
     identities = [_checkpoint_identity(spec, dataset, recipe, seed) for seed in seeds]
     forward = torch.compile(bank.forward) if speed.compile else bank.forward
 
-    with _dropout_rng(seeds[0], device):
-        resumed = [_load_matching_checkpoint(path, identity) for path, identity in zip(paths, identities)]
+    with forked_global_rng(device, stream_seed(seeds[0], RegularStream.DROPOUT)):
+        resumed = [resume_checkpoint(path, identity, _stored_identity, "checkpoint") for path, identity in zip(paths, identities)]
         epochs = {state["epoch"] if state else 0 for state in resumed}
         if len(epochs) > 1:
             raise ValueError(f"checkpoints of seeds {seeds} are at different epochs {sorted(epochs)}; train them in groups of equal epoch")
@@ -537,105 +485,3 @@ def train_models_parallel(
         if seed not in diverged
     ]
     return trained, [diverged[seed] for seed in seeds if seed in diverged]
-
-
-# -- filling a run directory -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelJob:
-    """One model of a run directory: its role (``sources``/``heldout``) and seed."""
-
-    role: str
-    seed: int
-
-
-def model_metadata(spec: ModelSpec, dataset, recipe: Recipe, job: ModelJob, metrics: TrainingMetrics, speed: SpeedOptions, rank: int = 0) -> Dict[str, Any]:
-    """The JSON stored beside a trained model."""
-    return {
-        "model": spec.to_dict(),
-        "dataset": dataset.name,
-        "role": job.role,
-        "seed": job.seed,
-        "recipe": recipe.to_dict(),
-        "epochs": recipe.epochs,
-        "metrics": metrics.to_dict(),
-        "device": str(dataset.device),
-        "precision": "bf16" if speed.autocast_dtype(torch.device(dataset.device)) else "fp32",
-        "rank": rank,
-        "versions": {"torch": torch.__version__, "starfast": starfast.__version__, "python": platform.python_version()},
-    }
-
-
-def _checkpoint_epoch(path) -> int:
-    return load_checkpoint(path)["epoch"] if path.exists() else 0
-
-
-def train_missing_models(
-    run: RunDir,
-    spec: ModelSpec,
-    dataset,
-    recipe: Recipe,
-    jobs: Sequence[ModelJob],
-    *,
-    parallel_seeds: int = 1,
-    speed: SpeedOptions = SpeedOptions(),
-    progress: bool = True,
-    rank: int = 0,
-    report: Callable[[str], None] = print,
-) -> Tuple[List[ModelJob], List[TrainingDiverged]]:
-    """Train the unfinished ``jobs`` into ``run`` (finished models are never retrained).
-
-    Each model resumes from its checkpoint, is saved with its metadata, then its checkpoint is
-    removed. With ``parallel_seeds`` K > 1, models of one role whose checkpoints are at the same
-    epoch are trained K at a time. ``report`` gets one line per trained model. Returns
-    ``(trained_jobs, diverged)``; a diverged seed does not stop the others.
-    """
-    if parallel_seeds < 1:
-        raise ValueError(f"--parallel-seeds must be >= 1, got {parallel_seeds}")
-    missing = [job for job in jobs if not run.is_finished(job.role, job.seed)]
-    if len(missing) < len(jobs):
-        report(f"reused {len(jobs) - len(missing)} trained models in {run.path}"
-               + (f"; training {len(missing)}" if missing else ""))
-    if not missing:
-        return [], []
-    groups: List[List[ModelJob]] = []
-    for role in dict.fromkeys(job.role for job in missing):
-        by_epoch: Dict[int, List[ModelJob]] = {}
-        for job in (job for job in missing if job.role == role):
-            epoch = _checkpoint_epoch(run.model_checkpoint_path(job.role, job.seed)) if parallel_seeds > 1 else 0
-            by_epoch.setdefault(epoch, []).append(job)
-        for same_epoch in by_epoch.values():
-            groups += [same_epoch[i : i + parallel_seeds] for i in range(0, len(same_epoch), parallel_seeds)]
-
-    trained: List[ModelJob] = []
-    failures: List[TrainingDiverged] = []
-    overall = progress_bar(total=len(missing), desc=f"models (rank {rank})" if rank else "models", unit="model", enabled=progress)
-    for group in groups:
-        paths = [run.model_checkpoint_path(job.role, job.seed) for job in group]
-        if len(group) == 1:
-            try:
-                state_dict, metrics = train_model(
-                    spec, dataset, recipe, group[0].seed, checkpoint_path=paths[0], progress=progress, speed=speed
-                )
-                results, diverged = [TrainedModel(group[0].seed, state_dict, metrics)], []
-            except TrainingDiverged as failure:
-                results, diverged = [], [failure]
-        else:
-            results, diverged = train_models_parallel(
-                spec, dataset, recipe, [job.seed for job in group], checkpoint_paths=paths, progress=progress, speed=speed
-            )
-        by_seed = {job.seed: (job, path) for job, path in zip(group, paths)}
-        for result in results:
-            job, path = by_seed[result.seed]
-            run.save_model(job.role, job.seed, result.state_dict, model_metadata(spec, dataset, recipe, job, result.metrics, speed, rank))
-            path.unlink(missing_ok=True)
-            trained.append(job)
-            report(
-                f"trained {job.role}/seed-{job.seed:04d} (rank {rank}): test accuracy {result.metrics.test_accuracy:.4f}, "
-                f"train loss {result.metrics.train_loss:.4g}, {result.metrics.seconds:.1f} s"
-            )
-        failures += diverged
-        overall.update(len(group))
-    overall.close()
-    return trained, failures

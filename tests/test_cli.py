@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from starfast import data, models
+from starfast import models
 from starfast.train import build_parser, main
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,7 +11,9 @@ from starfast.flat import ParamSpace
 from starfast.evaluate import main as evaluate_main
 from starfast.evaluation import EvaluationConfig, evaluate_run, write_results
 from starfast.report import format_table
-from starfast.rundir import ModelSpec, RunDir, save_state_dict, write_json
+from starfast.files import write_json
+from starfast.models import ModelSpec
+from starfast.rundir import RunDir
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +52,7 @@ def make_run(tmp_path, digits, arch="mlp", kwargs=None):
     twin = model_spec.apply(states[("heldout", 1000)], model_spec.random(generator))
     run.save_model("heldout", 1001, twin, {"model": spec.to_dict(), "metrics": {}})
     star = model_spec.apply(states[("sources", 0)], model_spec.random(generator))
-    save_state_dict(run.path / "star" / "star-0.safetensors", star)
-    write_json(run.path / "star" / "star-0.json", {"star_seed": 0})
+    run.save_star(0, star, {"star_seed": 0})
     return run
 
 
@@ -108,7 +109,7 @@ def test_corrupt_model_file_is_reported(tmp_path, digits):
 
 def test_stars_are_measured_against_their_own_sources(tmp_path, digits):
     run = make_run(tmp_path, digits)
-    write_json(run.path / "star" / "star-0.json", {"star_seed": 0, "sources": [1]})
+    write_json(run.star_path(0).with_suffix(".json"), {"star_seed": 0, "sources": [1]})
     results = evaluate_run(run, digits, config=EvaluationConfig(ts=3, batch_size=400), progress=False)
     assert results["counts"]["star_source"] == 1
 

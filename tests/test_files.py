@@ -4,8 +4,7 @@ import stat
 
 import pytest
 
-from starfast.files import replaced_atomically, write_atomic
-from starfast.rundir import save_state_dict, write_json
+from starfast.files import replaced_atomically, save_state_dict, write_atomic, write_json
 
 
 @pytest.fixture

@@ -6,12 +6,12 @@ import json
 import pytest
 import torch
 
-from starfast import data, fusion
+from starfast import data, pipeline
 from starfast.evaluate import main as evaluate_main
-from starfast.fusion import FusionConfig, fusion_folder, fusion_table, star_recipe, usable_sizes, write_fusion
+from starfast.files import load_state_dict, write_json
+from starfast.fusion import FusionConfig, fusion_table, star_recipe, usable_sizes, write_fusion
 from starfast.recipes import Recipe
-from starfast.rundir import RunDir, RunDirError, load_state_dict, write_json
-from starfast.starlight import star_path
+from starfast.rundir import RunDir, RunDirError, fusion_star_set
 
 from tiny_runs import TINY_RECIPE, make_tiny_run
 
@@ -32,8 +32,8 @@ def test_star_recipe_follows_the_runs_star(tmp_path):
     assert star_recipe(run).epochs == 10
     stretched = star_recipe(run, 20)
     assert (stretched.epochs, stretched.milestones) == (20, (10, 16))
-    write_json(star_path(run, 0).with_suffix(".json"), {"recipe": Recipe(epochs=30).to_dict()})
-    star_path(run, 0).touch()  # a finished star: weights and metadata
+    write_json(run.star_path(0).with_suffix(".json"), {"recipe": Recipe(epochs=30).to_dict()})
+    run.star_path(0).touch()  # a finished star: weights and metadata
     assert star_recipe(run).epochs == 30  # the run's star recipe, e.g. its --star-epochs
 
 
@@ -46,17 +46,17 @@ def plain_probabilities(module, digits):
 def test_table_matches_a_plain_evaluation_and_stars_are_reused(tmp_path, digits, monkeypatch):
     run = make_tiny_run(tmp_path / "run", digits, sources=3, heldout=1)
     checkpoints = []
-    train_star = fusion.train_star
+    train_star = pipeline.train_star
 
     def recording_train_star(*args, **kwargs):
         checkpoints.append(kwargs["checkpoint_path"])
         return train_star(*args, **kwargs)
 
-    monkeypatch.setattr(fusion, "train_star", recording_train_star)
+    monkeypatch.setattr(pipeline, "train_star", recording_train_star)
     config = FusionConfig(sizes=(2, 3, 50), star_seeds=2, star_epochs=1, batch_size=400, timing_repeats=1)
     results = fusion_table(run, digits, config=config, progress=False)
     assert [row["size"] for row in results["rows"]] == [2, 3] and results["dropped_sizes"] == [50]
-    assert checkpoints[0] == run.checkpoint_path("fusion", "z0002-star-0000.pt") and len(checkpoints) == 4
+    assert checkpoints[0] == run.star_checkpoint_path(0, fusion_star_set(2)) and len(checkpoints) == 4
     assert not any(path.exists() for path in checkpoints)  # removed once the star is saved
 
     _, labels = digits.tensors("test")
@@ -73,7 +73,7 @@ def test_table_matches_a_plain_evaluation_and_stars_are_reused(tmp_path, digits,
         assert row["ensemble"]["accuracy"] == pytest.approx(ensemble, abs=1e-12)
         stars = []
         for star_seed in range(2):
-            path = star_path(fusion_folder(run, size), star_seed)
+            path = run.star_path(star_seed, fusion_star_set(size))
             stored = json.loads(path.with_suffix(".json").read_text())
             assert stored["sources"] == list(range(size)) and stored["ce_weight"] == 1.0 and stored["recipe"]["epochs"] == 1
             module = spec.build()
@@ -89,7 +89,7 @@ def test_table_matches_a_plain_evaluation_and_stars_are_reused(tmp_path, digits,
     def no_training(*args, **kwargs):
         raise AssertionError("a finished fusion star was trained again")
 
-    monkeypatch.setattr(fusion, "train_star", no_training)
+    monkeypatch.setattr(pipeline, "train_star", no_training)
     again = fusion_table(run, digits, config=config, progress=False)
     assert [row["star"] for row in again["rows"]] == [row["star"] for row in results["rows"]]
     with pytest.raises(RunDirError, match="--fusion-ce-weight"):

@@ -6,6 +6,7 @@ buffers (batch statistics in train mode), ``torch.autograd.grad``, a manual SGD 
 loops, ``torch.optim.swa_utils.update_bn`` for the final BatchNorm statistics.
 """
 import copy
+import dataclasses
 import math
 import os
 import socket
@@ -25,8 +26,18 @@ from starfast.flat import ParamSpace
 from starfast.matching import match_weights
 from starfast.ops import permute
 from starfast.recipes import Recipe
-from starfast.rundir import RunDirError, load_state_dict, read_json
-from starfast.starlight import Draw, SourceMatcher, StarObjective, StarlightDiverged, sample_draws, sample_t, train_star
+from starfast.files import StoredFileError, load_state_dict, read_json
+from starfast.rundir import RunDir
+from starfast.starlight import (
+    Draw,
+    SourceMatcher,
+    StarlightDiverged,
+    StarlightOptions,
+    StarObjective,
+    sample_draws,
+    sample_t,
+    train_star,
+)
 
 CLASSES = 4
 
@@ -76,7 +87,7 @@ def test_one_starlight_step_equals_a_plain_sgd_step(rng):
     buffers_before = {name: buffer.clone() for name, buffer in skeleton.named_buffers()}
 
     seed = int(torch.randint(1000, (1,), generator=rng))
-    result = train_star(skeleton, bank, spec, data, recipe, t_sampling="constant", init_row=theta0, seed=seed, quiet=True)
+    result = train_star(skeleton, bank, spec, data, recipe, StarlightOptions(t_sampling="constant"), init_row=theta0, seed=seed, quiet=True)
 
     index_maps = spec.index_map(space, result.perms)  # the only match: the cold one before epoch 0
     theta = theta0.clone().requires_grad_()
@@ -245,7 +256,7 @@ def test_background_rematching_trains_with_valid_permutations(rng):
     data = toy_dataset(rng)
     bank = random_bank(space, 3, rng)
     recipe = Recipe(lr=0.1, epochs=12, batch_size=8, weight_decay=0.0)
-    result = train_star(skeleton, bank, spec, data, recipe, rematch_every=2, rematch_async=True, quiet=True)
+    result = train_star(skeleton, bank, spec, data, recipe, StarlightOptions(rematch_every=2, rematch_async=True), quiet=True)
     assert spec.check_perm(result.perms) == 3
     assert torch.equal(result.index_maps.long(), spec.index_map(space, result.perms))
     assert result.metrics["rematches"] == 12 * 6 // 2
@@ -269,7 +280,8 @@ def test_an_interrupted_run_resumes_bit_identically(rng, tmp_path):
     data = toy_dataset(rng)
     bank = random_bank(space, 3, rng)
     recipe = Recipe(lr=0.05, epochs=3, batch_size=8)
-    options = dict(t_sampling="beta", rematch_every=4, samples_per_step=2, ce_weight=0.5, seed=11, quiet=True)
+    star_options = StarlightOptions(t_sampling="beta", rematch_every=4, samples_per_step=2, ce_weight=0.5)
+    options = dict(options=star_options, seed=11, quiet=True)
     uninterrupted = train_star(skeleton, bank, spec, data, recipe, **options)
 
     checkpoint = tmp_path / "star.pt"
@@ -284,8 +296,9 @@ def test_an_interrupted_run_resumes_bit_identically(rng, tmp_path):
     assert torch.equal(resumed.theta, uninterrupted.theta)
     assert all(torch.equal(resumed.perms[name], uninterrupted.perms[name]) for name in resumed.perms)
     assert [epoch["loss"] for epoch in resumed.metrics["history"]] == [epoch["loss"] for epoch in uninterrupted.metrics["history"]]
-    with pytest.raises(RunDirError, match="t_sampling"):  # a checkpoint of other settings is refused
-        train_star(skeleton, bank, spec, data, recipe, checkpoint_path=checkpoint, **{**options, "t_sampling": "uniform"})
+    with pytest.raises(StoredFileError, match="t_sampling"):  # a checkpoint of other settings is refused
+        other = dataclasses.replace(star_options, t_sampling="uniform")
+        train_star(skeleton, bank, spec, data, recipe, checkpoint_path=checkpoint, **{**options, "options": other})
 
 
 def test_a_nan_loss_stops_with_epoch_step_n_and_t(rng):
@@ -308,16 +321,23 @@ def test_bad_arguments_give_one_clear_error(rng):
     cases = [
         (dict(bank=poisoned), "source 1 of the bank has NaN or infinite"),
         (dict(bank=bank[:, :-1]), r"bank must be the sources as rows \[N, "),
-        (dict(t_sampling="normal"), "--t-sampling must be one of"),
-        (dict(samples_per_step=3), "--samples-per-step 3 must divide --batch-size 8"),
-        (dict(rematch_every=0), "--rematch-every must be a positive"),
-        (dict(ce_weight=float("nan")), "--ce-weight must be a finite number"),
+        (dict(options=StarlightOptions(samples_per_step=3)), "--samples-per-step 3 must divide --batch-size 8"),
         (dict(init_row=torch.full((space.size,), float("nan"))), "init_row has NaN"),
     ]
     for overrides, message in cases:
         arguments = {"bank": bank, **overrides}
         with pytest.raises(ValueError, match=message):
             train_star(skeleton, arguments.pop("bank"), spec, data, recipe, quiet=True, **arguments)
+    option_cases = [
+        (dict(t_sampling="normal"), "--t-sampling must be one of"),
+        (dict(rematch_every=0), "--rematch-every must be a positive"),
+        (dict(ce_weight=float("nan")), "--ce-weight must be a finite number"),
+        (dict(ce_weight=-1.0), "--ce-weight must be a finite number >= 0"),
+        (dict(samples_per_step=0), "--samples-per-step must be a positive int"),
+    ]
+    for fields, message in option_cases:
+        with pytest.raises(ValueError, match=message):
+            StarlightOptions(**fields)
 
 
 def test_final_batchnorm_statistics_and_saved_star_load_into_the_architecture(rng, tmp_path):
@@ -334,8 +354,9 @@ def test_final_batchnorm_statistics_and_saved_star_load_into_the_architecture(rn
     expected_loss, _ = evaluate_rows(skeleton, result.theta, result.buffers, lambda: data.eval_batches("train"), space=space)
     assert result.metrics["final_loss"] == pytest.approx(expected_loss.item(), rel=1e-6)
 
-    path = starlight.save_star(tmp_path, 3, result, {"sources": [0, 1]})
-    assert path == tmp_path / "star" / "star-0003.safetensors"
+    run = RunDir(tmp_path)
+    path = run.save_star(3, result.state_dict, {"star_seed": 3, **result.settings, "metrics": result.metrics, "sources": [0, 1]})
+    assert path == tmp_path / "star" / "star-0003.safetensors" and run.finished_stars() == [3]
     rebuilt = conv_net()
     rebuilt.load_state_dict(load_state_dict(path))  # strict: every parameter and buffer is there
     torch.testing.assert_close(space.flatten(rebuilt), result.theta)
@@ -387,7 +408,7 @@ def test_two_gloo_processes_end_with_identical_theta(tmp_path):
 @pytest.mark.slow
 def test_star_model_is_closer_to_its_sources_than_a_regular_model():
     from starfast import data as datasets
-    from starfast.rundir import ModelSpec
+    from starfast.models import ModelSpec
     from starfast.training import train_models_parallel
 
     digits = datasets.load("digits")

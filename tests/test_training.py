@@ -11,16 +11,12 @@ import torch
 
 from starfast import data
 from starfast.recipes import Recipe, resolve
-from starfast.rundir import ModelSpec, RunDir, RunDirError, heldout_seeds, source_seeds
+from starfast.models import ModelSpec
+from starfast.files import StoredFileError
+from starfast.rundir import RunDir, heldout_seeds, source_seeds
 from starfast.train import main
-from starfast.training import (
-    ModelJob,
-    TrainingDiverged,
-    init_model,
-    train_missing_models,
-    train_model,
-    train_models_parallel,
-)
+from starfast.pipeline import ModelJob, train_missing_models
+from starfast.training import TrainingDiverged, init_model, train_model, train_models_parallel
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -228,12 +224,12 @@ def test_corrupt_files_are_reported_by_name(digits, mlp, tmp_path):
     run.save_model("sources", 4, init_model(mlp, 4).state_dict(), {"model": mlp.to_dict()})
     weights = run.model_path("sources", 4)
     weights.write_bytes(weights.read_bytes()[:50])
-    with pytest.raises(RunDirError, match=f"{re.escape(str(weights))}.*delete it"):
+    with pytest.raises(StoredFileError, match=f"{re.escape(str(weights))}.*delete it"):
         run.load_model("sources", 4)
     checkpoint = run.model_checkpoint_path("sources", 5)
     checkpoint.parent.mkdir(parents=True)
     checkpoint.write_bytes(b"not a checkpoint")
-    with pytest.raises(RunDirError, match=f"{re.escape(str(checkpoint))}.*delete it"):
+    with pytest.raises(StoredFileError, match=f"{re.escape(str(checkpoint))}.*delete it"):
         train_model(mlp, digits, resolve("mlp", "digits", {"epochs": 1}), 5, checkpoint_path=checkpoint, progress=False)
 
 
@@ -295,4 +291,4 @@ def test_a_star_trained_on_other_sources_is_refused(tmp_path, capsys):
     assert main(["--stage", "all", *flags]) == 0
     capsys.readouterr()
     assert main(["--stage", "all", *[f if f != "2" else "3" for f in flags]]) == 1
-    assert "was trained on sources [0, 1]" in capsys.readouterr().err
+    assert "was trained with sources = [0, 1], not [0, 1, 2]; use the same --sources" in capsys.readouterr().err

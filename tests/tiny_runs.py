@@ -1,12 +1,11 @@
 """A tiny run directory for the application tests (BMA, fusion): untrained source and held-out
 models (fresh initialisations of their seeds) and a star trained by Starlight for one short epoch,
 saved exactly as ``python -m starfast.train`` saves them."""
-from starfast import models
-from starfast.flat import ParamSpace
+from starfast.models import ModelSpec
+from starfast.pipeline import train_missing_stars
 from starfast.recipes import Recipe
-from starfast.rundir import ModelSpec, RunDir, heldout_seeds, source_seeds
-from starfast.starlight import save_star, train_star
-from starfast.train import STAR_SEED_START
+from starfast.rundir import RunDir, heldout_seeds, source_seeds
+from starfast.starlight import StarlightOptions
 from starfast.training import init_model
 
 # One epoch of five steps on digits: a second of training.
@@ -23,13 +22,6 @@ def make_tiny_run(path, dataset, *, arch="mlp", kwargs=None, sources=3, heldout=
     for role, seeds in (("sources", source_seeds(sources)), ("heldout", heldout_seeds(heldout))):
         for seed in seeds:
             run.save_model(role, seed, init_model(spec, seed).state_dict(), {"model": spec.to_dict(), "metrics": {}})
-    skeleton = spec.build()
-    space = ParamSpace(skeleton)
     trained_on = source_seeds(sources)[: star_sources or sources]
-    bank = space.stack([run.load_model("sources", seed)[0] for seed in trained_on])
-    result = train_star(
-        skeleton, bank, models.permutation_spec(skeleton), dataset, TINY_RECIPE, space=space,
-        init_row=space.flatten(init_model(spec, STAR_SEED_START)), seed=STAR_SEED_START, quiet=True,
-    )
-    save_star(run, 0, result, {"sources": trained_on, "model": spec.to_dict(), "dataset": dataset.name})
+    train_missing_stars(run, spec, dataset, TINY_RECIPE, StarlightOptions(), star_seeds=1, sources=trained_on, progress=False)
     return run

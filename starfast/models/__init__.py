@@ -2,7 +2,8 @@
 
 ``build(name, num_classes=10, in_channels=3, input_shape=None, **options)`` constructs a randomly
 initialised model; ``permutation_spec(model)`` returns its :class:`~starfast.spec.PermutationSpec`;
-``names()`` lists the architectures. Each family lives in its own module and owns its spec:
+``names()`` lists the architectures; :class:`ModelSpec` is the JSON description from which any
+stored model can be rebuilt without loading its dataset. Each family lives in its own module and owns its spec:
 
 - ``mlp`` (:mod:`.mlp`): depth=2 hidden layers, width=128, activation relu|elu|silu|identity, bias=True.
 - ``linear2`` (:mod:`.mlp`): the paper's bias-free two-layer net; width=128, activation identity|elu.
@@ -25,7 +26,8 @@ to agree; the fully connected models ignore ``in_channels``.
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Dict, List, Optional, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from torch import nn
 
@@ -103,6 +105,43 @@ def build(
         if not input_shape or not all(isinstance(size, int) and size >= 1 for size in input_shape):
             raise ValueError(f"input_shape={input_shape!r} must be the shape of one example: positive ints, e.g. (3, 32, 32)")
     return builder(num_classes, in_channels, input_shape, **kw)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything ``starfast.models.build`` needs to rebuild a stored model (JSON-ready)."""
+
+    arch: str
+    num_classes: int
+    in_channels: int
+    input_shape: Tuple[int, ...]
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def for_dataset(cls, arch: str, dataset: Any, kwargs: Optional[Mapping[str, Any]] = None) -> "ModelSpec":
+        """The spec of ``arch`` on ``dataset``: binary tasks get one output logit (BCE)."""
+        return cls(
+            arch=arch,
+            num_classes=1 if dataset.binary else int(dataset.num_classes),
+            in_channels=int(dataset.in_channels),
+            input_shape=tuple(int(size) for size in dataset.input_shape),
+            kwargs=dict(kwargs or {}),
+        )
+
+    def build(self) -> nn.Module:
+        """A freshly initialised module (uses the global RNG: see ``starfast.training.init_model``)."""
+        return build(
+            self.arch, num_classes=self.num_classes, in_channels=self.in_channels, input_shape=self.input_shape, **self.kwargs
+        )
+
+    def to_dict(self) -> Dict[str, Any]:
+        data = asdict(self)
+        data["input_shape"] = list(self.input_shape)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ModelSpec":
+        return cls(**{**data, "input_shape": tuple(data["input_shape"])})
 
 
 def permutation_spec(model: nn.Module) -> PermutationSpec:

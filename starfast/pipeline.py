@@ -1,0 +1,218 @@
+"""The pipeline: the stages of a run directory, each training or measuring only what is missing.
+
+The command lines parse flags into options and call these; the algorithms below
+(:mod:`starfast.training`, :mod:`starfast.starlight`, :mod:`starfast.evaluation`) get models,
+tensors, datasets and checkpoint paths, and the run directory's layout stays :class:`RunDir`'s.
+
+- :func:`train_missing_models`: the source and held-out models not yet finished, resumed from
+  their checkpoints, ``parallel_seeds`` at a time;
+- :func:`train_missing_stars`: the stars of a star set (the main job's, or a fusion size's) not yet
+  finished; a finished star is reused only when it was trained on the same sources with the same
+  settings, and refused with a message naming the flag otherwise. Star seed ``s`` starts from θ₀ =
+  the regular initialisation of seed ``STAR_SEED_START + s`` (apart from the source and held-out
+  seeds), and its random streams derive from that seed too.
+"""
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple
+
+import torch
+
+import starfast
+from starfast import models
+from starfast.files import load_checkpoint
+from starfast.flat import ParamSpace
+from starfast.models import ModelSpec
+from starfast.progress import progress_bar
+from starfast.recipes import Recipe
+from starfast.rundir import MAIN_STARS, RunDir, RunDirError
+from starfast.starlight import StarlightOptions, StarResult, train_star
+from starfast.training import SpeedOptions, TrainedModel, TrainingDiverged, TrainingMetrics, init_model, train_model, train_models_parallel
+
+STAR_SEED_START = 2000
+# What each recorded star setting is called on the command line, for reuse refusals.
+STAR_FLAGS = {
+    "sources": "--sources",
+    "t_sampling": "--t-sampling",
+    "rematch_every": "--rematch-every",
+    "ce_weight": "--ce-weight",
+    "samples_per_step": "--samples-per-step",
+    "rematch_async": "--rematch-async",
+    "recipe": "--star-epochs and the recipe flags",
+}
+
+
+@dataclass(frozen=True)
+class ModelJob:
+    """One model of a run directory: its role (``sources``/``heldout``) and seed."""
+
+    role: str
+    seed: int
+
+
+def model_metadata(spec: ModelSpec, dataset, recipe: Recipe, job: ModelJob, metrics: TrainingMetrics, speed: SpeedOptions, rank: int = 0) -> Dict[str, Any]:
+    """The JSON stored beside a trained model."""
+    return {
+        "model": spec.to_dict(),
+        "dataset": dataset.name,
+        "role": job.role,
+        "seed": job.seed,
+        "recipe": recipe.to_dict(),
+        "epochs": recipe.epochs,
+        "metrics": metrics.to_dict(),
+        "device": str(dataset.device),
+        "precision": "bf16" if speed.autocast_dtype(torch.device(dataset.device)) else "fp32",
+        "rank": rank,
+        "versions": {"torch": torch.__version__, "starfast": starfast.__version__, "python": platform.python_version()},
+    }
+
+
+def _checkpoint_epoch(path: Path) -> int:
+    return load_checkpoint(path)["epoch"] if path.exists() else 0
+
+
+def train_missing_models(
+    run: RunDir,
+    spec: ModelSpec,
+    dataset,
+    recipe: Recipe,
+    jobs: Sequence[ModelJob],
+    *,
+    parallel_seeds: int = 1,
+    speed: SpeedOptions = SpeedOptions(),
+    progress: bool = True,
+    rank: int = 0,
+    report: Callable[[str], None] = print,
+) -> Tuple[List[ModelJob], List[TrainingDiverged]]:
+    """Train the unfinished ``jobs`` into ``run`` (finished models are never retrained).
+
+    Each model resumes from its checkpoint, is saved with its metadata, then its checkpoint is
+    removed. With ``parallel_seeds`` K > 1, models of one role whose checkpoints are at the same
+    epoch are trained K at a time. ``report`` gets one line per trained model. Returns
+    ``(trained_jobs, diverged)``; a diverged seed does not stop the others.
+    """
+    if parallel_seeds < 1:
+        raise ValueError(f"--parallel-seeds must be >= 1, got {parallel_seeds}")
+    missing = [job for job in jobs if not run.is_finished(job.role, job.seed)]
+    if len(missing) < len(jobs):
+        report(f"reused {len(jobs) - len(missing)} trained models in {run.path}"
+               + (f"; training {len(missing)}" if missing else ""))
+    if not missing:
+        return [], []
+    groups: List[List[ModelJob]] = []
+    for role in dict.fromkeys(job.role for job in missing):
+        by_epoch: Dict[int, List[ModelJob]] = {}
+        for job in (job for job in missing if job.role == role):
+            epoch = _checkpoint_epoch(run.model_checkpoint_path(job.role, job.seed)) if parallel_seeds > 1 else 0
+            by_epoch.setdefault(epoch, []).append(job)
+        for same_epoch in by_epoch.values():
+            groups += [same_epoch[i : i + parallel_seeds] for i in range(0, len(same_epoch), parallel_seeds)]
+
+    trained: List[ModelJob] = []
+    failures: List[TrainingDiverged] = []
+    overall = progress_bar(total=len(missing), desc=f"models (rank {rank})" if rank else "models", unit="model", enabled=progress)
+    for group in groups:
+        paths = [run.model_checkpoint_path(job.role, job.seed) for job in group]
+        if len(group) == 1:
+            try:
+                state_dict, metrics = train_model(
+                    spec, dataset, recipe, group[0].seed, checkpoint_path=paths[0], progress=progress, speed=speed
+                )
+                results, diverged = [TrainedModel(group[0].seed, state_dict, metrics)], []
+            except TrainingDiverged as failure:
+                results, diverged = [], [failure]
+        else:
+            results, diverged = train_models_parallel(
+                spec, dataset, recipe, [job.seed for job in group], checkpoint_paths=paths, progress=progress, speed=speed
+            )
+        by_seed = {job.seed: (job, path) for job, path in zip(group, paths)}
+        for result in results:
+            job, path = by_seed[result.seed]
+            run.save_model(job.role, job.seed, result.state_dict, model_metadata(spec, dataset, recipe, job, result.metrics, speed, rank))
+            path.unlink(missing_ok=True)
+            trained.append(job)
+            report(
+                f"trained {job.role}/seed-{job.seed:04d} (rank {rank}): test accuracy {result.metrics.test_accuracy:.4f}, "
+                f"train loss {result.metrics.train_loss:.4g}, {result.metrics.seconds:.1f} s"
+            )
+        failures += diverged
+        overall.update(len(group))
+    overall.close()
+    return trained, failures
+
+
+def train_missing_stars(
+    run: RunDir,
+    spec: ModelSpec,
+    dataset,
+    recipe: Recipe,
+    options: StarlightOptions,
+    *,
+    star_seeds: int,
+    sources: Sequence[int],
+    star_set: str = MAIN_STARS,
+    flags: Mapping[str, str] = STAR_FLAGS,
+    device: torch.device = torch.device("cpu"),
+    progress: bool = True,
+    rank: int = 0,
+    barrier: Callable[[], None] = lambda: None,
+    report: Callable[[str], None] = print,
+) -> List[int]:
+    """Train the stars ``0 .. star_seeds-1`` of ``star_set`` that are not finished, with Starlight
+    against the ``sources`` (seeds of finished source models), and return the seeds trained.
+
+    Under ``torch.distributed`` every rank trains (data parallel), rank 0 writes, and ``barrier``
+    is called after each star. ``flags`` names, per recorded setting, the flag that changes it.
+    """
+    missing = [seed for seed in sources if not run.is_finished("sources", seed)]
+    if missing:
+        raise RunDirError(f"source models {missing[:5]} are not trained; run --stage models first (or --stage all)")
+    wanted = {"sources": list(sources), **options.to_dict(), "recipe": recipe.to_dict()}
+    todo = []
+    for star_seed in range(star_seeds):
+        if star_seed in run.finished_stars(star_set):
+            _check_star_settings(run, star_seed, star_set, wanted, flags)
+        else:
+            todo.append(star_seed)
+    if not todo:
+        return []
+    skeleton = spec.build()
+    space, permutation_spec = ParamSpace(skeleton), models.permutation_spec(skeleton)
+    bank = space.stack([run.load_model("sources", seed)[0] for seed in sources])
+    for star_seed in todo:
+        checkpoint = run.star_checkpoint_path(star_seed, star_set)
+        seed = STAR_SEED_START + star_seed
+        result = train_star(
+            skeleton, bank, permutation_spec, dataset, recipe, options, space=space,
+            init_row=space.flatten(init_model(spec, seed)), seed=seed, device=device, checkpoint_path=checkpoint,
+            quiet=not progress,
+        )
+        if rank == 0:
+            run.save_star(star_seed, result.state_dict, star_metadata(star_seed, result, sources, spec, dataset), star_set)
+            checkpoint.unlink(missing_ok=True)
+            metrics = result.metrics
+            report(f"star {star_seed}: loss at the star {metrics['final_loss']:.4g}, mean interpolated loss "
+                   f"{metrics['mean_interpolated_loss']:.4g}, {metrics['seconds']:.1f} s")
+        barrier()
+    return todo
+
+
+def star_metadata(star_seed: int, result: StarResult, sources: Sequence[int], spec: ModelSpec, dataset) -> Dict[str, Any]:
+    """The JSON stored beside a star: its settings (options, seed, recipe), metrics and origin."""
+    return {"star_seed": star_seed, **result.settings, "metrics": result.metrics, "sources": list(sources),
+            "model": spec.to_dict(), "dataset": dataset.name}
+
+
+def _check_star_settings(run: RunDir, star_seed: int, star_set: str, wanted: Mapping[str, Any], flags: Mapping[str, str]) -> None:
+    """Refuse a finished star that was trained on other sources or with other settings."""
+    stored = run.read_star_metadata(star_seed, star_set)
+    for key, value in wanted.items():
+        if stored.get(key) != value:
+            path = run.star_path(star_seed, star_set).with_suffix(".json")
+            raise RunDirError(
+                f"{path} was trained with {key} = {stored.get(key)!r}, not {value!r}; use the same {flags[key]} as "
+                f"before, another --run-dir, or delete the star's files to train it again"
+            )
