@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from starfast.bank import Data, check_bank, run_bank
 from starfast.bn import batchnorm_buffer_names, recompute_bn
 from starfast.flat import ParamSpace
+from starfast.training_common import is_correct, per_example_loss
 
 LOSSES = ("auto", "cross_entropy", "binary")
 
@@ -123,7 +123,8 @@ def _check_buffers(
 
 
 def _loss_and_hits(outputs: torch.Tensor, y: torch.Tensor, loss: str, argument: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Summed loss and number of correct predictions of each model on one batch ``[K, B, ...]``."""
+    """Summed loss and number of correct predictions of each model on one batch ``[K, B, ...]``
+    (the losses and hits of :mod:`starfast.training_common`, after checking the shapes)."""
     count, size = outputs.shape[:2]
     if y.shape[:1] != (size,):
         raise ValueError(f"{argument}: a batch has {size} inputs but labels of shape {list(y.shape)}")
@@ -133,19 +134,15 @@ def _loss_and_hits(outputs: torch.Tensor, y: torch.Tensor, loss: str, argument: 
             raise ValueError(f"loss='binary' needs one logit per example, the model gives {list(outputs.shape[2:])}")
         if not bool(((y == 0) | (y == 1)).all()):
             raise ValueError(f"{argument}: loss='binary' needs labels in {{0, 1}}")
-        logits = outputs.reshape(count, size)
-        target = y.reshape(size).to(logits.dtype).expand(count, size)
-        losses = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-        correct = (logits > 0) == (target > 0.5)
+        outputs = outputs.reshape(count, size, 1)
     else:
         if outputs.dim() != 3:
             raise ValueError(f"loss='cross_entropy' needs outputs [B, C], the model gives {list(outputs.shape[1:])}")
         if y.is_floating_point() or y.dim() != 1:
             raise ValueError(f"{argument}: cross-entropy needs integer class labels [B], got {y.dtype} {list(y.shape)}")
-        target = y.expand(count, size)
-        losses = F.cross_entropy(outputs.transpose(1, 2), target, reduction="none")
-        correct = outputs.argmax(-1) == target
-    return losses.sum(1, dtype=torch.float64), correct.sum(1, dtype=torch.float64)
+    labels = y.reshape(size).expand(count, size)
+    losses = per_example_loss(outputs, labels, binary)
+    return losses.sum(1, dtype=torch.float64), is_correct(outputs, labels, binary).sum(1, dtype=torch.float64)
 
 
 # -- barriers ---------------------------------------------------------------------------------------
