@@ -17,7 +17,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from starfast import data
+from starfast import bma, data, fusion, report
 from starfast.allocator import keep_freed_memory
 from starfast.arguments import DATA_ERRORS, parse_arguments
 from starfast.evaluation import EvaluationConfig, evaluate_run, write_results
@@ -119,12 +119,8 @@ def check_application_flags(args: argparse.Namespace) -> None:
 
 def run_applications(run: RunDir, dataset, args: argparse.Namespace, device: torch.device, progress: bool) -> int:
     """``--bma`` and ``--fusion``: compute, write and print their results."""
-    from starfast import report
-
     config = evaluation_config(args)
     if args.bma:
-        from starfast import bma
-
         bma_config = bma.BMAConfig(
             samples=args.bma_samples, seed=args.bma_seed, batch_size=config.batch_size, bn_batches=config.bn_batches,
             match_max_iter=config.match_max_iter, match_init=config.match_init,
@@ -134,9 +130,6 @@ def run_applications(run: RunDir, dataset, args: argparse.Namespace, device: tor
         print(report.format_bma_table(results))
         print(f"(written to {folder}/bma.json, bma.md, bma.png)")
     if args.fusion:
-        # Imported here: fusion trains stars through starfast.train, which imports this module.
-        from starfast import fusion
-
         available = len(run.finished_seeds("sources"))
         _, dropped = fusion.usable_sizes(args.fusion_sizes, available)
         if dropped:

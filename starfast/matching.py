@@ -47,10 +47,9 @@ from torch import nn
 from starfast.flat import ParamSpace
 from starfast.lap import assignment_objective, linear_assignment
 from starfast.ops import permute
-from starfast.spec import Group, PermutationSpec
+from starfast.spec import Group, Perm, PermutationSpec
 from starfast.warm_start import WarmStart, row_margins
 
-Perm = Dict[str, torch.Tensor]
 ModelLike = Union[nn.Module, Mapping[str, torch.Tensor], torch.Tensor]
 
 

@@ -59,7 +59,7 @@ from starfast.ops import lerp_gather
 from starfast.progress import progress_bar
 from starfast.recipes import Recipe
 from starfast.files import save_checkpoint
-from starfast.spec import PermutationSpec
+from starfast.spec import Perm, PermutationSpec
 from starfast.training import make_optimizer
 from starfast.training_common import (
     StarStream,
@@ -80,9 +80,6 @@ DIVERGENCE_LIMIT = 1e6
 DIVERGENCE_CHECK_INTERVAL = 32
 EVAL_BATCH_SIZE = 1000
 CHECKPOINT_FORMAT = 1
-
-Perm = Dict[str, torch.Tensor]
-
 
 class StarlightDiverged(RuntimeError):
     """The Starlight loss became non-finite or exceeded :data:`DIVERGENCE_LIMIT`."""
