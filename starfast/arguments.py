@@ -1,7 +1,7 @@
 """Argument parsing that the command lines share.
 
 ``name_parser`` (an argparse ``type`` that resolves aliases and suggests the closest name),
-``parse_arch_kw`` (``key=value``), ``parse_milestones`` (``100,150``) and ``parse_arguments``
+``parse_arch_kw`` (``key=value``), ``parse_milestones`` (``100,150``), ``check_data_dir`` and ``parse_arguments``
 (``parse_args`` where ``-h``/``--help`` anywhere on the line prints help), and ``DATA_ERRORS``:
 what loading a dataset raises for a person to act on, which a command line prints as one line
 (the message says what to do; the traceback would only bury it).
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
 from starfast.data import CorruptDataError
@@ -47,6 +48,14 @@ def parse_milestones(text: str) -> List[int]:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"--milestones expects comma-separated epochs such as 100,150, got {text!r}") from None
+
+
+def check_data_dir(data_dir: Optional[Path]) -> None:
+    """``--data-dir``, when given, must be an existing folder (a typo would otherwise become a new,
+    empty folder and a download attempt)."""
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise ValueError(f"--data-dir {data_dir} is not an existing folder; create it, or omit the flag to use "
+                         "$STARFAST_DATA or ~/.cache/starfast")
 
 
 def parse_arguments(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> argparse.Namespace:

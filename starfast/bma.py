@@ -230,14 +230,16 @@ def bayesian_model_averaging(
 
 
 def write_bma(run: RunDir, results: Mapping[str, Any]) -> Path:
-    """``RUN/results/bma.json`` (atomic), then ``bma.md`` and ``bma.png`` beside it."""
+    """``RUN/results/{bma.json, bma.md, bma.png}``, published as a unit."""
     from starfast import report
 
-    folder = run.results_folder
-    write_json(folder / "bma.json", dict(results))
-    report.write_text(folder / "bma.md", report.format_bma_table(results) + "\n")
-    report.plot_bma(folder / "bma.png", results)
-    return folder
+    def write(folder: Path) -> List[str]:
+        write_json(folder / "bma.json", dict(results))
+        report.write_text(folder / "bma.md", report.format_bma_table(results) + "\n")
+        drawn = report.plot_bma(folder / "bma.png", results)
+        return ["bma.json", "bma.md"] + (["bma.png"] if drawn else [])
+
+    return run.publish_results(write)
 
 
 def _ensemble_predictions(skeleton: nn.Module, space: ParamSpace, members: List[LoadedModel], data: Data) -> PerExample:

@@ -19,11 +19,11 @@ import torch
 
 from starfast import bma, data, fusion, report
 from starfast.allocator import keep_freed_memory
-from starfast.arguments import DATA_ERRORS, parse_arguments
+from starfast.arguments import DATA_ERRORS, check_data_dir, parse_arguments
 from starfast.evaluation import EvaluationConfig, evaluate_run, write_results
 from starfast.report import format_table, verdict
 from starfast.files import StoredFileError
-from starfast.rundir import RunDir
+from starfast.rundir import RunDir, RunDirError
 
 
 def add_evaluation_flags(parser: argparse.ArgumentParser) -> None:
@@ -40,12 +40,7 @@ def add_evaluation_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def evaluation_config(args: argparse.Namespace) -> EvaluationConfig:
-    for flag in ("heldout_pairs", "heldout_source_pairs", "star_sources", "bn_batches"):
-        value = getattr(args, flag)
-        if value is not None and value < 0:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 0, got {value}")
-    if args.ts < 2:
-        raise ValueError(f"--ts must be >= 2 (the two end points), got {args.ts}")
+    """The evaluation flags as a (validated) :class:`EvaluationConfig`."""
     return EvaluationConfig(
         heldout_pairs=args.heldout_pairs, heldout_source_pairs=args.heldout_source_pairs, star_sources=args.star_sources,
         ts=args.ts, bn_batches=args.bn_batches, batch_size=args.eval_batch_size,
@@ -117,9 +112,9 @@ def check_application_flags(args: argparse.Namespace) -> None:
             setattr(args, name, value)
 
 
-def run_applications(run: RunDir, dataset, args: argparse.Namespace, device: torch.device, progress: bool) -> int:
+def run_applications(run: RunDir, dataset, args: argparse.Namespace, config: EvaluationConfig, device: torch.device,
+                     progress: bool) -> int:
     """``--bma`` and ``--fusion``: compute, write and print their results."""
-    config = evaluation_config(args)
     if args.bma:
         bma_config = bma.BMAConfig(
             samples=args.bma_samples, seed=args.bma_seed, batch_size=config.batch_size, bn_batches=config.bn_batches,
@@ -164,25 +159,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     add_application_flags(parser)
     args = parse_arguments(parser, argv)
     keep_freed_memory()
-    run = RunDir(args.run_dir)
-    config = run.read_config()
-    if config is None:
-        parser.error(f"{run.config_path} does not exist: is {args.run_dir} a run directory of python -m starfast.train?")
     try:
-        evaluation_config(args)
+        evaluation = evaluation_config(args)
         check_application_flags(args)
+        check_data_dir(args.data_dir)
     except ValueError as error:
         parser.error(str(error))
+    run = RunDir(args.run_dir)
     device = torch.device(args.device)
     try:
-        dataset = data.load(config["dataset"], data_dir=args.data_dir, device=device)
-        if args.bma or args.fusion:
-            return run_applications(run, dataset, args, device, progress=not args.quiet)
-        return run_evaluation(run, dataset, evaluation_config(args), device, progress=not args.quiet)
-    except (StoredFileError, *DATA_ERRORS) as error:
+        config = run.read_config()
+        if config is None:
+            parser.error(f"{run.config_path} does not exist: is {args.run_dir} a run directory of python -m starfast.train?")
+        if "dataset" not in config:
+            raise RunDirError(f"{run.config_path} names no dataset; delete it and run python -m starfast.train again")
+        with run.locked(" ".join(["python -m starfast.evaluate", *map(str, sys.argv[1:] if argv is None else argv)])):
+            dataset = data.load(config["dataset"], data_dir=args.data_dir, device=device)
+            if args.bma or args.fusion:
+                return run_applications(run, dataset, args, evaluation, device, progress=not args.quiet)
+            return run_evaluation(run, dataset, evaluation, device, progress=not args.quiet)
+    except (StoredFileError, OSError, *DATA_ERRORS) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -37,16 +37,20 @@ from starfast.bn import has_batchnorm
 from starfast.flat import ParamSpace
 from starfast.matching import match_weights
 from starfast.progress import progress_bar
-from starfast.files import file_digest, load_state_dict, read_json, write_json
-from starfast.rundir import MAIN_STARS, RunDir, RunDirError
+from starfast.files import file_digest, read_json, write_json
+from starfast.rundir import MAIN_STARS, RunDir, RunDirError, heldout_seeds, source_seeds
 
 KINDS = ("regular_regular", "star_heldout", "star_source")
 SPLITS = ("train", "test")
 
 
-@dataclass
+MAX_TS = 1001  # points on a path: beyond this the curve is as fine as any plot, and the cost is not
+
+
+@dataclass(frozen=True)
 class EvaluationConfig:
-    """How much to measure. ``None`` counts mean "all available"."""
+    """How much to measure (``None`` counts mean "all available"); validated on construction,
+    errors naming the CLI flag."""
 
     heldout_pairs: Optional[int] = None  # held-out x held-out pairs (i < j)
     heldout_source_pairs: Optional[int] = 6  # held-out x source pairs
@@ -56,6 +60,22 @@ class EvaluationConfig:
     batch_size: int = 500
     match_max_iter: int = 100
     match_init: Optional[str] = None  # None (identity, Git Re-Basin) or "sorted"
+
+    def __post_init__(self) -> None:
+        for name in ("heldout_pairs", "heldout_source_pairs", "star_sources"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+        if not 2 <= self.ts <= MAX_TS:
+            raise ValueError(f"--ts must be between 2 (the two end points) and {MAX_TS}, got {self.ts}")
+        if self.bn_batches is not None and self.bn_batches < 1:
+            raise ValueError(f"--bn-batches must be >= 1 (or omitted: all batches), got {self.bn_batches}")
+        if self.batch_size < 1:
+            raise ValueError(f"--eval-batch-size must be >= 1, got {self.batch_size}")
+        if self.match_max_iter < 1:
+            raise ValueError(f"match_max_iter must be >= 1, got {self.match_max_iter}")
+        if self.match_init not in (None, "sorted"):
+            raise ValueError(f"--match-init must be identity or sorted, got {self.match_init!r}")
 
 
 @dataclass
@@ -89,6 +109,7 @@ def evaluate_run(
     sources = load_models(run, "sources", space, device)
     heldout = load_models(run, "heldout", space, device)
     stars = load_stars(run, space, device)
+    _check_complete(run, stars)
     if len(heldout) < 1 or (len(heldout) < 2 and not sources):
         raise RunDirError(f"{run.path} has too few trained models to measure barriers; run python -m starfast.train --stage models")
 
@@ -153,13 +174,17 @@ def evaluate_run(
 
 
 def write_results(run: RunDir, results: Mapping[str, Any]) -> Path:
-    """``RUN/results/results.json`` (atomic), then ``table.md`` and ``curves.png`` beside it."""
+    """``RUN/results/{results.json, table.md, curves.png}``, published as a unit; the partial
+    results of the evaluation are removed afterwards."""
     from starfast import report
 
-    folder = run.results_folder
-    write_json(folder / "results.json", dict(results))
-    report.write_table(folder / "table.md", results)
-    report.plot_curves(folder / "curves.png", results)
+    def write(folder: Path) -> List[str]:
+        write_json(folder / "results.json", dict(results))
+        report.write_table(folder / "table.md", results)
+        drawn = report.plot_curves(folder / "curves.png", results)
+        return ["results.json", "table.md"] + (["curves.png"] if drawn else [])
+
+    folder = run.publish_results(write)
     (folder / PARTIAL_NAME).unlink(missing_ok=True)
     return folder
 
@@ -230,10 +255,27 @@ def load_stars(run: RunDir, space: ParamSpace, device, star_set: str = MAIN_STAR
     stars = []
     for star_seed in run.finished_stars(star_set):
         path = run.star_path(star_seed, star_set)
-        star = _loaded(path, f"star {path.stem}", load_state_dict(path, device), space, seed=star_seed)
-        star.sources = run.read_star_metadata(star_seed, star_set).get("sources")
+        state, metadata = run.load_star(star_seed, star_set, device)
+        star = _loaded(path, f"star {path.stem}", state, space, seed=star_seed)
+        star.sources = metadata.get("sources")
         stars.append(star)
     return stars
+
+
+def _check_complete(run: RunDir, stars: List[LoadedModel]) -> None:
+    """Every model the run's config names, and every source a star was trained on, is finished:
+    a missing one would silently shrink the tables."""
+    config = run.read_config() or {}
+    wanted = {(role, seed) for role, seeds in (("sources", source_seeds), ("heldout", heldout_seeds))
+              if isinstance(config.get(role), int) for seed in seeds(config[role])}
+    wanted |= {("sources", seed) for star in stars for seed in star.sources or ()}
+    missing = sorted(run.model_path(role, seed) for role, seed in wanted if not run.is_finished(role, seed))
+    if missing:
+        listed = ", ".join(str(path) for path in missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise RunDirError(
+            f"the evaluation needs every model the run names, but {len(missing)} are missing or unfinished ({listed}); "
+            "train them with python -m starfast.train --stage models and the run's flags"
+        )
 
 
 def own_sources(star: LoadedModel, sources: List[LoadedModel]) -> List[LoadedModel]:
@@ -248,6 +290,8 @@ def _loaded(path: Path, label: str, state: Dict[str, torch.Tensor], space: Param
         row = space.flatten(state)
     except ValueError as error:
         raise RunDirError(f"{path}: {error}; delete it to train it again") from None
+    if not bool(torch.isfinite(row).all()):
+        raise RunDirError(f"{path} holds NaN or infinite weights; delete it (and its .json) to train it again")
     parameters = set(space.names)
     buffers = {name: tensor for name, tensor in state.items() if name not in parameters}
     return LoadedModel(label, row, buffers, file_digest(path), seed=seed)

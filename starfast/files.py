@@ -5,7 +5,10 @@ gives the file the mode any other program's new file would get (``0o666`` less t
 ``tempfile.mkstemp`` creates files readable by their owner only), and renames it onto ``path``;
 when the block fails the temporary file is removed. ``write_atomic(path, write)`` does the same
 for a writer of a binary stream and flushes the data to disk before the rename.
-``file_digest(path)`` is a fast content hash (BLAKE2b) of a file's bytes.
+``file_digest(path)`` and ``bytes_digest(data)`` are a content hash of a file's bytes (SHA-256,
+which CPUs with SHA extensions compute at 1–2 GB/s, faster than BLAKE2b or MD5 here: see
+benchmarks/RESULTS.md): model and star files record it when written and are checked against it
+when read.
 
 On top of them, the formats starfast stores: JSON (:func:`write_json`, :func:`read_json`), state
 dicts as safetensors (:func:`save_state_dict`, :func:`load_state_dict`) and training checkpoints
@@ -64,8 +67,12 @@ def write_atomic(path: PathLike, write: Callable[[io.BufferedWriter], None]) -> 
             os.fsync(stream.fileno())
 
 
+def bytes_digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def file_digest(path: PathLike) -> str:
-    digest = hashlib.blake2b(digest_size=16)
+    digest = hashlib.sha256()
     with open(path, "rb") as stream:
         for chunk in iter(lambda: stream.read(1 << 20), b""):
             digest.update(chunk)
@@ -88,21 +95,29 @@ def read_json(path: PathLike) -> Any:
         raise StoredFileError(f"{path} is not readable JSON ({error}); delete it and run again to recreate it") from error
 
 
-def save_state_dict(path: PathLike, state_dict: Mapping[str, torch.Tensor], metadata: Optional[Mapping[str, str]] = None) -> None:
-    """Save tensors (moved to CPU, made contiguous and unshared) as safetensors, atomically."""
+def save_state_dict(path: PathLike, state_dict: Mapping[str, torch.Tensor], metadata: Optional[Mapping[str, str]] = None) -> str:
+    """Save tensors (moved to CPU, made contiguous and unshared) as safetensors, atomically;
+    returns the :func:`bytes_digest` of the file written."""
     from safetensors.torch import save
 
     tensors = {name: tensor.detach().to("cpu", copy=True).contiguous() for name, tensor in state_dict.items()}
     payload = save(tensors, metadata=dict(metadata) if metadata else None)
     write_atomic(path, lambda stream: stream.write(payload))
+    return bytes_digest(payload)
 
 
-def load_state_dict(path: PathLike, device: Union[str, torch.device] = "cpu") -> Dict[str, torch.Tensor]:
-    """Load a safetensors file; a corrupt file raises :class:`StoredFileError` naming it."""
+def load_state_dict(path: PathLike, device: Union[str, torch.device] = "cpu", digest: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    """Load a safetensors file; a corrupt file, or one whose bytes do not have ``digest`` (when
+    given: what :func:`save_state_dict` returned), raises :class:`StoredFileError` naming it."""
     from safetensors.torch import load
 
     path = Path(path)
     data = path.read_bytes()
+    if digest is not None and bytes_digest(data) != digest:
+        raise StoredFileError(
+            f"{path} does not match the checksum recorded when it was written (its bytes changed on disk); "
+            "delete it (and its .json) to train that model again"
+        )
     try:
         tensors = load(data)
     except Exception as error:  # safetensors raises several types for truncated/garbled files

@@ -56,14 +56,14 @@ class FusionConfig:
     """``sizes``: the ``|Z|`` of Table 2 (those above the run's sources are dropped);
     ``ce_weight``: λ; ``star_seeds``: stars per size; ``star_epochs``: ``None`` for the run's star
     recipe as it is; ``batch_size``: evaluation and timing batch; ``timing_repeats``: timed
-    forward passes per method (the median is reported)."""
+    forward passes per method (the median is reported; see :func:`inference_costs`)."""
 
     sizes: Tuple[int, ...] = DEFAULT_SIZES
     ce_weight: float = 1.0
     star_seeds: int = 3
     star_epochs: Optional[int] = None
     batch_size: int = 500
-    timing_repeats: int = 7
+    timing_repeats: int = 15
 
 
 def usable_sizes(sizes: Sequence[int], available: int) -> Tuple[List[int], List[int]]:
@@ -174,9 +174,7 @@ def fusion_table(
             "ensemble": {"accuracy": float(ensemble.correct.double().mean()), "nll": float(-ensemble.true_log_prob.mean())},
             "star": summarise(star_accuracies.tolist()),
             "stars": [star.label for star in stars],
-            "cost": {
-                method: inference_cost(group, timing_batch, config.timing_repeats) for method, group in members.items()
-            },
+            "cost": inference_costs(members, timing_batch, config.timing_repeats),
         })
     return {
         "dataset": dataset.name,
@@ -195,38 +193,52 @@ def fusion_table(
 
 
 def write_fusion(run: RunDir, results: Mapping[str, Any]) -> Path:
-    """``RUN/results/fusion.json`` (atomic), then ``fusion.md`` beside it."""
+    """``RUN/results/{fusion.json, fusion.md}``, published as a unit."""
     from starfast import report
 
-    folder = run.results_folder
-    write_json(folder / "fusion.json", dict(results))
-    report.write_text(folder / "fusion.md", report.format_fusion_table(results) + "\n")
-    return folder
+    def write(folder: Path) -> List[str]:
+        write_json(folder / "fusion.json", dict(results))
+        report.write_text(folder / "fusion.md", report.format_fusion_table(results) + "\n")
+        return ["fusion.json", "fusion.md"]
+
+    return run.publish_results(write)
 
 
 @torch.no_grad()
-def inference_cost(members: Sequence[nn.Module], inputs: torch.Tensor, repeats: int) -> Dict[str, float]:
-    """Cost of predicting with the average of ``members``' probability vectors on one batch:
-    counted forward FLOPs per example, parameter bytes, and the median seconds of ``repeats``
-    timed passes (after one warm-up pass)."""
+def inference_costs(methods: Mapping[str, Sequence[nn.Module]], inputs: torch.Tensor, repeats: int) -> Dict[str, Dict[str, float]]:
+    """Cost of each method, predicting with the average of its members' probability vectors on
+    one batch: counted forward FLOPs per example, parameter bytes, and the median seconds of
+    ``repeats`` timed passes. The methods are timed in interleaved rounds (each round times every
+    method once, in a rotated order), so a busy machine slows them alike instead of whichever
+    happened to run during a burst of load."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
 
-    def predict() -> torch.Tensor:
-        return sum(class_probabilities(member(inputs)) for member in members) / len(members)
+    def predictor(members: Sequence[nn.Module]) -> Callable[[], torch.Tensor]:
+        return lambda: sum(class_probabilities(member(inputs)) for member in members) / len(members)
 
-    counter = FlopCounterMode(display=False)
-    with counter:
-        predict()
-    predict()  # warm-up outside the counter
-    seconds = [_timed(predict, inputs.device) for _ in range(repeats)]
-    return {
-        "members": len(members),
-        "flops_per_example": counter.get_total_flops() / inputs.shape[0],
-        "parameter_bytes": sum(p.numel() * p.element_size() for member in members for p in member.parameters()),
-        "seconds_per_batch": median(seconds),
-        "batch_size": int(inputs.shape[0]),
-    }
+    predictors = {name: predictor(members) for name, members in methods.items()}
+    costs: Dict[str, Dict[str, float]] = {}
+    for name, members in methods.items():
+        counter = FlopCounterMode(display=False)
+        with counter:
+            predictors[name]()
+        predictors[name]()  # warm-up outside the counter
+        costs[name] = {
+            "members": len(members),
+            "flops_per_example": counter.get_total_flops() / inputs.shape[0],
+            "parameter_bytes": sum(p.numel() * p.element_size() for member in members for p in member.parameters()),
+            "batch_size": int(inputs.shape[0]),
+        }
+    names = list(methods)
+    seconds: Dict[str, List[float]] = {name: [] for name in names}
+    for turn in range(repeats):
+        first = turn % len(names)
+        for name in names[first:] + names[:first]:
+            seconds[name].append(_timed(predictors[name], inputs.device))
+    for name in names:
+        costs[name]["seconds_per_batch"] = median(seconds[name])
+    return costs
 
 
 def _timed(work: Callable[[], torch.Tensor], device: torch.device) -> float:

@@ -14,10 +14,11 @@ tensors, datasets and checkpoint paths, and the run directory's layout stays :cl
 """
 from __future__ import annotations
 
+import math
 import platform
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -86,17 +87,22 @@ def train_missing_models(
     progress: bool = True,
     rank: int = 0,
     report: Callable[[str], None] = print,
-) -> Tuple[List[ModelJob], List[TrainingDiverged]]:
+) -> Tuple[List[ModelJob], List[RuntimeError]]:
     """Train the unfinished ``jobs`` into ``run`` (finished models are never retrained).
 
     Each model resumes from its checkpoint, is saved with its metadata, then its checkpoint is
     removed. With ``parallel_seeds`` K > 1, models of one role whose checkpoints are at the same
     epoch are trained K at a time. ``report`` gets one line per trained model. Returns
-    ``(trained_jobs, diverged)``; a diverged seed does not stop the others.
+    ``(trained_jobs, failures)``: a seed whose loss diverged (:class:`TrainingDiverged`) or that
+    learned nothing (:class:`ModelDidNotLearn`) is not saved, and does not stop the others. A
+    finished model whose file fails its checksum raises :class:`StoredFileError`.
     """
     if parallel_seeds < 1:
         raise ValueError(f"--parallel-seeds must be >= 1, got {parallel_seeds}")
     missing = [job for job in jobs if not run.is_finished(job.role, job.seed)]
+    for job in jobs:
+        if job not in missing:
+            run.load_model(job.role, job.seed)  # a finished model is reused only if its checksum holds
     if len(missing) < len(jobs):
         report(f"reused {len(jobs) - len(missing)} trained models in {run.path}"
                + (f"; training {len(missing)}" if missing else ""))
@@ -112,7 +118,8 @@ def train_missing_models(
             groups += [same_epoch[i : i + parallel_seeds] for i in range(0, len(same_epoch), parallel_seeds)]
 
     trained: List[ModelJob] = []
-    failures: List[TrainingDiverged] = []
+    failures: List[RuntimeError] = []
+    chance = LearningCheck.of(dataset)
     overall = progress_bar(total=len(missing), desc=f"models (rank {rank})" if rank else "models", unit="model", enabled=progress)
     for group in groups:
         paths = [run.model_checkpoint_path(job.role, job.seed) for job in group]
@@ -131,6 +138,11 @@ def train_missing_models(
         by_seed = {job.seed: (job, path) for job, path in zip(group, paths)}
         for result in results:
             job, path = by_seed[result.seed]
+            failed = chance.failure(job, result.metrics, recipe)
+            if failed is not None:
+                failures.append(failed)
+                path.unlink(missing_ok=True)  # retraining the same seed and recipe would fail the same way
+                continue
             run.save_model(job.role, job.seed, result.state_dict, model_metadata(spec, dataset, recipe, job, result.metrics, speed, rank))
             path.unlink(missing_ok=True)
             trained.append(job)
@@ -142,6 +154,41 @@ def train_missing_models(
         overall.update(len(group))
     overall.close()
     return trained, failures
+
+
+class ModelDidNotLearn(RuntimeError):
+    """A trained model ended at chance accuracy or no better than a uniform guess."""
+
+
+@dataclass(frozen=True)
+class LearningCheck:
+    """When a trained model counts as having learned nothing: its final train accuracy is within
+    ``ACCURACY_MARGIN`` of always answering the most frequent class, or its train loss is not below
+    that of predicting the uniform distribution (ln C, or ln 2 for one binary logit)."""
+
+    majority_rate: float
+    uniform_loss: float
+
+    ACCURACY_MARGIN = 0.01
+
+    @classmethod
+    def of(cls, dataset) -> "LearningCheck":
+        _, labels = dataset.tensors("train")
+        counts = torch.bincount(labels.long().flatten().cpu())
+        classes = 2 if dataset.binary else dataset.num_classes
+        return cls(float(counts.max()) / float(counts.sum()), math.log(classes))
+
+    def failure(self, job: ModelJob, metrics: TrainingMetrics, recipe: Recipe) -> Optional[ModelDidNotLearn]:
+        at_chance = metrics.train_accuracy <= self.majority_rate + self.ACCURACY_MARGIN
+        no_better = metrics.train_loss >= self.uniform_loss
+        if not (at_chance or no_better):
+            return None
+        return ModelDidNotLearn(
+            f"{job.role} seed {job.seed} learned nothing: train accuracy {metrics.train_accuracy:.3f} (always answering the "
+            f"most frequent class gives {self.majority_rate:.3f}), train loss {metrics.train_loss:.4g} (a uniform guess "
+            f"gives {self.uniform_loss:.4g}) after {recipe.epochs} epochs at lr {recipe.lr}; it was not saved. Change the "
+            "recipe (--lr, --epochs, ...)"
+        )
 
 
 def train_missing_stars(
@@ -175,6 +222,7 @@ def train_missing_stars(
     for star_seed in range(star_seeds):
         if star_seed in run.finished_stars(star_set):
             _check_star_settings(run, star_seed, star_set, wanted, flags)
+            run.load_star(star_seed, star_set)  # reused only if its checksum holds
         else:
             todo.append(star_seed)
     if not todo:

@@ -13,6 +13,8 @@ Layout (every file is written atomically: a temp file in the same folder, then `
     RUN/checkpoints/<star set>/star-0000.pt  in-progress star training
     RUN/results/                           the evaluation's results.json, table.md, curves.png
     RUN/results/partial.json               curves of an evaluation in progress (removed once written)
+    RUN/results/.pending/                  results being published as a unit (see publish_results)
+    RUN/.lock                              held by the one process working here (pid and command)
 
 A model is *finished* when both its ``.safetensors`` and its ``.json`` exist (the JSON is written
 last, so a crash between the two leaves an unfinished model that is trained again from its
@@ -25,15 +27,19 @@ formats themselves are :mod:`starfast.files`'.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import shutil
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from starfast.files import StoredFileError, load_state_dict, read_json, save_state_dict, write_json
+from starfast.files import TEMP_SUFFIX, StoredFileError, load_state_dict, read_json, save_state_dict, write_json
 from starfast.models import ModelSpec
 
 PathLike = Union[str, os.PathLike]
@@ -41,6 +47,9 @@ PathLike = Union[str, os.PathLike]
 ROLES = ("sources", "heldout")
 HELDOUT_SEED_START = 1000
 CONFIG_IDENTITY = ("model", "dataset", "recipe")
+DIGEST_KEY = "weights_sha256"  # in a model's or star's JSON: the checksum of its weights file
+LOCK_NAME = ".lock"
+PENDING_NAME, COMPLETE_NAME = ".pending", "complete.json"  # RUN/results/.pending: results being published
 MAIN_STARS = "star"  # the main job's star set; fusion stars of N sources are "fusion/zNNNN/star"
 
 
@@ -111,17 +120,25 @@ class RunDir:
 
     def read_config(self) -> Optional[Dict[str, Any]]:
         """The stored config, or ``None`` for a new run directory."""
-        return read_json(self.config_path) if self.config_path.exists() else None
+        if not self.config_path.exists():
+            return None
+        config = read_json(self.config_path)
+        if not isinstance(config, dict):
+            raise RunDirError(f"{self.config_path} holds a JSON {type(config).__name__}, not the object starfast writes; "
+                              "delete it to start the run directory afresh")
+        return config
 
     def check_config(self, config: Mapping[str, Any], identity: Sequence[str] = CONFIG_IDENTITY) -> Dict[str, Any]:
-        """Raise :class:`RunDirError` if the stored config differs from ``config`` on ``identity`` keys.
+        """Raise :class:`RunDirError` if the stored config differs from ``config`` on ``identity`` keys
+        (unless the directory holds no finished model or star and no checkpoint: every attempt with
+        the old settings failed, so the new ones replace them).
 
         Returns the stored config updated with ``config`` (non-identity keys, such as the number
         of source models, may change between invocations). Writes nothing.
         """
         wanted = _normalised(dict(config))
         stored = self.read_config()
-        if stored is None:
+        if stored is None or not self.holds_work():  # nothing here was made with the old settings
             return wanted
         for key in identity:
             if key not in wanted:
@@ -144,9 +161,83 @@ class RunDir:
 
     def model_spec(self) -> ModelSpec:
         config = self.read_config()
-        if config is None or "model" not in config:
+        if config is None:
             raise RunDirError(f"{self.config_path} is missing; train the models first (python -m starfast.train --stage models)")
-        return ModelSpec.from_dict(config["model"])
+        try:
+            return ModelSpec.from_dict(config["model"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise RunDirError(f"{self.config_path} has no valid 'model' entry ({type(error).__name__}: {error}); delete it "
+                              "and run python -m starfast.train again with the settings of this run") from None
+
+    def holds_work(self) -> bool:
+        """Whether anything was trained here: a finished model or star, or a checkpoint."""
+        checkpoints = self.path / "checkpoints"
+        return (any(self.finished_seeds(role) for role in ROLES) or bool(self.finished_stars())
+                or (checkpoints.is_dir() and any(path.is_file() for path in checkpoints.rglob("*"))))
+
+    # -- one process at a time ----------------------------------------------------------------
+
+    @contextmanager
+    def locked(self, command: str) -> Iterator[None]:
+        """Hold the run directory's lock (an advisory ``flock`` on ``RUN/.lock``) while the block
+        runs; a second process stops at once with a message naming the holder's pid and command.
+        Inside the lock, temporary files left by killed writes are removed."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            handle = open(self.path / LOCK_NAME, "a+")
+        except OSError as error:
+            raise RunDirError(f"cannot write to the run directory {self.path} ({error.strerror}); use a writable --run-dir") from None
+        try:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "a process that has not written its name yet"
+                raise RunDirError(f"{self.path} is in use by another starfast process ({holder}); wait for it to "
+                                  "finish, or use another --run-dir") from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()}: {command}\n")
+            handle.flush()
+            self._remove_leftovers()
+            yield
+        finally:
+            handle.close()  # closing releases the lock
+
+    def _remove_leftovers(self) -> None:
+        """Delete the temporary files of writes that a killed process never finished, and finish
+        (or drop) a publication of results that was interrupted (see :meth:`publish_results`)."""
+        for path in self.path.rglob(f".*{TEMP_SUFFIX}"):
+            if path.is_file():
+                path.unlink()
+        pending = self.results_folder / PENDING_NAME
+        if (pending / COMPLETE_NAME).exists():
+            self._move_into_place(pending)
+        elif pending.is_dir():
+            shutil.rmtree(pending)
+
+    # -- results ------------------------------------------------------------------------------
+
+    def publish_results(self, write: Callable[[Path], Sequence[str]]) -> Path:
+        """Results written as a unit: ``write(folder)`` writes its files into a pending folder and
+        returns their names, the folder is marked complete, then the files are moved into
+        ``RUN/results`` (the first name, e.g. ``results.json``, last). A process killed before the
+        mark leaves no trace of the new results; one killed after it has the move finished by the
+        next process that takes the lock, so files of two evaluations never stand side by side."""
+        pending = self.results_folder / PENDING_NAME
+        if pending.exists():
+            shutil.rmtree(pending)
+        names = list(write(pending))
+        write_json(pending / COMPLETE_NAME, {"files": names})
+        self._move_into_place(pending)
+        return self.results_folder
+
+    def _move_into_place(self, pending: Path) -> None:
+        names = read_json(pending / COMPLETE_NAME)["files"]
+        for name in [*names[1:], names[0]]:
+            if (pending / name).exists():
+                os.replace(pending / name, self.results_folder / name)
+        shutil.rmtree(pending)
 
     # -- models -------------------------------------------------------------------------------
 
@@ -177,8 +268,8 @@ class RunDir:
     def save_model(self, role: str, seed: int, state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]) -> Path:
         """Write the weights, then the metadata JSON (which marks the model finished)."""
         path = self.model_path(role, seed)
-        save_state_dict(path, state_dict, {"role": role, "seed": str(seed), "arch": str(metadata.get("model", {}).get("arch", ""))})
-        write_json(path.with_suffix(".json"), dict(metadata))
+        digest = save_state_dict(path, state_dict, {"role": role, "seed": str(seed), "arch": str(metadata.get("model", {}).get("arch", ""))})
+        write_json(path.with_suffix(".json"), {**metadata, DIGEST_KEY: digest})
         return path
 
     @property
@@ -205,11 +296,18 @@ class RunDir:
 
     def save_star(self, star_seed: int, state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, Any],
                   star_set: str = MAIN_STARS) -> Path:
-        """Write the star's weights, then its metadata JSON (which marks it finished)."""
+        """Write the star's weights, then its metadata JSON (with the weights' checksum; it marks the
+        star finished)."""
         path = self.star_path(star_seed, star_set)
-        save_state_dict(path, state_dict, {"role": "star", "seed": str(star_seed)})
-        write_json(path.with_suffix(".json"), dict(metadata))
+        digest = save_state_dict(path, state_dict, {"role": "star", "seed": str(star_seed)})
+        write_json(path.with_suffix(".json"), {**metadata, DIGEST_KEY: digest})
         return path
+
+    def load_star(self, star_seed: int, star_set: str = MAIN_STARS,
+                  device: Union[str, torch.device] = "cpu") -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+        """``(state_dict, metadata)`` of a finished star, its checksum verified."""
+        metadata = self.read_star_metadata(star_seed, star_set)
+        return _verified_load(self.star_path(star_seed, star_set), metadata, device), metadata
 
     def read_star_metadata(self, star_seed: int, star_set: str = MAIN_STARS) -> Dict[str, Any]:
         return read_json(self.star_path(star_seed, star_set).with_suffix(".json"))
@@ -225,7 +323,8 @@ class RunDir:
         path = self.model_path(role, seed)
         if not self.is_finished(role, seed):
             raise RunDirError(f"{path} (with its .json) does not exist; train it with python -m starfast.train --stage models")
-        return load_state_dict(path, device), self.read_metadata(role, seed)
+        metadata = self.read_metadata(role, seed)
+        return _verified_load(path, metadata, device), metadata
 
     def build_model(self, role: str, seed: int, device: Union[str, torch.device] = "cpu") -> nn.Module:
         """The stored model as a module (built from config.json's spec, weights and buffers loaded)."""
@@ -243,3 +342,13 @@ class RunDir:
         except RuntimeError as error:
             raise RunDirError(f"{path} does not fit architecture {spec.arch} ({error}); delete it (and its .json) to train it again") from error
         return module
+
+
+def _verified_load(path: Path, metadata: Mapping[str, Any], device) -> Dict[str, torch.Tensor]:
+    """The weights at ``path``, checked against the checksum in ``metadata`` (files written before
+    checksums were recorded load with a warning)."""
+    digest = metadata.get(DIGEST_KEY)
+    if digest is None:
+        warnings.warn(f"{path.with_suffix('.json')} records no checksum (written by an older starfast): its weights "
+                      "cannot be verified", RuntimeWarning, stacklevel=3)
+    return load_state_dict(path, device, digest=digest)

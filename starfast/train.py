@@ -16,6 +16,7 @@ when ``WORLD_SIZE > 1``; rank 0 writes the config before and the summary after a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -28,7 +29,7 @@ from tqdm.auto import tqdm
 
 from starfast import data, models
 from starfast.allocator import keep_freed_memory
-from starfast.arguments import DATA_ERRORS, name_parser, parse_arch_kw, parse_arguments, parse_milestones
+from starfast.arguments import DATA_ERRORS, check_data_dir, name_parser, parse_arch_kw, parse_arguments, parse_milestones
 from starfast.evaluate import add_evaluation_flags, evaluation_config, run_evaluation
 from starfast.evaluation import EvaluationConfig
 from starfast.files import StoredFileError, write_json
@@ -38,6 +39,7 @@ from starfast.recipes import OPTIMIZERS, SCHEDULES, Recipe, resolve
 from starfast.rundir import RunDir, heldout_seeds, source_seeds
 from starfast.starlight import T_SAMPLINGS, StarlightDiverged, StarlightOptions
 from starfast.training import PRECISIONS, SpeedOptions, TrainingDiverged
+from starfast.training_common import steps_per_epoch
 
 
 RECIPE_FLAGS = ("lr", "batch_size", "optimizer", "weight_decay", "momentum", "schedule", "milestones", "gamma", "label_smoothing", "epochs")
@@ -160,17 +162,17 @@ def models_stage(context: RunContext) -> int:
     """Train the missing source and held-out models (this rank's share of them)."""
     distributed = context.distributed
     jobs = context.jobs()[distributed.rank :: distributed.world_size]
-    _, diverged = train_missing_models(
+    _, failures = train_missing_models(
         context.run, context.spec, context.dataset, context.recipe, jobs,
         parallel_seeds=context.parallel_seeds, speed=context.speed, progress=context.progress,
         rank=distributed.rank, report=context.report,
     )
-    for failure in diverged:
+    for failure in failures:
         print(f"error: {failure}", file=sys.stderr)
     distributed.barrier()
     if distributed.rank == 0:
         summarise_models(context)
-    return 1 if diverged else 0
+    return 1 if failures else 0
 
 
 def summarise_models(context: RunContext) -> None:
@@ -256,10 +258,22 @@ def build_context(args: argparse.Namespace, parser: argparse.ArgumentParser, dis
         )
         speed = SpeedOptions(precision=args.precision)
         source_seeds(args.sources), heldout_seeds(args.heldout)
+        if args.sources < 1 or args.heldout < 1:
+            raise ValueError(f"--sources and --heldout must each be >= 1 (a star needs sources, the tables held-out "
+                             f"models), got --sources {args.sources} --heldout {args.heldout}")
+        if star_recipe.batch_size % star_options.samples_per_step:
+            raise ValueError(f"--samples-per-step {star_options.samples_per_step} must divide --batch-size "
+                             f"{star_recipe.batch_size} (each draw gets an equal chunk)")
         evaluation = evaluation_config(args)
+        check_data_dir(args.data_dir)
     except ValueError as error:
         parser.error(str(error))
     dataset = data.load(args.dataset, data_dir=args.data_dir, device=device)
+    try:
+        for checked in (recipe, star_recipe):
+            steps_per_epoch(dataset, checked.batch_size, distributed.world_size)
+    except ValueError as error:
+        parser.error(str(error))
     try:
         spec = ModelSpec.for_dataset(args.arch, dataset, dict(args.arch_kw))
         spec.build()
@@ -283,16 +297,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         torch.distributed.init_process_group(backend=backend)
     try:
         context = build_context(args, parser, distributed)
-        context.run.check_config(context.config())  # every rank fails the same way on a mismatch
-        if distributed.rank == 0:
-            context.run.prepare(context.config())
-        distributed.barrier()
-        for stage in STAGES[args.stage]:
-            status = stage(context)
-            if status:
-                return status
-        return 0
-    except (StoredFileError, TrainingDiverged, StarlightDiverged, *DATA_ERRORS) as error:
+        command = " ".join(["python -m starfast.train", *(sys.argv[1:] if argv is None else argv)])
+        with context.run.locked(command) if distributed.rank == 0 else contextlib.nullcontext():
+            context.run.check_config(context.config())  # every rank fails the same way on a mismatch
+            if distributed.rank == 0:
+                context.run.prepare(context.config())
+            distributed.barrier()
+            for stage in STAGES[args.stage]:
+                status = stage(context)
+                if status:
+                    return status
+            return 0
+    except (StoredFileError, TrainingDiverged, StarlightDiverged, OSError, *DATA_ERRORS) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     finally:

@@ -116,6 +116,7 @@ def test_a_failed_download_is_one_line_naming_what_to_do(tmp_path, monkeypatch, 
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)
+    (tmp_path / "data").mkdir()
     assert main(["--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--run-dir", str(tmp_path / "run"), "--quiet"]) == 1
     error = capsys.readouterr().err
     assert error.startswith("error: cannot download https://") and "save it as" in error, error

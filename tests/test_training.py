@@ -242,7 +242,7 @@ def test_cli_models_stage_end_to_end(tmp_path, capsys):
     assert main(["--stage", "models", *flags]) == 0
     files = sorted(str(path.relative_to(run_dir)) for path in run_dir.rglob("*") if path.is_file())
     assert files == [
-        "config.json", "heldout/seed-1000.json", "heldout/seed-1000.safetensors", "models.json",
+        ".lock", "config.json", "heldout/seed-1000.json", "heldout/seed-1000.safetensors", "models.json",
         "sources/seed-0000.json", "sources/seed-0000.safetensors", "sources/seed-0001.json", "sources/seed-0001.safetensors",
     ]
     config = json.loads((run_dir / "config.json").read_text())
