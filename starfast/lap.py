@@ -45,11 +45,7 @@ def linear_assignment(cost: torch.Tensor, maximize: bool = False) -> torch.Tenso
         work = work.double()
     if not ops.HAVE_EXTENSION:
         return linear_assignment_reference(work, maximize).to(cost.device)
-    try:
-        result = ops.linear_assignment_op(work.cpu(), bool(maximize))
-    except ValueError as error:  # non-finite entries, found by the solver: drop the C++ trace
-        raise ValueError(str(error).split("\n")[0]) from None
-    return result.to(cost.device)
+    return ops.linear_assignment_op(work.cpu(), bool(maximize)).to(cost.device)
 
 
 def linear_assignment_reference(cost: torch.Tensor, maximize: bool = False) -> torch.Tensor:

@@ -1,13 +1,21 @@
 """The compiled ops (permute, permute_out, lerp_gather) against their pure-PyTorch references:
-values on fresh random inputs, opcheck, gradcheck in float64, the reference fallback path, and
-the CUDA kernels when a GPU is present."""
+values on fresh random inputs (lerp_gather bit for bit against torch.lerp), opcheck with inputs
+that require grad, gradcheck in float64, the parallel loops, the reference fallback path, the
+CUDA kernels when a GPU is present, and the loader's explanation of a missing extension."""
+from pathlib import Path
+
 import pytest
 import torch
 
-from starfast import ops
+from starfast import extension, ops
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 needs_extension = pytest.mark.skipif(not ops.HAVE_EXTENSION, reason="compiled extension not built")
+FLOATS = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+def dtype_id(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 def block_index(length: int, rng: torch.Generator) -> torch.Tensor:
@@ -18,17 +26,24 @@ def block_index(length: int, rng: torch.Generator) -> torch.Tensor:
     return torch.cat([index, torch.arange(index.numel(), length)])
 
 
+def mismatches(got: torch.Tensor, want: torch.Tensor) -> str:
+    differ = got != want
+    return f"{int(differ.sum())} of {got.numel()} elements differ, e.g. {got[differ][:3].tolist()} vs {want[differ][:3].tolist()}"
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("dtype", FLOATS + [torch.int64], ids=dtype_id)
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32], ids=dtype_id)
 def test_permute_matches_reference(device, dtype, index_dtype, rng):
     length = 1000 + int(torch.randint(0, 500, (1,), generator=rng))
-    rows = torch.randn(4, length, generator=rng).to(device, dtype)
+    rows = (100 * torch.randn(4, length, generator=rng)).to(device, dtype)
     shared = torch.randperm(length, generator=rng).to(device, index_dtype)
     per_row = torch.stack([block_index(length, rng) for _ in range(4)]).to(device, index_dtype)
     assert torch.equal(ops.permute(rows[0], shared), ops.permute_reference(rows[0], shared))
     assert torch.equal(ops.permute(rows, shared), ops.permute_reference(rows, shared))
     assert torch.equal(ops.permute(rows, per_row), ops.permute_reference(rows, per_row))
+    assert torch.equal(ops.permute(rows.view(2, 2, length), shared), ops.permute_reference(rows, shared).view(2, 2, length))
+    assert torch.equal(ops.permute(rows.t().contiguous().t(), per_row), ops.permute_reference(rows, per_row))
     out = torch.empty_like(rows)
     result = ops.permute(rows, per_row, out=out)
     assert result is out and torch.equal(out, ops.permute_reference(rows, per_row))
@@ -36,11 +51,13 @@ def test_permute_matches_reference(device, dtype, index_dtype, rng):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_permute_into_a_bank_row(device, rng):
-    bank = torch.randn(3, 200, generator=rng, device="cpu").to(device)
+    bank = torch.randn(3, 200, generator=rng).to(device)
     index = torch.randperm(200, generator=rng).to(device)
     source = torch.randn(200, generator=rng).to(device)
     ops.permute(source, index, out=bank[1])
     assert torch.equal(bank[1], source[index])
+    ops.permute(bank[0], index, out=bank[2])  # another row of the same bank: no overlap
+    assert torch.equal(bank[2], bank[0][index])
 
 
 def test_permute_errors(rng):
@@ -49,20 +66,63 @@ def test_permute_errors(rng):
         ops.permute(rows, torch.arange(9))
     with pytest.raises(TypeError, match="int64 or int32"):
         ops.permute(rows, torch.arange(10.0))
+    if ops.HAVE_EXTENSION:
+        with pytest.raises(ValueError, match="must not overlap"):
+            ops.permute(rows, torch.arange(10), out=rows)
+        with pytest.raises(ValueError, match=r"index must be \[P\] or \[2, P\]"):
+            ops.permute(rows, torch.arange(10).repeat(3, 1))
+        with pytest.raises(TypeError, match="not supported"):
+            ops.permute(rows.bool(), torch.arange(10))
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("dtype", FLOATS, ids=dtype_id)
 @pytest.mark.parametrize("with_index", [True, False])
-def test_lerp_gather_matches_reference(device, dtype, with_index, rng):
-    length = 3000 + int(torch.randint(0, 500, (1,), generator=rng))
-    theta = torch.randn(length, generator=rng).to(device, dtype)
-    bank = torch.randn(5, length, generator=rng).to(device, dtype)
-    index = block_index(length, rng).to(device) if with_index else None
-    for t in (0.0, 0.3, float(torch.rand(1, generator=rng)), 0.5, 0.8, 1.0):
-        got = ops.lerp_gather(theta, bank, 3, index, t)
-        want = ops.lerp_gather_reference(theta, bank, 3, index, t)
-        torch.testing.assert_close(got, want)  # torch.lerp may fuse differently: rounding-level
+def test_lerp_gather_is_torch_lerp_bit_for_bit(device, dtype, with_index, rng):
+    # Lengths below and around the vector width exercise torch's loop tails as well as its body.
+    for length in (1, 5, 16, 33, 70, 3000 + int(torch.randint(0, 500, (1,), generator=rng))):
+        theta = torch.randn(length, generator=rng).to(device, dtype)
+        bank = torch.randn(5, length, generator=rng).to(device, dtype)
+        index = block_index(length, rng).to(device) if with_index else None
+        for t in (0.0, 0.3, float(torch.rand(1, generator=rng)), 0.5, 0.8, 1.0, -0.7, 1.6):
+            got = ops.lerp_gather(theta, bank, 3, index, t)
+            want = ops.lerp_gather_reference(theta, bank, 3, index, t)
+            assert torch.equal(got, want), f"length {length}, t = {t}: {mismatches(got, want)}"
+
+
+@needs_extension
+def test_lerp_gather_float16_over_every_half(rng):
+    """Every finite float16 as θ (all conversions to float) against random sources: the results
+    cover rounding back to float16 from normal, subnormal and overflowing values."""
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    theta = bits.view(torch.float16)
+    theta = theta[torch.isfinite(theta)]
+    bank = (torch.randn(2, theta.numel(), generator=rng) * torch.logspace(-9, 5, theta.numel())).half()
+    bank[1, :50] = torch.tensor(65504.0).half()  # with |w| large these overflow to inf
+    for t in (0.25, 0.75, 3.0):
+        for n in (0, 1):
+            got = ops.lerp_gather(theta, bank, n, None, t)
+            want = torch.lerp(theta, bank[n], t)
+            same = (got == want) | (torch.isnan(got) & torch.isnan(want))
+            assert bool(same.all()), f"t = {t}, n = {n}: {mismatches(got[~same], want[~same])}"
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", FLOATS, ids=dtype_id)
+def test_parallel_loops_match(dtype, rng):
+    """Rows long enough that two threads split them (the kernels' grain is 2^15 elements)."""
+    length = 200_003
+    rows = torch.randn(3, length, generator=rng).to(dtype)
+    index = torch.stack([torch.randperm(length, generator=rng) for _ in range(3)])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        permuted = ops.permute(rows, index)
+        mixed = ops.lerp_gather(rows[0], rows, 2, index[1], 0.35)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(permuted, ops.permute_reference(rows, index))
+    assert torch.equal(mixed, torch.lerp(rows[0], rows[2][index[1]], 0.35))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -71,6 +131,7 @@ def test_lerp_gather_gradient(device, rng):
     bank = torch.randn(3, 50, generator=rng, dtype=torch.float64).to(device)
     index = torch.randperm(50, generator=rng).to(device)
     assert torch.autograd.gradcheck(lambda th: ops.lerp_gather(th, bank, 2, index, 0.37), (theta,))
+    assert torch.autograd.gradcheck(lambda th: ops.lerp_gather(th, bank, 0, None, 0.81), (theta,))
     # d theta = (1 - t) * d out; the bank gets no gradient even when it asks for one.
     bank.requires_grad_()
     out = ops.lerp_gather(theta, bank, 1, index, 0.25)
@@ -81,35 +142,31 @@ def test_lerp_gather_gradient(device, rng):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_lerp_gather_vmap_over_several_draws(device, rng):
-    theta = torch.randn(300, generator=rng, dtype=torch.float64).to(device).requires_grad_()
-    bank = torch.randn(4, 300, generator=rng, dtype=torch.float64).to(device)
-    index_maps = torch.stack([torch.randperm(300, generator=rng) for _ in range(4)]).to(device)
-    ns = torch.tensor([3, 0, 3, 1])
-    ts = torch.rand(4, generator=rng, dtype=torch.float64)
-    rows = torch.vmap(lambda n, index, t: ops.lerp_gather(theta, bank, n, index, t))(ns, index_maps[ns.to(device)], ts)
-    want = torch.stack([torch.lerp(theta, bank[n][index_maps[n]], float(t)) for n, t in zip(ns.tolist(), ts)])
-    torch.testing.assert_close(rows, want)
-    weights = torch.randn(4, 300, generator=rng, dtype=torch.float64).to(device)
-    (gradient,) = torch.autograd.grad((rows * weights).sum(), theta)
-    torch.testing.assert_close(gradient, ((1 - ts.to(device))[:, None] * weights).sum(0))
-    # Batching θ instead (several points against one draw) works too.
-    thetas = torch.randn(3, 300, generator=rng, dtype=torch.float64).to(device)
-    batched = torch.vmap(lambda th: ops.lerp_gather(th, bank, 2, index_maps[2], 0.25))(thetas)
-    torch.testing.assert_close(batched, torch.lerp(thetas, bank[2][index_maps[2]], 0.25))
+def test_permute_gradient(device, rng):
+    rows = torch.randn(3, 40, generator=rng, dtype=torch.float64).to(device).requires_grad_()
+    shared = torch.randperm(40, generator=rng).to(device)
+    per_row = torch.stack([torch.randperm(40, generator=rng) for _ in range(3)]).to(device)
+    # Not a permutation: positions read twice or never; the adjoint must still be exact.
+    repeated = torch.randint(0, 40, (40,), generator=rng).to(device)
+    for index in (shared, per_row, repeated, repeated.int()):
+        assert torch.autograd.gradcheck(lambda r: ops.permute(r, index), (rows,))
+    assert torch.autograd.gradcheck(lambda r: ops.permute(r[1], repeated), (rows,))
 
 
 @needs_extension
 def test_opcheck(rng):
-    rows = torch.randn(3, 64, generator=rng)
+    rows = torch.randn(3, 64, generator=rng, dtype=torch.float64, requires_grad=True)
     index = torch.randperm(64, generator=rng)
     torch.library.opcheck(torch.ops.starfast.permute, (rows, index))
-    torch.library.opcheck(torch.ops.starfast.permute_out, (rows, index, torch.empty_like(rows)))
+    torch.library.opcheck(torch.ops.starfast.permute, (rows, torch.randint(0, 64, (3, 64), generator=rng)))
+    torch.library.opcheck(torch.ops.starfast.permute, (rows.detach().float(), index.int()))
+    # The out= form is not differentiable (as torch's own out= variants are not).
+    torch.library.opcheck(torch.ops.starfast.permute_out, (rows.detach(), index, torch.empty_like(rows.detach())))
     theta = torch.randn(64, generator=rng, dtype=torch.float64, requires_grad=True)
     bank = torch.randn(2, 64, generator=rng, dtype=torch.float64)
-    n, t = torch.tensor(1), torch.tensor(0.4, dtype=torch.float64)
-    torch.library.opcheck(torch.ops.starfast.lerp_gather, (theta, bank, n, index, t))
-    torch.library.opcheck(torch.ops.starfast.lerp_gather, (theta, bank, torch.tensor(0), None, torch.tensor(0.9)))
+    torch.library.opcheck(torch.ops.starfast.lerp_gather, (theta, bank, 1, index, 0.4))
+    torch.library.opcheck(torch.ops.starfast.lerp_gather, (theta, bank, 0, None, 0.9))
+    torch.library.opcheck(torch.ops.starfast.lerp_gather, (theta.detach().float(), bank.float(), 1, index.int(), 0.6))
 
 
 def test_reference_fallback_when_extension_is_absent(monkeypatch, rng):
@@ -122,12 +179,48 @@ def test_reference_fallback_when_extension_is_absent(monkeypatch, rng):
     out.sum().backward()
     torch.testing.assert_close(theta.grad, torch.full_like(theta, 0.4))
     assert torch.equal(ops.permute(bank, index), bank[:, index])
+    with pytest.raises(ValueError, match="length"):
+        ops.permute(bank, index[:-1])
 
 
 @needs_extension
 def test_lerp_gather_errors(rng):
     theta = torch.randn(10, generator=rng)
-    with pytest.raises(RuntimeError, match="outside the bank"):
+    with pytest.raises(ValueError, match="outside the bank"):
         ops.lerp_gather(theta, torch.randn(2, 10), 2, None, 0.5)
-    with pytest.raises(RuntimeError, match="bank must be"):
+    with pytest.raises(ValueError, match=r"bank must be \[N, 10\]"):
         ops.lerp_gather(theta, torch.randn(2, 11), 0, None, 0.5)
+    with pytest.raises(TypeError, match="share one of"):
+        ops.lerp_gather(theta, torch.randn(2, 10, dtype=torch.float64), 0, None, 0.5)
+    with pytest.raises(TypeError, match="int64 or int32"):
+        ops.lerp_gather(theta, torch.randn(2, 10), 0, torch.arange(10.0), 0.5)
+
+
+def test_missing_extension_message_names_the_shadowing_source_tree(tmp_path):
+    source = tmp_path / "checkout" / "starfast"
+    installed = tmp_path / "site-packages" / "starfast"
+    missing = ModuleNotFoundError("No module named 'starfast._C'", name="starfast._C")
+    message = extension.failure_message(missing, source, installed)
+    assert (f"running from the source tree {tmp_path / 'checkout'}, which shadows the installed starfast; "
+            "run from another directory, or `pip install -e .`") in message
+    # Not installed elsewhere (or an editable install of this very tree): it was not built.
+    for elsewhere in (None, source):
+        assert f"it was not built in {source}" in extension.failure_message(missing, source, elsewhere)
+    broken = ImportError("undefined symbol: omp_get_num_threads")
+    assert "failed to load (undefined symbol: omp_get_num_threads)" in extension.failure_message(broken, source, installed)
+
+
+def test_installed_package_dir_reads_the_distribution_record(tmp_path):
+    def distribution(site: Path, record: str) -> None:
+        info = site / "starfast-0.1.0.dist-info"
+        info.mkdir(parents=True)
+        (info / "METADATA").write_text("Metadata-Version: 2.1\nName: starfast\nVersion: 0.1.0\n")
+        (info / "RECORD").write_text(record)
+
+    regular, editable = tmp_path / "regular", tmp_path / "editable"
+    distribution(regular, "starfast/__init__.py,,\nstarfast/_C.abi3.so,,\n")
+    (regular / "starfast").mkdir()
+    distribution(editable, "__editable__.starfast-0.1.0.pth,,\n")
+    assert extension.installed_package_dir([str(regular)]) == (regular / "starfast").resolve()
+    assert extension.installed_package_dir([str(editable)]) is None
+    assert extension.installed_package_dir([str(tmp_path / "empty")]) is None

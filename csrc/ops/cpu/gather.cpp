@@ -1,69 +1,118 @@
-// CPU kernels of the flat-row gathers: starfast::permute / permute_out (rows[..., index]) and
-// starfast::lerp_gather ((1 - t) * theta + t * bank[n][index], read once, written once).
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <torch/library.h>
+// CPU kernels of the flat-row gathers (contracts in ../kernels.hpp): permute and lerp_gather,
+// each one pass over its rows, parallel over contiguous chunks.
+#include <algorithm>
+#include <type_traits>
 
-#include "../gather_common.h"
+#include "../dispatch.hpp"
+#include "../kernels.hpp"
+#include "../lerp.hpp"
+#include "parallel.hpp"
+#include "reduced_float.hpp"
 
 namespace starfast {
+namespace ops {
 namespace {
 
-constexpr int64_t kGrain = 1 << 15;
-
-void permute_into(const at::Tensor& rows, const at::Tensor& index, at::Tensor& out) {
-  at::Tensor src, idx;
-  std::tie(src, idx) = permute_operands(rows, index, out);
-  const int64_t length = src.size(1), num_rows = src.size(0);
-  const bool shared = idx.size(0) == 1;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "permute", [&] {
-    AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "permute_index", [&] {
-      const scalar_t* in = src.data_ptr<scalar_t>();
-      const index_t* ix = idx.data_ptr<index_t>();
-      scalar_t* o = out.data_ptr<scalar_t>();
-      at::parallel_for(0, num_rows * length, kGrain, [&](int64_t begin, int64_t end) {
-        for (int64_t k = begin; k < end; ++k) {
-          const int64_t r = k / length, p = k - r * length;
-          o[k] = in[r * length + ix[(shared ? 0 : r) * length + p]];
-        }
-      });
-    });
+template <typename T, typename I>
+void permute_typed(const PermuteArgs& args, int threads) {
+  const T* rows = static_cast<const T*>(args.rows);
+  const I* index = static_cast<const I*>(args.index);
+  T* out = static_cast<T*>(args.out);
+  const int64_t length = args.length;
+  const bool shared = args.shared_index;
+  parallel_for(args.num_rows * length, threads, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end;) {  // one row segment at a time
+      const int64_t first = k / length * length, stop = std::min(end, first + length);
+      const T* row = rows + first;
+      const I* row_index = index + (shared ? 0 : first);
+      for (; k < stop; ++k) out[k] = row[row_index[k - first]];
+    }
   });
 }
 
-void lerp_gather_cpu(const LerpGatherOperands& operands, at::Tensor& out) {
-  const at::Tensor& th = operands.theta;
-  const at::Tensor& idx = operands.index;
-  const int64_t length = th.size(0);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, th.scalar_type(), "lerp_gather", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* a = th.data_ptr<scalar_t>();
-    const scalar_t* b = operands.source.data_ptr<scalar_t>();
-    scalar_t* o = out.data_ptr<scalar_t>();
-    const acc_t w = static_cast<acc_t>(operands.t);
-    if (!idx.defined()) {
-      at::parallel_for(0, length, kGrain, [&](int64_t begin, int64_t end) {
-        for (int64_t p = begin; p < end; ++p) o[p] = static_cast<scalar_t>(lerp_like_torch<acc_t>(a[p], b[p], w));
-      });
-      return;
+// How lerp_gather reads and writes an element of each row type, and the type it computes in.
+template <typename T>
+struct Element {
+  using acc_t = T;  // float, double
+  static T load(T value) { return value; }
+  static T store(T value) { return value; }
+};
+template <>
+struct Element<BFloat16> {
+  using acc_t = float;
+  static float load(BFloat16 value) { return to_float(value); }
+  static BFloat16 store(float value) { return to_bfloat16(value); }
+};
+template <>
+struct Element<Float16> {
+  using acc_t = float;
+  static float load(Float16 value) { return to_float(value); }
+  static Float16 store(float value) { return to_float16(value); }
+};
+
+template <typename T, typename I>
+inline __attribute__((always_inline)) void lerp_range(const LerpGatherArgs& args, int64_t begin, int64_t end) {
+  using E = Element<T>;
+  using acc_t = typename E::acc_t;
+  const T* theta = static_cast<const T*>(args.theta);
+  const T* source = static_cast<const T*>(args.source);
+  T* out = static_cast<T*>(args.out);
+  const acc_t w = static_cast<acc_t>(args.t);
+  if constexpr (std::is_same_v<I, NoIndex>) {
+    for (int64_t p = begin; p < end; ++p) out[p] = E::store(lerp_like_torch<acc_t>(E::load(theta[p]), E::load(source[p]), w));
+  } else {
+    const I* index = static_cast<const I*>(args.index);
+    for (int64_t p = begin; p < end; ++p) {
+      out[p] = E::store(lerp_like_torch<acc_t>(E::load(theta[p]), E::load(source[index[p]]), w));
     }
-    AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "lerp_gather_index", [&] {
-      const index_t* ix = idx.data_ptr<index_t>();
-      at::parallel_for(0, length, kGrain, [&](int64_t begin, int64_t end) {
-        for (int64_t p = begin; p < end; ++p) o[p] = static_cast<scalar_t>(lerp_like_torch<acc_t>(a[p], b[ix[p]], w));
-      });
-    });
+  }
+}
+
+#if defined(__x86_64__)
+// The fma must be an instruction, not a libm call: x86-64's baseline has no FMA, so the loop is
+// also compiled for AVX2 + FMA (every x86 CPU since 2013) and chosen at run time.
+template <typename T, typename I>
+__attribute__((target("avx2,fma"))) void lerp_range_fma(const LerpGatherArgs& args, int64_t begin, int64_t end) {
+  lerp_range<T, I>(args, begin, end);
+}
+
+bool cpu_has_fma() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+}
+#endif
+
+template <typename T, typename I>
+void lerp_typed(const LerpGatherArgs& args, int threads) {
+  parallel_for(args.length, threads, [&](int64_t begin, int64_t end) {
+#if defined(__x86_64__)
+    if (cpu_has_fma()) return lerp_range_fma<T, I>(args, begin, end);
+#endif
+    lerp_range<T, I>(args, begin, end);
   });
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(starfast, CPU, m) {
-  m.impl("permute", &permute_functional<permute_into>);
-  m.impl("permute_out", &permute_out_form<permute_into>);
-  m.impl("lerp_gather", &lerp_gather_op<lerp_gather_cpu>);
+void permute_cpu(const PermuteArgs& args, int threads) {
+  with_index_type(args.index_type, [&](auto index) {
+    with_element_type(args.element_size, [&](auto element) {
+      permute_typed<decltype(element), decltype(index)>(args, threads);
+    });
+  });
 }
 
+void lerp_gather_cpu(const LerpGatherArgs& args, int threads) {
+  with_optional_index_type(args.index, args.index_type, [&](auto index) {
+    using I = decltype(index);
+    switch (args.dtype) {
+      case FloatType::kFloat32: return lerp_typed<float, I>(args, threads);
+      case FloatType::kFloat64: return lerp_typed<double, I>(args, threads);
+      case FloatType::kBFloat16: return lerp_typed<BFloat16, I>(args, threads);
+      case FloatType::kFloat16: return lerp_typed<Float16, I>(args, threads);
+    }
+  });
+}
+
+}  // namespace ops
 }  // namespace starfast

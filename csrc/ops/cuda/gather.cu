@@ -1,100 +1,148 @@
-// CUDA kernels of the flat-row gathers (see csrc/ops/cpu/gather.cpp for the contract):
-// starfast::permute / permute_out and starfast::lerp_gather, one launch each, grid-stride loops
-// with several elements in flight per thread. Argument checks mirror the CPU kernels.
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/core/Tensor.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+// CUDA kernels of the flat-row gathers (contracts in ../kernels.hpp): permute and lerp_gather,
+// one launch each on the stream torch passes (its current stream). Grid-stride loops: a grid of
+// at most kMaxBlocks blocks of kThreads threads, each thread taking every (grid size)-th element.
+// No torch headers: plain pointers, and the CUDA runtime linked statically, so the device is set
+// here (on this runtime's own per-thread state) rather than inherited from torch.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
 
-#include "../gather_common.h"
+#include <cstdint>
+#include <string>
+#include <type_traits>
+
+#include "../dispatch.hpp"
+#include "../kernels.hpp"
+#include "../lerp.hpp"
 
 namespace starfast {
+namespace ops {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kUnroll = 4;
+constexpr int64_t kMaxBlocks = 65535;
 
 int blocks_for(int64_t count) {
-  const int64_t per_block = static_cast<int64_t>(kThreads) * kUnroll;
-  const int64_t blocks = (count + per_block - 1) / per_block;
-  return static_cast<int>(blocks < 65535 ? (blocks > 0 ? blocks : 1) : 65535);
+  const int64_t blocks = (count + kThreads - 1) / kThreads;
+  return static_cast<int>(blocks < kMaxBlocks ? blocks : kMaxBlocks);
 }
 
-template <typename scalar_t, typename index_t>
-__global__ void permute_kernel(const scalar_t* __restrict__ in, const index_t* __restrict__ index,
-                               scalar_t* __restrict__ out, int64_t length, int64_t total, bool shared) {
+template <typename T, typename I>
+__global__ void permute_kernel(const T* __restrict__ rows, const I* __restrict__ index, T* __restrict__ out,
+                               int64_t length, int64_t total, bool shared) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < total; k += stride) {
-    const int64_t row = k / length;
-    const int64_t p = k - row * length;
-    const int64_t j = static_cast<int64_t>(index[shared ? p : k]);
-    out[k] = in[row * length + j];
+    const int64_t first = k / length * length;
+    out[k] = rows[first + static_cast<int64_t>(index[shared ? k - first : k])];
   }
 }
 
-template <typename scalar_t, typename index_t>
-__global__ void lerp_gather_kernel(const scalar_t* __restrict__ theta, const scalar_t* __restrict__ source,
-                                   const index_t* __restrict__ index, scalar_t* __restrict__ out, int64_t length,
-                                   double weight) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const acc_t w = static_cast<acc_t>(weight);
+// How lerp_gather reads and writes an element of each row type (torch's conversions: round to
+// nearest even), and the type it computes in.
+template <typename T>
+struct Element {
+  using acc_t = T;  // float, double
+  __device__ static T load(T value) { return value; }
+  __device__ static T store(T value) { return value; }
+};
+template <>
+struct Element<__nv_bfloat16> {
+  using acc_t = float;
+  __device__ static float load(__nv_bfloat16 value) { return __bfloat162float(value); }
+  __device__ static __nv_bfloat16 store(float value) { return __float2bfloat16_rn(value); }
+};
+template <>
+struct Element<__half> {
+  using acc_t = float;
+  __device__ static float load(__half value) { return __half2float(value); }
+  __device__ static __half store(float value) { return __float2half_rn(value); }
+};
+
+template <typename T, typename I>
+__global__ void lerp_gather_kernel(const T* __restrict__ theta, const T* __restrict__ source,
+                                   const void* __restrict__ index, T* __restrict__ out, int64_t length, double t) {
+  using E = Element<T>;
+  using acc_t = typename E::acc_t;
+  const acc_t w = static_cast<acc_t>(t);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; p < length; p += stride) {
-    const acc_t a = static_cast<acc_t>(theta[p]);
-    const acc_t b = static_cast<acc_t>(source[index == nullptr ? p : static_cast<int64_t>(index[p])]);
-    out[p] = static_cast<scalar_t>(lerp_like_torch<acc_t>(a, b, w));
+    int64_t j = p;
+    if constexpr (!std::is_same<I, NoIndex>::value) j = static_cast<int64_t>(static_cast<const I*>(index)[p]);
+    out[p] = E::store(lerp_like_torch<acc_t>(E::load(theta[p]), E::load(source[j]), w));
   }
 }
 
-void permute_into_cuda(const at::Tensor& rows, const at::Tensor& index, at::Tensor& out) {
-  at::Tensor src, idx;
-  std::tie(src, idx) = permute_operands(rows, index, out);
-  const int64_t length = src.size(1);
-  const int64_t total = src.numel();
-  if (total == 0) return;
-  const c10::cuda::CUDAGuard guard(rows.device());
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "permute_cuda", [&] {
-    AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "permute_cuda_index", [&] {
-      permute_kernel<scalar_t, index_t><<<blocks_for(total), kThreads, 0, stream>>>(
-          src.data_ptr<scalar_t>(), idx.data_ptr<index_t>(), out.data_ptr<scalar_t>(), length, total, idx.size(0) == 1);
-    });
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+// Makes `device` current for this runtime during a launch, and restores the previous one.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    status_ = cudaGetDevice(&previous_);
+    if (status_ == cudaSuccess && previous_ != device) {
+      status_ = cudaSetDevice(device);
+      changed_ = status_ == cudaSuccess;
+    }
+  }
+  ~DeviceGuard() {
+    if (changed_) cudaSetDevice(previous_);
+  }
+  cudaError_t status() const { return status_; }
+
+ private:
+  int previous_ = 0;
+  bool changed_ = false;
+  cudaError_t status_ = cudaSuccess;
+};
+
+std::string launch_result(const char* op, cudaError_t status) {
+  if (status == cudaSuccess) status = cudaGetLastError();
+  if (status == cudaSuccess) return {};
+  return std::string(op) + ": CUDA error: " + cudaGetErrorString(status);
 }
 
-void lerp_gather_cuda(const LerpGatherOperands& operands, at::Tensor& out) {
-  const at::Tensor& th = operands.theta;
-  const at::Tensor& source = operands.source;
-  const at::Tensor& idx = operands.index;
-  const double t = operands.t;
-  const int64_t length = th.size(0);
-  const c10::cuda::CUDAGuard guard(th.device());
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, th.scalar_type(), "lerp_gather_cuda", [&] {
-    if (!idx.defined()) {
-      lerp_gather_kernel<scalar_t, int64_t><<<blocks_for(length), kThreads, 0, stream>>>(
-          th.data_ptr<scalar_t>(), source.data_ptr<scalar_t>(), nullptr, out.data_ptr<scalar_t>(), length,
-          t);
-      return;
-    }
-    AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "lerp_gather_cuda_index", [&] {
-      lerp_gather_kernel<scalar_t, index_t><<<blocks_for(length), kThreads, 0, stream>>>(
-          th.data_ptr<scalar_t>(), source.data_ptr<scalar_t>(), idx.data_ptr<index_t>(), out.data_ptr<scalar_t>(),
-          length, t);
-    });
+template <typename T, typename I>
+void launch_permute(const PermuteArgs& args, cudaStream_t stream) {
+  const int64_t total = args.num_rows * args.length;
+  permute_kernel<T, I><<<blocks_for(total), kThreads, 0, stream>>>(
+      static_cast<const T*>(args.rows), static_cast<const I*>(args.index), static_cast<T*>(args.out), args.length, total,
+      args.shared_index);
+}
+
+template <typename T>
+void launch_lerp_gather(const LerpGatherArgs& args, cudaStream_t stream) {
+  with_optional_index_type(args.index, args.index_type, [&](auto index) {
+    lerp_gather_kernel<T, decltype(index)><<<blocks_for(args.length), kThreads, 0, stream>>>(
+        static_cast<const T*>(args.theta), static_cast<const T*>(args.source), args.index, static_cast<T*>(args.out),
+        args.length, args.t);
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(starfast, CUDA, m) {
-  m.impl("permute", &permute_functional<permute_into_cuda>);
-  m.impl("permute_out", &permute_out_form<permute_into_cuda>);
-  m.impl("lerp_gather", &lerp_gather_op<lerp_gather_cuda>);
+std::string permute_cuda(const PermuteArgs& args, int device, void* stream) {
+  if (args.num_rows * args.length == 0) return {};
+  const DeviceGuard guard(device);
+  if (guard.status() != cudaSuccess) return launch_result("permute", guard.status());
+  with_index_type(args.index_type, [&](auto index) {
+    with_element_type(args.element_size, [&](auto element) {
+      launch_permute<decltype(element), decltype(index)>(args, static_cast<cudaStream_t>(stream));
+    });
+  });
+  return launch_result("permute", cudaSuccess);
 }
 
+std::string lerp_gather_cuda(const LerpGatherArgs& args, int device, void* stream) {
+  if (args.length == 0) return {};
+  const DeviceGuard guard(device);
+  if (guard.status() != cudaSuccess) return launch_result("lerp_gather", guard.status());
+  const auto cuda_stream = static_cast<cudaStream_t>(stream);
+  switch (args.dtype) {
+    case FloatType::kFloat32: launch_lerp_gather<float>(args, cuda_stream); break;
+    case FloatType::kFloat64: launch_lerp_gather<double>(args, cuda_stream); break;
+    case FloatType::kBFloat16: launch_lerp_gather<__nv_bfloat16>(args, cuda_stream); break;
+    case FloatType::kFloat16: launch_lerp_gather<__half>(args, cuda_stream); break;
+  }
+  return launch_result("lerp_gather", cudaSuccess);
+}
+
+}  // namespace ops
 }  // namespace starfast
