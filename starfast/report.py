@@ -150,7 +150,11 @@ def plot_curves(path: Path, results: Mapping[str, Any]) -> bool:
             axis.set_title(f"{split} {label}")
             axis.set_xlabel("t  (0 = first model, 1 = matched second model)")
             axis.grid(alpha=0.3)
-    axes[0, 0].legend()
+    axes[0, 0].legend(title="lines: mean over pairs\nbands: ± 1 std over pairs", title_fontsize="small")
+    model = results.get("model") or {}
+    kwargs = ", ".join(f"{key}={value}" for key, value in sorted((model.get("kwargs") or {}).items()))
+    described = f"{model.get('arch', 'model')}" + (f" ({kwargs})" if kwargs else "")
+    figure.suptitle(f"{results.get('dataset', 'dataset')}, {described}: loss and accuracy along the matched linear paths")
     figure.tight_layout()
     with replaced_atomically(path) as name:
         figure.savefig(name, format="png", dpi=120)
