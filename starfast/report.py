@@ -155,11 +155,7 @@ def plot_curves(path: Path, results: Mapping[str, Any]) -> bool:
     kwargs = ", ".join(f"{key}={value}" for key, value in sorted((model.get("kwargs") or {}).items()))
     described = f"{model.get('arch', 'model')}" + (f" ({kwargs})" if kwargs else "")
     figure.suptitle(f"{results.get('dataset', 'dataset')}, {described}: loss and accuracy along the matched linear paths")
-    figure.tight_layout()
-    with replaced_atomically(path) as name:
-        figure.savefig(name, format="png", dpi=120)
-    plt.close(figure)
-    return True
+    return _save(plt, figure, path)
 
 
 # -- applications: Bayesian model averaging (Figure 4) and model fusion (Table 2) -------------------
@@ -219,11 +215,7 @@ def plot_bma(path: Path, results: Mapping[str, Any]) -> bool:
         axis.grid(alpha=0.3)
     axes[0].legend()
     figure.suptitle(f"Bayesian model averaging: {results['dataset']}, {results['arch']} (star trained on {len(results['star_sources'])} sources)")
-    figure.tight_layout()
-    with replaced_atomically(path) as name:
-        figure.savefig(name, format="png", dpi=120)
-    plt.close(figure)
-    return True
+    return _save(plt, figure, path)
 
 
 def _percent(summary: Optional[Mapping[str, Any]], key: str = "mean") -> str:
@@ -278,6 +270,15 @@ def write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically."""
     with replaced_atomically(path) as name:
         name.write_text(text)
+
+
+def _save(plt, figure, path: Path) -> bool:
+    """Lay out ``figure``, write it to ``path`` atomically as PNG, close it; True."""
+    figure.tight_layout()
+    with replaced_atomically(path) as name:
+        figure.savefig(name, format="png", dpi=120)
+    plt.close(figure)
+    return True
 
 
 def _pyplot(path: Path):
