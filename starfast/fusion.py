@@ -11,7 +11,8 @@ sources. For each number of sources ``|Z|`` (the first ``|Z|`` sources of the ru
 
 and each method's test-time cost: forward FLOPs per example (counted by
 ``torch.utils.flop_counter.FlopCounterMode``: matmuls and convolutions), parameter memory, and the
-measured time per test batch (median of a few repeats, softmax averaging included).
+measured time per test batch (median of interleaved repeats, softmax averaging included; CPU time
+on one thread on the CPU, wall time on a GPU: see :func:`inference_costs`).
 
 The stars of size ``|Z|`` live in ``RUN/fusion/zNNNN/star/star-SSSS.safetensors`` (+ ``.json``
 recording sources, λ, recipe and seed), trained by :func:`starfast.pipeline.train_missing_stars`
@@ -210,7 +211,9 @@ def inference_costs(methods: Mapping[str, Sequence[nn.Module]], inputs: torch.Te
     one batch: counted forward FLOPs per example, parameter bytes, and the median seconds of
     ``repeats`` timed passes. The methods are timed in interleaved rounds (each round times every
     method once, in a rotated order), so a busy machine slows them alike instead of whichever
-    happened to run during a burst of load."""
+    happened to run during a burst of load. On the CPU the clock is the process's CPU time, on one
+    thread (with several, every operation waits for its slowest thread and the waiting is spent
+    spinning); on a GPU it is wall time."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
 
@@ -232,22 +235,34 @@ def inference_costs(methods: Mapping[str, Sequence[nn.Module]], inputs: torch.Te
         }
     names = list(methods)
     seconds: Dict[str, List[float]] = {name: [] for name in names}
-    for turn in range(repeats):
-        first = turn % len(names)
-        for name in names[first:] + names[:first]:
-            seconds[name].append(_timed(predictors[name], inputs.device))
+    threads = torch.get_num_threads()
+    if inputs.device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        for turn in range(repeats):
+            first = turn % len(names)
+            for name in names[first:] + names[:first]:
+                seconds[name].append(_timed(predictors[name], inputs.device))
+    finally:
+        torch.set_num_threads(threads)
     for name in names:
         costs[name]["seconds_per_batch"] = median(seconds[name])
+        costs[name]["clock"] = "cpu time, 1 thread" if inputs.device.type == "cpu" else "wall time"
     return costs
 
 
 def _timed(work: Callable[[], torch.Tensor], device: torch.device) -> float:
-    synchronise = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    synchronise()
-    started = time.perf_counter()
+    """Seconds of one call: CPU time of this process on the CPU (time spent descheduled does not
+    count, so other programs' load does not show), wall time with synchronisation on a GPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        work()
+        torch.cuda.synchronize()
+        return time.perf_counter() - started
+    started = time.process_time()
     work()
-    synchronise()
-    return time.perf_counter() - started
+    return time.process_time() - started
 
 
 def _module(spec: ModelSpec, model: LoadedModel, device: torch.device) -> nn.Module:

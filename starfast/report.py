@@ -243,9 +243,10 @@ def format_fusion_table(results: Mapping[str, Any]) -> str:
             f"{100 * row['ensemble']['accuracy']:.2f} | {_percent(stars)} (n={len(stars['values']) if stars else 0}) | "
             f"{_percent(stars, 'max')} |"
         )
+    clock = results["rows"][0]["cost"]["regular"].get("clock", "wall time") if results["rows"] else "wall time"
     lines += [
         "",
-        "| #models | method | forward FLOPs / example | parameter memory | time / test batch (ms) | time vs regular |",
+        f"| #models | method | forward FLOPs / example | parameter memory | time / test batch (ms, {clock}) | time vs regular |",
         "|---|---|---|---|---|---|",
     ]
     for row in results["rows"]:

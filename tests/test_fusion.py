@@ -54,7 +54,13 @@ def test_table_matches_a_plain_evaluation_and_stars_are_reused(tmp_path, digits,
 
     monkeypatch.setattr(pipeline, "train_star", recording_train_star)
     config = FusionConfig(sizes=(2, 3, 50), star_seeds=2, star_epochs=1, batch_size=400, timing_repeats=1)
-    results = fusion_table(run, digits, config=config, progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        results = fusion_table(run, digits, config=config, progress=False)
+        assert torch.get_num_threads() == 2  # timing runs on one thread, then restores the setting
+    finally:
+        torch.set_num_threads(threads)
     assert [row["size"] for row in results["rows"]] == [2, 3] and results["dropped_sizes"] == [50]
     assert checkpoints[0] == run.star_checkpoint_path(0, fusion_star_set(2)) and len(checkpoints) == 4
     assert not any(path.exists() for path in checkpoints)  # removed once the star is saved
@@ -83,7 +89,7 @@ def test_table_matches_a_plain_evaluation_and_stars_are_reused(tmp_path, digits,
         cost = row["cost"]
         assert [cost[m]["flops_per_example"] for m in ("regular", "ensemble", "star")] == [flops, size * flops, flops]
         assert [cost[m]["parameter_bytes"] for m in ("regular", "ensemble", "star")] == [parameter_bytes, size * parameter_bytes, parameter_bytes]
-        assert all(cost[m]["seconds_per_batch"] > 0 for m in cost)
+        assert all(cost[m]["seconds_per_batch"] > 0 and cost[m]["clock"] == "cpu time, 1 thread" for m in cost)
 
     # A second call trains nothing and finds the same stars.
     def no_training(*args, **kwargs):
