@@ -70,14 +70,24 @@ def test_it_fails_by_the_ratio_alone():
 
 
 def test_it_fails_by_overlapping_per_model_means_alone():
-    # Regular per-model means: h0 (0.03 + 0.03 + 0.15) / 3 = 0.07 is the smallest; h1 (0.03 + 0.15 + 0.15) / 3.
+    # Regular means per held-out model: h0 (0.03 + 0.03 + 0.15) / 3 = 0.07, h1 and h2 (0.03 + 0.15 + 0.15) / 3 = 0.11.
     regular = regular_pairs([0.03, 0.03, 0.15, 0.15, 0.15, 0.15])
-    # Star mean 0.03 (0.29× the regular 0.1033), but held-out 2's mean to the stars is 0.07 + 0.01 / 2 = 0.075.
+    # Star mean 0.03 (0.27× the regular mean 0.11), but h2's mean to the stars is (0.07 + 0.08) / 2 = 0.075.
     stars = star_pairs([[0.01, 0.01], [0.005, 0.005], [0.07, 0.08]])
     line = verdict(results_of(regular, stars))
     expected_ratio = statistics.fmean([0.01, 0.01, 0.005, 0.005, 0.07, 0.08]) / statistics.fmean([0.03, 0.03, 0.15, 0.15, 0.15, 0.15])
-    assert f"({expected_ratio:.2f}×, per-model means overlap: largest held-out mean to the stars 0.075, smallest regular mean 0.07)" in line, line
+    assert f"({expected_ratio:.2f}×, per-model means overlap: largest held-out mean to the stars 0.075, " \
+           "smallest to the regular models 0.07)" in line, line
     assert line.endswith("the star-domain claim does not hold here (per-model means overlap)"), line
+
+
+def test_per_model_means_compare_the_held_out_models_measured_both_ways():
+    # The source is in the three held-out x source pairs only; its mean (0.03) is below every
+    # held-out model's mean to the stars, but it has no barrier to a star to compare with.
+    regular = regular_pairs([0.15, 0.15, 0.15, 0.03, 0.03, 0.03])  # held-out means (0.15 + 0.15 + 0.03) / 3 = 0.11
+    stars = star_pairs([[0.04, 0.05]] * 3)
+    line = verdict(results_of(regular, stars))
+    assert "(0.50×, per-model means do not overlap)" in line and line.endswith("holds here"), line
 
 
 def test_a_tie_between_per_model_means_counts_as_overlap():
@@ -115,7 +125,8 @@ def test_curves_without_model_names_leave_the_claim_undecided():
         for curve in curves:
             del curve["a"], curve["b"]
     line = verdict(results)
-    assert "per-model means unknown" in line and line.endswith("does not hold here (per-model means not checked)"), line
+    assert "per-model means unknown: the curves name no held-out model in both kinds of pair" in line, line
+    assert line.endswith("does not hold here (per-model means not checked)"), line
 
 
 def test_the_table_file_ends_with_the_verdict(tmp_path):
