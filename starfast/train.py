@@ -35,13 +35,19 @@ from starfast.evaluation import EvaluationConfig
 from starfast.files import StoredFileError, write_json
 from starfast.models import ModelSpec
 from starfast.pipeline import ModelJob, train_missing_models, train_missing_stars
-from starfast.recipes import OPTIMIZERS, SCHEDULES, Recipe, resolve
+from starfast.recipes import (
+    MAIN_JOB_ARCH_KW, OPTIMIZERS, SCHEDULES, STAR_EPOCHS_FACTOR, Recipe, default_star_epochs, main_job_arch_kw, resolve,
+)
 from starfast.rundir import RunDir, heldout_seeds, source_seeds
 from starfast.starlight import T_SAMPLINGS, StarlightDiverged, StarlightOptions
 from starfast.training import PRECISIONS, SpeedOptions, TrainingDiverged
 from starfast.training_common import steps_per_epoch
 
 
+ARCH_KW_DEFAULTS_HELP = ", ".join(
+    f"{' '.join(f'{key}={value}' for key, value in options.items())} for {arch} on {dataset}"
+    for (arch, dataset), options in MAIN_JOB_ARCH_KW.items()
+)
 RECIPE_FLAGS = ("lr", "batch_size", "optimizer", "weight_decay", "momentum", "schedule", "milestones", "gamma", "label_smoothing", "epochs")
 
 
@@ -56,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"architecture: {', '.join(models.names())}; family names "
                              f"{', '.join(models.ALIASES)} also work (default: mlp)")
     parser.add_argument("--arch-kw", type=parse_arch_kw, action="append", default=[], metavar="KEY=VALUE",
-                        help="architecture option, repeatable (e.g. --arch-kw width=64)")
+                        help="architecture option, repeatable (e.g. --arch-kw width=64); default: none, except "
+                             f"{ARCH_KW_DEFAULTS_HELP} (replaced as a whole by any --arch-kw)")
     parser.add_argument("--dataset", type=name_parser(data.canonical_name), default="digits", metavar="NAME",
                         help=f"dataset: {', '.join(data.names())} (default: digits)")
     parser.add_argument("--data-dir", type=Path, help="where file-based datasets live (default: $STARFAST_DATA or ~/.cache/starfast)")
@@ -79,8 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--label-smoothing", type=float)
 
     star = parser.add_argument_group("star model (Starlight, Algorithm 1)")
-    star.add_argument("--star-seeds", type=int, default=1, metavar="K", help="number of star models, seeds 0..K-1 (default: 1)")
-    star.add_argument("--star-epochs", type=int, help="epochs of star training (default: the recipe's epochs)")
+    star.add_argument("--star-seeds", type=int, default=3, metavar="K", help="number of star models, seeds 0..K-1 (default: 3)")
+    star.add_argument("--star-epochs", type=int,
+                      help="epochs of star training (default: the recipe's epochs, times "
+                           f"{', '.join(f'{factor} on {name}' for name, factor in STAR_EPOCHS_FACTOR.items())})")
     star.add_argument("--t-sampling", choices=T_SAMPLINGS, default="uniform",
                       help="distribution of t: uniform = Unif[0,1] (the paper), beta = Beta(2,2), constant = 0.5")
     star.add_argument("--rematch-every", type=int, metavar="M", help="re-match the sources every M batches (default: every epoch)")
@@ -251,7 +260,8 @@ def build_context(args: argparse.Namespace, parser: argparse.ArgumentParser, dis
             parser.error(f"--{flag.replace('_', '-')} must be >= {0 if flag == 'star_seeds' else 1}, got {value}")
     try:
         recipe = recipe_from_flags(args)
-        star_recipe = recipe if args.star_epochs is None else recipe_from_flags(args, epochs=args.star_epochs)
+        star_epochs = default_star_epochs(args.dataset, recipe.epochs) if args.star_epochs is None else args.star_epochs
+        star_recipe = recipe if star_epochs == recipe.epochs else recipe_from_flags(args, epochs=star_epochs)
         star_options = StarlightOptions(
             t_sampling=args.t_sampling, rematch_every=args.rematch_every, ce_weight=args.ce_weight,
             samples_per_step=args.samples_per_step, rematch_async=args.rematch_async,
@@ -275,10 +285,11 @@ def build_context(args: argparse.Namespace, parser: argparse.ArgumentParser, dis
     except ValueError as error:
         parser.error(str(error))
     try:
-        spec = ModelSpec.for_dataset(args.arch, dataset, dict(args.arch_kw))
+        arch_kw = dict(args.arch_kw) or main_job_arch_kw(args.arch, args.dataset)
+        spec = ModelSpec.for_dataset(args.arch, dataset, arch_kw)
         spec.build()
     except (TypeError, ValueError) as error:
-        parser.error(f"--arch {args.arch} with --arch-kw {dict(args.arch_kw)}: {error}")
+        parser.error(f"--arch {args.arch} with --arch-kw {arch_kw}: {error}")
     run = RunDir(args.run_dir or Path("runs") / f"{args.dataset}-{args.arch}")
     return RunContext(
         run, device, dataset, spec, recipe, star_recipe, star_options, evaluation, speed, sources=args.sources,

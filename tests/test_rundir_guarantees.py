@@ -17,7 +17,8 @@ from starfast.rundir import RunDir
 from starfast.train import main
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = ["--arch-kw", "width=8", "--sources", "2", "--heldout", "2", "--epochs", "2", "--star-epochs", "2", "--ts", "3", "--quiet"]
+SMALL = ["--arch-kw", "width=8", "--sources", "2", "--heldout", "2", "--epochs", "2", "--star-seeds", "1", "--star-epochs", "2",
+         "--ts", "3", "--quiet"]
 
 
 @pytest.fixture(scope="module")

@@ -251,8 +251,9 @@ def test_cli_models_stage_end_to_end(tmp_path, capsys):
     capsys.readouterr()
 
     # The models are reused; the star is trained and the barriers are measured and reported.
-    assert main(["--stage", "all", "--quiet", "--star-epochs", "1", "--ts", "3", *flags]) == 0
-    assert "star–held-out barrier (loss)" in capsys.readouterr().out
+    assert main(["--stage", "all", "--quiet", "--star-seeds", "1", "--star-epochs", "1", "--ts", "3", *flags]) == 0
+    out = capsys.readouterr().out
+    assert "star–held-out barrier (loss)" in out and "\nverdict: star–held-out barrier " in out
     assert (run_dir / "star" / "star-0000.json").exists()
     results = json.loads((run_dir / "results" / "results.json").read_text())
     assert results["counts"]["stars"] == 1 and results["barriers"]["star_heldout"]["train"] is not None
