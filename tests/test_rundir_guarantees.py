@@ -51,7 +51,7 @@ def cli(*args, cwd=REPO):
 def test_a_second_process_on_the_same_run_directory_stops_naming_the_first(tmp_path):
     run_dir = tmp_path / "run"
     first = subprocess.Popen([sys.executable, "-m", "starfast.train", "--run-dir", str(run_dir), "--arch-kw", "width=8",
-                              "--sources", "2", "--heldout", "2", "--epochs", "60", "--stage", "models", "--quiet"],
+                              "--sources", "2", "--heldout", "2", "--epochs", "400", "--stage", "models", "--quiet"],
                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         lock = run_dir / ".lock"
@@ -64,11 +64,12 @@ def test_a_second_process_on_the_same_run_directory_stops_naming_the_first(tmp_p
         assert f"is in use by another starfast process (pid {first.pid}: python -m starfast.train" in second.stderr
         evaluation = cli("starfast.evaluate", str(run_dir), "--quiet")
         assert evaluation.returncode == 1 and "in use by another starfast process" in evaluation.stderr
+        assert first.poll() is None, "the first process ended before the others were tried"
     finally:
         first.kill()
         first.wait()
-    assert main(["--run-dir", str(run_dir), "--stage", "models", "--arch-kw", "width=8", "--sources", "2", "--heldout", "2",
-                 "--epochs", "60", "--quiet"]) == 0  # the lock died with its holder; the run resumes
+    with RunDir(run_dir).locked("the next command"):  # the lock died with its holder
+        assert "the next command" in (run_dir / ".lock").read_text()
 
 
 def test_flipped_bytes_in_a_model_or_star_are_an_error_naming_the_file(finished_run, tmp_path, capsys):
