@@ -308,5 +308,11 @@ class _LerpGatherReference(torch.autograd.Function):
 
 
 def linear_assignment_op(cost: torch.Tensor, maximize: bool) -> torch.Tensor:
-    """The raw LAP op on a CPU tensor ``[n, n]`` or ``[B, n, n]``; see :mod:`starfast.lap`."""
-    return torch.ops.starfast.linear_assignment(cost, maximize)
+    """The raw LAP op on a CPU tensor ``[n, n]`` or ``[B, n, n]``; see :mod:`starfast.lap`.
+
+    Outside torch.compile the CPU kernel is called directly: the op has no autograd formula and
+    one backend, so the dispatcher's round trip through Python would only add its ~10 µs per
+    call, half of a weight-matching solve at n = 64 (benchmarks/RESULTS.md, "Ops")."""
+    if torch.compiler.is_compiling():
+        return torch.ops.starfast.linear_assignment(cost, maximize)
+    return _linear_assignment_kernel(cost, maximize)
