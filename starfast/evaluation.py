@@ -26,7 +26,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -105,7 +105,7 @@ def evaluate_run(
     """Measure the run's barriers (see the module docstring); returns the results dict."""
     started = time.perf_counter()
     skeleton = run.model_spec().build().to(device)
-    space, spec = ParamSpace(skeleton), models.permutation_spec(skeleton)
+    space = ParamSpace(skeleton)
     sources = load_models(run, "sources", space, device)
     heldout = load_models(run, "heldout", space, device)
     stars = load_stars(run, space, device)
@@ -119,34 +119,13 @@ def evaluate_run(
         "star_heldout": [(star, h) for star in stars for h in heldout],
         "star_source": [(star, s) for star in stars for s in _limit(own_sources(star, sources), config.star_sources)],
     }
-    train_data = lambda: dataset.eval_batches("train", config.batch_size)  # noqa: E731
-    test_data = lambda: dataset.eval_batches("test", config.batch_size)  # noqa: E731
     partial = PartialResults(run.results_folder / PARTIAL_NAME, config, [*sources, *heldout, *stars])
-    batches_per_pair = _batches_per_pair(skeleton, dataset, config)
     total = sum(len(items) for items in pairs.values())
     bar = progress_bar(total=total, desc="barriers", unit="pair", enabled=progress)
     if partial.curves:
         bar.write(f"resuming the evaluation: {len(partial.curves)} of {total} pairs were measured before")
-    curves: Dict[str, List[Dict[str, Any]]] = {kind: [] for kind in pairs}
-    for kind, items in pairs.items():
-        for anchor, partners in _grouped_by_anchor(items):
-            todo = [partner for partner in partners if partial.get(anchor, partner) is None]
-            matched = dict(zip((id(partner) for partner in todo), _match(anchor, todo, spec, space, config))) if todo else {}
-            for partner in partners:
-                curve = partial.get(anchor, partner)
-                if curve is None:
-                    partner_buffers, partner_row = matched[id(partner)]
-                    with progress_bar(total=batches_per_pair, desc=f"{anchor.label} ~ {partner.label}, {config.ts} points",
-                                      unit="batch", enabled=progress, nested=True) as pair_bar:
-                        measured = barrier_curve(
-                            skeleton, anchor.row, partner_row, _counted(train_data, pair_bar), _counted(test_data, pair_bar),
-                            config.ts, buffers_a=anchor.buffers, buffers_b=partner_buffers, bn_batches=config.bn_batches,
-                            space=space,
-                        )
-                    curve = {"a": anchor.label, "b": partner.label, **measured.to_dict()}
-                    partial.add(anchor, partner, curve)
-                curves[kind].append(curve)
-                bar.update(1)
+    curves = {kind: measure_pairs(items, partial, skeleton, dataset, config, bar=bar, progress=progress)
+              for kind, items in pairs.items()}
     bar.close()
     # Each model's own loss, read off the end points of the curves it is part of.
     own_loss: Dict[str, Dict[str, Tuple[float, float]]] = {"regular": {}, "star": {}}
@@ -171,6 +150,56 @@ def evaluate_run(
         "seconds": time.perf_counter() - started,
     }
     return results
+
+
+class CurveStore(Protocol):
+    """Where measured curves are kept between runs: :class:`PartialResults`, or an experiment's
+    store of every pair it ever measured (:mod:`starfast.experiments.measure`)."""
+
+    def get(self, anchor: LoadedModel, partner: LoadedModel) -> Optional[Dict[str, Any]]: ...
+
+    def add(self, anchor: LoadedModel, partner: LoadedModel, curve: Dict[str, Any]) -> None: ...
+
+
+def measure_pairs(
+    pairs: Sequence[Tuple[LoadedModel, LoadedModel]],
+    store: CurveStore,
+    skeleton: nn.Module,
+    dataset: Any,
+    config: EvaluationConfig,
+    *,
+    bar,
+    progress: bool = True,
+) -> List[Dict[str, Any]]:
+    """The barrier curve of each ``(anchor, partner)`` pair, in order: taken from ``store`` when
+    it holds it, otherwise the partner is weight-matched onto the anchor (one batched call per
+    anchor for its consecutive pairs), measured, and added to ``store``. ``bar`` ticks once per
+    pair. An anchor without buffers (e.g. a perturbed star) gets its BatchNorm statistics
+    recomputed like the interior points."""
+    space, spec = ParamSpace(skeleton), models.permutation_spec(skeleton)
+    train_data = lambda: dataset.eval_batches("train", config.batch_size)  # noqa: E731
+    test_data = lambda: dataset.eval_batches("test", config.batch_size)  # noqa: E731
+    batches_per_pair = _batches_per_pair(skeleton, dataset, config)
+    curves: List[Dict[str, Any]] = []
+    for anchor, partners in _grouped_by_anchor(list(pairs)):
+        todo = [partner for partner in partners if store.get(anchor, partner) is None]
+        matched = dict(zip((id(partner) for partner in todo), _match(anchor, todo, spec, space, config))) if todo else {}
+        for partner in partners:
+            curve = store.get(anchor, partner)
+            if curve is None:
+                partner_buffers, partner_row = matched[id(partner)]
+                with progress_bar(total=batches_per_pair, desc=f"{anchor.label} ~ {partner.label}, {config.ts} points",
+                                  unit="batch", enabled=progress, nested=True) as pair_bar:
+                    measured = barrier_curve(
+                        skeleton, anchor.row, partner_row, _counted(train_data, pair_bar), _counted(test_data, pair_bar),
+                        config.ts, buffers_a=anchor.buffers or None, buffers_b=partner_buffers,
+                        bn_batches=config.bn_batches, space=space,
+                    )
+                curve = {"a": anchor.label, "b": partner.label, **measured.to_dict()}
+                store.add(anchor, partner, curve)
+            curves.append(curve)
+            bar.update(1)
+    return curves
 
 
 def write_results(run: RunDir, results: Mapping[str, Any]) -> Path:
@@ -241,10 +270,11 @@ def _counted(data, bar) -> Callable[[], Iterator]:
 # -- helpers --------------------------------------------------------------------------------------
 
 
-def load_models(run: RunDir, role: str, space: ParamSpace, device) -> List[LoadedModel]:
-    """Every finished model of ``role`` (``sources`` or ``heldout``), in seed order."""
+def load_models(run: RunDir, role: str, space: ParamSpace, device, seeds: Optional[Sequence[int]] = None) -> List[LoadedModel]:
+    """Every finished model of ``role`` (``sources`` or ``heldout``), in seed order; only those of
+    ``seeds`` when given (each must be finished)."""
     models = []
-    for seed in run.finished_seeds(role):
+    for seed in run.finished_seeds(role) if seeds is None else seeds:
         state, _ = run.load_model(role, seed, device)
         models.append(_loaded(run.model_path(role, seed), f"{role} seed {seed}", state, space, seed=seed))
     return models
