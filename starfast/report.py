@@ -9,7 +9,8 @@ Figure 2), as ``curves.png``.
 
 The applications' output: ``format_bma_table`` / ``plot_bma`` (``bma.md`` / ``bma.png``, Figure 4's
 three panels) for :mod:`starfast.bma`, ``format_fusion_table`` (``fusion.md``, Table 2 and the
-test-time costs) for :mod:`starfast.fusion`; ``write_text`` writes any of them atomically.
+test-time costs) for :mod:`starfast.fusion`; ``write_text`` writes any of them atomically; ``pyplot`` and ``save_figure`` are how every figure is
+made and written (the experiments' too).
 """
 from __future__ import annotations
 
@@ -134,7 +135,7 @@ def write_table(path: Path, results: Mapping[str, Any]) -> None:
 
 def plot_curves(path: Path, results: Mapping[str, Any]) -> bool:
     """Write ``curves.png``; returns False (and writes nothing) when matplotlib is missing."""
-    plt = _pyplot(path)
+    plt = pyplot(path)
     if plt is None:
         return False
     import numpy as np
@@ -163,7 +164,7 @@ def plot_curves(path: Path, results: Mapping[str, Any]) -> bool:
     kwargs = ", ".join(f"{key}={value}" for key, value in sorted((model.get("kwargs") or {}).items()))
     described = f"{model.get('arch', 'model')}" + (f" ({kwargs})" if kwargs else "")
     figure.suptitle(f"{results.get('dataset', 'dataset')}, {described}: loss and accuracy along the matched linear paths")
-    return _save(plt, figure, path)
+    return save_figure(plt, figure, path)
 
 
 # -- applications: Bayesian model averaging (Figure 4) and model fusion (Table 2) -------------------
@@ -204,7 +205,7 @@ def format_bma_table(results: Mapping[str, Any]) -> str:
 def plot_bma(path: Path, results: Mapping[str, Any]) -> bool:
     """Figure 4's form: AUROC (max probability), AUROC (entropy) and ECE against the number of
     models, for each method; returns False (and writes nothing) when matplotlib is missing."""
-    plt = _pyplot(path)
+    plt = pyplot(path)
     if plt is None:
         return False
     from matplotlib.ticker import MaxNLocator
@@ -223,7 +224,7 @@ def plot_bma(path: Path, results: Mapping[str, Any]) -> bool:
         axis.grid(alpha=0.3)
     axes[0].legend()
     figure.suptitle(f"Bayesian model averaging: {results['dataset']}, {results['arch']} (star trained on {len(results['star_sources'])} sources)")
-    return _save(plt, figure, path)
+    return save_figure(plt, figure, path)
 
 
 def _percent(summary: Optional[Mapping[str, Any]], key: str = "mean") -> str:
@@ -281,7 +282,7 @@ def write_text(path: Path, text: str) -> None:
         name.write_text(text)
 
 
-def _save(plt, figure, path: Path) -> bool:
+def save_figure(plt, figure, path: Path) -> bool:
     """Lay out ``figure``, write it to ``path`` atomically as PNG, close it; True."""
     figure.tight_layout()
     with replaced_atomically(path) as name:
@@ -290,7 +291,7 @@ def _save(plt, figure, path: Path) -> bool:
     return True
 
 
-def _pyplot(path: Path):
+def pyplot(path: Path):
     """``matplotlib.pyplot`` on the Agg backend, or ``None`` (with a note) when it is missing."""
     try:
         import matplotlib
