@@ -19,10 +19,13 @@ DATA_ERRORS = (CorruptDataError, ConnectionError, FileNotFoundError, ImportError
 
 
 def parse_arch_kw(text: str) -> tuple:
-    """``key=value`` -> ``(key, value)`` with value parsed as int, else float, else kept as str."""
+    """``key=value`` -> ``(key, value)`` with value parsed as a bool (``true``/``false``), else int,
+    else float, else kept as str."""
     key, separator, value = text.partition("=")
     if not separator or not key:
         raise argparse.ArgumentTypeError(f"--arch-kw expects key=value, got {text!r}")
+    if value.lower() in ("true", "false"):
+        return key, value.lower() == "true"
     for parse in (int, float):
         try:
             return key, parse(value)

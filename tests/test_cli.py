@@ -121,3 +121,10 @@ def test_a_failed_download_is_one_line_naming_what_to_do(tmp_path, monkeypatch, 
     error = capsys.readouterr().err
     assert error.startswith("error: cannot download https://") and "save it as" in error, error
     assert "Traceback" not in error and len(error.strip().splitlines()) == 1
+
+
+def test_arch_kw_values_parse_as_bools_numbers_or_names():
+    args = build_parser().parse_args(["--arch", "vgg11", "--arch-kw", "batchnorm=false", "--arch-kw", "activation=silu",
+                                      "--arch-kw", "width=0.5", "--arch-kw", "depth=3", "--arch-kw", "bias=True"])
+    assert dict(args.arch_kw) == {"batchnorm": False, "activation": "silu", "width": 0.5, "depth": 3, "bias": True}
+    assert type(dict(args.arch_kw)["depth"]) is int

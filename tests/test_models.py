@@ -6,6 +6,7 @@ References are independent of ``starfast.spec``: a hand-permuted MLP, a per-para
 from __future__ import annotations
 
 import copy
+import hashlib
 import importlib.util
 
 import pytest
@@ -14,6 +15,7 @@ from torch import nn
 
 from starfast import models, ops
 from starfast.flat import ParamSpace
+from starfast.models.options import ACTIVATIONS
 from starfast.spec import Axis, Group, PermutationSpec, permute_model
 
 # name -> (build kwargs, per-example input shape, the only parameters that no group permutes)
@@ -29,6 +31,18 @@ ARCHS = {
     "vit": (dict(in_channels=1, input_shape=(1, 8, 8), patch=4, dim=16, depth=2, heads=2, mlp_dim=24), (1, 8, 8), {"head.bias"}),
 }
 ARCH_NAMES = list(ARCHS)
+# Options the ablations use (activations, VGG without BatchNorm): every test of the `arch` fixture
+# runs on these too. id -> (architecture, build kwargs, input shape, unpermuted parameters)
+VARIANTS = {
+    "resnet18-elu": ("resnet18", dict(width=0.0625, activation="elu"), (3, 8, 8), {"fc.bias"}),
+    "resnet20-silu": ("resnet20", dict(width=0.25, activation="silu"), (3, 8, 9), {"fc.bias"}),
+    "wrn-elu": ("wrn", dict(depth=16, activation="elu"), (3, 8, 8), {"fc.bias"}),
+    "wrn-silu": ("wrn", dict(depth=16, activation="silu"), (3, 8, 8), {"fc.bias"}),
+    "vgg11-silu": ("vgg11", dict(width=0.125, activation="silu"), (3, 8, 8), {"classifier.bias"}),
+    "vgg11-nobn": ("vgg11", dict(width=0.125, batchnorm=False), (3, 8, 8), {"classifier.bias"}),
+    "vgg19-nobn-elu": ("vgg19", dict(width=0.0625, batchnorm=False, activation="elu"), (3, 8, 8), {"classifier.bias"}),
+}
+CASES = {**{name: (name, *ARCHS[name]) for name in ARCH_NAMES}, **VARIANTS}
 BATCH = 6
 
 
@@ -46,10 +60,9 @@ def _randomized(model: nn.Module, seed: int) -> nn.Module:
     return model
 
 
-@pytest.fixture(scope="module", params=ARCH_NAMES)
+@pytest.fixture(scope="module", params=list(CASES))
 def arch(request):
-    name = request.param
-    kwargs, input_shape, unpermuted = ARCHS[name]
+    name, kwargs, input_shape, unpermuted = CASES[request.param]
     torch.manual_seed(1234)
     model = _randomized(models.build(name, **kwargs).double(), seed=99)
     spec = models.permutation_spec(model)
@@ -296,6 +309,69 @@ def test_conv_nets_take_small_and_odd_inputs(name, size):
         assert model(torch.randn(2, 2, *size)).shape == (2, 4)
 
 
+# Recorded from the builders of commit d43a8b8 (before the activation and batchnorm options), in
+# float64 from torch.manual_seed(0): the number of state-dict entries, the first 16 hex digits of
+# the sha256 of their names, and sum(y * (1, 2, 3, ...)) of the train- and eval-mode outputs on a
+# fixed input. The default options must still build exactly those networks.
+BEFORE_THE_OPTIONS = {
+    "resnet20": (dict(width=0.25), 128, "8b63b6f92921e186", -151.28101089099366, -34.68152055490445),
+    "resnet18": (dict(width=0.0625), 122, "779447cf0a59dec8", 158.46870966018963, -8.977065897941273),
+    "wrn": (dict(depth=16, width=1), 82, "327e171650fc2adc", -77.18829991077284, -8.057233801661011),
+    "vgg11": (dict(width=0.125), 58, "45f01fa07017d9dd", -56.293444523425045, -11.208058276263843),
+    "vgg19": (dict(width=0.0625), 114, "d4113d8763b40fa1", 37.809362528064156, 0.2786955190535847),
+}
+
+
+@pytest.mark.parametrize("name", list(BEFORE_THE_OPTIONS))
+def test_default_options_build_the_networks_of_before(name):
+    kwargs, entries, names_digest, train_sum, eval_sum = BEFORE_THE_OPTIONS[name]
+    torch.manual_seed(0)
+    model = models.build(name, **kwargs).double()
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.double)
+    keys = list(model.state_dict())
+    assert len(keys) == entries and hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16] == names_digest
+    with torch.no_grad():
+        outputs = {"train": model.train()(x), "eval": model.eval()(x)}
+    for mode, recorded in (("train", train_sum), ("eval", eval_sum)):
+        weights = torch.arange(1, outputs[mode].numel() + 1, dtype=torch.double).view_as(outputs[mode])
+        measured = float((outputs[mode] * weights).sum())
+        # float64 convolutions may sum in another order on another CPU: ~1e-16 relative per term
+        assert measured == pytest.approx(recorded, rel=1e-9, abs=1e-9), (mode, measured - recorded)
+
+
+@pytest.mark.parametrize("name, kwargs", [("resnet20", dict(width=0.25)), ("wrn", dict(depth=16)), ("vgg11", dict(width=0.125))])
+@pytest.mark.parametrize("activation, function", [("elu", torch.nn.functional.elu), ("silu", torch.nn.functional.silu)])
+def test_activation_option_swaps_only_the_activation(name, kwargs, activation, function):
+    torch.manual_seed(5)
+    relu = models.build(name, **kwargs).double().eval()
+    torch.manual_seed(5)
+    other = models.build(name, activation=activation, **kwargs).double().eval()
+    state = relu.state_dict()
+    assert list(other.state_dict()) == list(state) and all(torch.equal(t, state[k]) for k, t in other.state_dict().items())
+    used = {type(module) for module in other.modules() if not list(module.children())} - {nn.Conv2d, nn.BatchNorm2d, nn.Linear, nn.MaxPool2d, nn.AdaptiveAvgPool2d}
+    assert used == {type(ACTIVATIONS[activation]())}
+    # Reference: the ReLU network with torch.relu patched to the other function computes the same.
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(2), dtype=torch.double)
+    for module in relu.modules():
+        if isinstance(module, nn.ReLU):
+            module.forward = function
+    with torch.no_grad():
+        torch.testing.assert_close(other(x), relu(x), rtol=0, atol=0)
+
+
+def test_vgg_without_batchnorm_is_conv_activation_and_its_groups_have_no_norm_axes():
+    model = models.build("vgg11", width=0.125, batchnorm=False)
+    assert not any(isinstance(module, nn.BatchNorm2d) for module in model.modules())
+    kinds = [type(layer).__name__ for layer in model.features]
+    assert kinds[:5] == ["Conv2d", "ReLU", "MaxPool2d", "Conv2d", "ReLU"]
+    spec = models.permutation_spec(model)
+    convs = [i for i, layer in enumerate(model.features) if isinstance(layer, nn.Conv2d)]
+    assert [group.name for group in spec.groups] == [f"features.{i}" for i in convs]
+    consumers = [f"features.{i}.weight" for i in convs[1:]] + ["classifier.weight"]
+    for i, consumer, group in zip(convs, consumers, spec.groups):
+        assert {(axis.name, axis.axis) for axis in group.axes} == {(f"features.{i}.weight", 0), (f"features.{i}.bias", 0), (consumer, 1)}
+
+
 def test_linear2_is_a_bias_free_two_layer_net():
     model = models.build("linear2", input_shape=(2,), num_classes=1, width=4)
     assert [tuple(p.shape) for p in model.parameters()] == [(4, 2), (1, 4)]
@@ -345,6 +421,13 @@ def test_build_errors_name_the_problem():
         models.build("vit", in_channels=1, input_shape=(1, 8, 8), patch=3)
     with pytest.raises(ValueError, match="width=0"):
         models.build("vgg19", width=0)
+    for name in ("resnet20", "wrn", "vgg11"):
+        with pytest.raises(ValueError, match=f"{name}: activation='tanh' is not supported; choose one of relu, elu, silu"):
+            models.build(name, activation="tanh")
+    with pytest.raises(ValueError, match="vgg19: batchnorm='no' must be true or false"):
+        models.build("vgg19", batchnorm="no")
+    with pytest.raises(ValueError, match="bias='false' must be true or false"):
+        models.build("mlp", input_shape=(4,), bias="false")
 
 
 def test_bad_permutations_are_rejected():

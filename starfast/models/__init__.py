@@ -7,10 +7,15 @@ stored model can be rebuilt without loading its dataset. Each family lives in it
 
 - ``mlp`` (:mod:`.mlp`): depth=2 hidden layers, width=128, activation relu|elu|silu|identity, bias=True.
 - ``linear2`` (:mod:`.mlp`): the paper's bias-free two-layer net; width=128, activation identity|elu.
-- ``resnet18``, ``resnet20`` (:mod:`.resnet`): CIFAR ResNets; width=1 multiplies 64 / 16 channels.
+- ``resnet18``, ``resnet20`` (:mod:`.resnet`): CIFAR ResNets; width=1 multiplies 64 / 16 channels,
+  activation=relu (or elu, silu).
 - ``resnet18-imagenet`` (:mod:`.resnet`): torchvision's resnet18 (needs torchvision).
-- ``wrn`` (:mod:`.wrn`): WideResNet, depth=22 (16..40, (depth - 4) % 6 == 0), width=1 (1..8).
-- ``vgg11``, ``vgg19`` (:mod:`.vgg`): with BatchNorm; width=1 multiplies the channels.
+- ``wrn`` (:mod:`.wrn`): WideResNet, depth=22 (16..40, (depth - 4) % 6 == 0), width=1 (1..8),
+  activation=relu.
+- ``vgg11``, ``vgg19`` (:mod:`.vgg`): width=1 multiplies the channels, activation=relu,
+  batchnorm=True (False: the official code's plain VGG).
+
+Activations are one table for every family (:data:`~starfast.models.options.ACTIVATIONS`).
 - ``densenet40`` (:mod:`.densenet`): DenseNet-40, growth=12.
 - ``vit`` (:mod:`.vit`): patch=4, dim=128, depth=6, heads=4, mlp_dim=256.
 

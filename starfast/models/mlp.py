@@ -20,10 +20,9 @@ import torch
 from torch import nn
 
 from starfast.models.layer_axes import input_axes, output_axes
-from starfast.models.options import positive_int
+from starfast.models.options import activation_maker
+from starfast.models.options import boolean, positive_int
 from starfast.spec import Group, PermutationSpec
-
-ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "silu": nn.SiLU, "identity": nn.Identity}
 
 
 class MLP(nn.Module):
@@ -39,14 +38,13 @@ class MLP(nn.Module):
         bias: bool = True,
     ):
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation={activation!r} is not supported; choose one of {sorted(ACTIVATIONS)}")
         positive_int("depth", depth)
         positive_int("width", width)
+        boolean("bias", bias)
         self.hidden = nn.ModuleList(
             nn.Linear(in_features if i == 0 else width, width, bias=bias) for i in range(depth)
         )
-        self.activation = ACTIVATIONS[activation]()
+        self.activation = activation_maker("mlp", activation)()
         self.output = nn.Linear(width, num_classes, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,35 @@
-"""Checks of architecture options, so every builder rejects bad values with the same clear message."""
+"""Architecture options every family shares: their checks (so every builder rejects bad values
+with the same clear message) and the table of elementwise activations by name (``activation=``).
+
+Every activation here is elementwise, so it commutes with any permutation of its units: a
+family's permutation spec holds whichever activation it is built with.
+"""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
+
+from torch import nn
+
+ACTIVATIONS: Dict[str, Callable[..., nn.Module]] = {
+    "relu": nn.ReLU,
+    "elu": nn.ELU,
+    "silu": nn.SiLU,
+    "identity": nn.Identity,  # takes (and ignores) inplace=
+}
+
+
+def activation_maker(arch: str, name, inplace: bool = False) -> Callable[[], nn.Module]:
+    """A maker of fresh modules of the activation called ``name`` (checked now), ``inplace`` where
+    the network allows it."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"{arch}: activation={name!r} is not supported; choose one of {', '.join(ACTIVATIONS)}")
+    return lambda: ACTIVATIONS[name](inplace=inplace)
+
+
+def boolean(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} must be true or false")
+    return value
 
 
 def positive_int(name: str, value) -> int:

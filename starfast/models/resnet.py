@@ -4,7 +4,8 @@
 shortcut where the shape changes, global average pooling, one Linear classifier). Its module
 names are torchvision's (``conv1``, ``bn1``, ``layer1``…, blocks with ``conv1``/``bn1``/``conv2``/
 ``bn2``/``downsample``, ``fc``), so :func:`resnet_spec` serves it and torchvision's ImageNet
-ResNets alike.
+ResNets alike. Its ``activation`` option (relu, elu, silu; :data:`~starfast.models.options.ACTIVATIONS`)
+replaces every ReLU; the default builds today's network exactly.
 
 Permutation groups of a residual network (:func:`residual_stream_spec`): everything added into
 the residual stream shares one group, from the stem (or a projection shortcut) to the next
@@ -15,13 +16,13 @@ producers, the first conv / shortcut input / classifier as consumers. Each inner
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from starfast.models.layer_axes import input_axes, output_axes
-from starfast.models.options import image_channels, scaled_channels
+from starfast.models.options import activation_maker, image_channels, scaled_channels
 from starfast.spec import Axis, Group, PermutationSpec
 
 
@@ -56,15 +57,15 @@ def residual_stream_spec(
 
 
 class BasicBlock(nn.Module):
-    """``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))`` with torchvision's names."""
+    """``act(bn2(conv2(act(bn1(conv1(x))))) + shortcut(x))`` with torchvision's names."""
 
-    def __init__(self, in_channels: int, channels: int, stride: int):
+    def __init__(self, in_channels: int, channels: int, stride: int, act: nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, channels, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(channels)
         self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(channels)
-        self.relu = nn.ReLU(inplace=True)
+        self.act = act
         self.downsample = None
         if stride != 1 or in_channels != channels:
             self.downsample = nn.Sequential(
@@ -72,26 +73,27 @@ class BasicBlock(nn.Module):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.act(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         shortcut = x if self.downsample is None else self.downsample(x)
-        return self.relu(out + shortcut)
+        return self.act(out + shortcut)
 
 
 class ResNet(nn.Module):
     """CIFAR-style ResNet of BasicBlocks (see the module docstring)."""
 
-    def __init__(self, stage_channels: Sequence[int], blocks_per_stage: Sequence[int], num_classes: int, in_channels: int):
+    def __init__(self, stage_channels: Sequence[int], blocks_per_stage: Sequence[int], num_classes: int, in_channels: int,
+                 act: Callable[[], nn.Module]):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, stage_channels[0], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(stage_channels[0])
-        self.relu = nn.ReLU(inplace=True)
+        self.act = act()
         self.num_stages = len(stage_channels)
         channels_in = stage_channels[0]
         for stage, (channels, blocks) in enumerate(zip(stage_channels, blocks_per_stage)):
             first_stride = 1 if stage == 0 else 2
             layer = nn.Sequential(
-                *(BasicBlock(channels_in if i == 0 else channels, channels, first_stride if i == 0 else 1) for i in range(blocks))
+                *(BasicBlock(channels_in if i == 0 else channels, channels, first_stride if i == 0 else 1, act()) for i in range(blocks))
             )
             self.add_module(f"layer{stage + 1}", layer)
             channels_in = channels
@@ -99,7 +101,7 @@ class ResNet(nn.Module):
         self.fc = nn.Linear(channels_in, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.act(self.bn1(self.conv1(x)))
         for stage in range(self.num_stages):
             x = getattr(self, f"layer{stage + 1}")(x)
         return self.fc(self.avgpool(x).flatten(1))
@@ -145,14 +147,18 @@ def _post_activation_block_axes(prefix: str, block: nn.Module) -> BlockAxes:
     return BlockAxes(reads, tuple(inner), writes, new_stream_size)
 
 
-def build_resnet18(num_classes: int, in_channels: int, input_shape, *, width: float = 1) -> ResNet:
-    channels = [scaled_channels("resnet18", width, base) for base in (64, 128, 256, 512)]
-    return ResNet(channels, [2, 2, 2, 2], num_classes, image_channels("resnet18", in_channels, input_shape))
+def build_resnet18(num_classes: int, in_channels: int, input_shape, *, width: float = 1, activation: str = "relu") -> ResNet:
+    return _cifar_resnet("resnet18", (64, 128, 256, 512), (2, 2, 2, 2), num_classes, in_channels, input_shape, width, activation)
 
 
-def build_resnet20(num_classes: int, in_channels: int, input_shape, *, width: float = 1) -> ResNet:
-    channels = [scaled_channels("resnet20", width, base) for base in (16, 32, 64)]
-    return ResNet(channels, [3, 3, 3], num_classes, image_channels("resnet20", in_channels, input_shape))
+def build_resnet20(num_classes: int, in_channels: int, input_shape, *, width: float = 1, activation: str = "relu") -> ResNet:
+    return _cifar_resnet("resnet20", (16, 32, 64), (3, 3, 3), num_classes, in_channels, input_shape, width, activation)
+
+
+def _cifar_resnet(arch: str, base_channels, blocks, num_classes: int, in_channels: int, input_shape, width, act_name) -> ResNet:
+    channels = [scaled_channels(arch, width, base) for base in base_channels]
+    act = activation_maker(arch, act_name, inplace=True)
+    return ResNet(channels, blocks, num_classes, image_channels(arch, in_channels, input_shape), act)
 
 
 def build_resnet18_imagenet(num_classes: int, in_channels: int, input_shape) -> nn.Module:

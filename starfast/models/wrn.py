@@ -4,6 +4,7 @@ WRN-``depth``-``width``: a 3x3 stem of 16 channels, three stages of ``(depth - 4
 with ``16·width``, ``32·width``, ``64·width`` channels (stride 1, 2, 2), a final BN-ReLU, global
 average pooling and one Linear classifier. A block is ``conv2(relu(bn2(conv1(relu(bn1(x))))))``
 plus the identity, or plus a 1x1 conv of ``relu(bn1(x))`` where the shape changes. No dropout.
+The ``activation`` option (relu, elu, silu) replaces every ReLU; the default builds today's network.
 
 Spec (via :func:`starfast.models.resnet.residual_stream_spec`): the stream is read by each
 block's ``bn1``, ``conv1`` and shortcut input, written by ``conv2`` and the shortcut conv, and
@@ -12,30 +13,32 @@ finally read by the last BatchNorm and the classifier; each block's ``conv1`` ou
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
 from starfast.models.layer_axes import input_axes, output_axes
-from starfast.models.options import image_channels
+from starfast.models.options import activation_maker, image_channels
 from starfast.models.resnet import BlockAxes, residual_stream_spec
 from starfast.spec import Group, PermutationSpec
 
 
 class PreActBlock(nn.Module):
-    def __init__(self, in_channels: int, channels: int, stride: int):
+    def __init__(self, in_channels: int, channels: int, stride: int, act: nn.Module):
         super().__init__()
         self.bn1 = nn.BatchNorm2d(in_channels)
         self.conv1 = nn.Conv2d(in_channels, channels, 3, stride, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(channels)
         self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
-        self.relu = nn.ReLU(inplace=True)
+        self.act = act
         self.shortcut = None
         if stride != 1 or in_channels != channels:
             self.shortcut = nn.Conv2d(in_channels, channels, 1, stride, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        activated = self.relu(self.bn1(x))
-        out = self.conv2(self.relu(self.bn2(self.conv1(activated))))
+        activated = self.act(self.bn1(x))
+        out = self.conv2(self.act(self.bn2(self.conv1(activated))))
         return out + (x if self.shortcut is None else self.shortcut(activated))
 
     def block_axes(self, prefix: str) -> BlockAxes:
@@ -56,7 +59,7 @@ class PreActBlock(nn.Module):
 
 
 class WideResNet(nn.Module):
-    def __init__(self, depth: int, width: int, num_classes: int, in_channels: int):
+    def __init__(self, depth: int, width: int, num_classes: int, in_channels: int, act: Callable[[], nn.Module]):
         super().__init__()
         if not isinstance(depth, int) or not 16 <= depth <= 40 or (depth - 4) % 6:
             raise ValueError(f"wrn: depth={depth!r} must be an int in 16..40 with (depth - 4) % 6 == 0 (16, 22, 28, 34, 40)")
@@ -71,20 +74,20 @@ class WideResNet(nn.Module):
             stride = 1 if stage == 0 else 2
             stages.append(
                 nn.Sequential(
-                    *(PreActBlock(channels_in if i == 0 else channels, channels, stride if i == 0 else 1) for i in range(blocks_per_stage))
+                    *(PreActBlock(channels_in if i == 0 else channels, channels, stride if i == 0 else 1, act()) for i in range(blocks_per_stage))
                 )
             )
             channels_in = channels
         self.stages = nn.ModuleList(stages)
         self.bn = nn.BatchNorm2d(channels_in)
-        self.relu = nn.ReLU(inplace=True)
+        self.act = act()
         self.fc = nn.Linear(channels_in, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(x)
         for stage in self.stages:
             x = stage(x)
-        x = self.relu(self.bn(x))
+        x = self.act(self.bn(x))
         return self.fc(x.mean((2, 3)))
 
     def permutation_spec(self) -> PermutationSpec:
@@ -95,5 +98,7 @@ class WideResNet(nn.Module):
         return residual_stream_spec(output_axes("conv1", self.conv1), self.conv1.out_channels, blocks, head_reads)
 
 
-def build_wrn(num_classes: int, in_channels: int, input_shape, *, depth: int = 22, width: int = 1) -> WideResNet:
-    return WideResNet(depth, width, num_classes, image_channels("wrn", in_channels, input_shape))
+def build_wrn(num_classes: int, in_channels: int, input_shape, *, depth: int = 22, width: int = 1,
+              activation: str = "relu") -> WideResNet:
+    act = activation_maker("wrn", activation, inplace=True)
+    return WideResNet(depth, width, num_classes, image_channels("wrn", in_channels, input_shape), act)
