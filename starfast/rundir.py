@@ -14,6 +14,10 @@ Layout (every file is written atomically: a temp file in the same folder, then `
     RUN/results/                           the evaluation's results.json, table.md, curves.png
     RUN/results/partial.json               curves of an evaluation in progress (removed once written)
     RUN/results/.pending/                  results being published as a unit (see publish_results)
+    RUN/stars/<name>/star-0000.*           an experiment's star set, named by its settings (z0010-e90-...)
+    RUN/experiments/NAME/                  an experiment's results.json, table.md, figure.png
+    RUN/experiments/curves/<key>.json      every barrier curve an experiment measured here (reused)
+    RUN/variants/<slug>/                   a run directory of its own (another model or recipe of a sweep)
     RUN/.lock                              held by the one process working here (pid and command)
 
 A model is *finished* when both its ``.safetensors`` and its ``.json`` exist (the JSON is written
@@ -55,6 +59,11 @@ MAIN_STARS = "star"  # the main job's star set; fusion stars of N sources are "f
 
 def fusion_star_set(num_sources: int) -> str:
     return f"fusion/z{num_sources:04d}/star"
+
+
+def experiment_star_set(name: str) -> str:
+    """The folder of an experiment's star set ``name`` (a name that spells out its settings)."""
+    return f"stars/{name}"
 # config.json key -> the CLI flag that sets it, for mismatch messages
 _FLAG_OF = {"model.arch": "--arch", "model.kwargs": "--arch-kw", "dataset": "--dataset"}
 
@@ -207,14 +216,31 @@ class RunDir:
     def _remove_leftovers(self) -> None:
         """Delete the temporary files of writes that a killed process never finished, and finish
         (or drop) a publication of results that was interrupted (see :meth:`publish_results`)."""
+        nested = {lock.parent for lock in self.path.rglob(LOCK_NAME) if lock.parent != self.path}  # run dirs of their own
         for path in self.path.rglob(f".*{TEMP_SUFFIX}"):
-            if path.is_file():
+            if path.is_file() and nested.isdisjoint(path.parents):
                 path.unlink()
         pending = self.results_folder / PENDING_NAME
         if (pending / COMPLETE_NAME).exists():
             self._move_into_place(pending)
         elif pending.is_dir():
             shutil.rmtree(pending)
+
+    # -- experiments --------------------------------------------------------------------------
+
+    def experiment_folder(self, name: str) -> Path:
+        """``RUN/experiments/NAME``: an experiment's outputs."""
+        return self.path / "experiments" / name
+
+    @property
+    def curves_folder(self) -> Path:
+        """``RUN/experiments/curves``: one JSON per barrier curve measured by an experiment."""
+        return self.path / "experiments" / "curves"
+
+    def variant(self, slug: str) -> "RunDir":
+        """``RUN/variants/<slug>``: the run directory of another model or recipe of a sweep (its own
+        lock and config; the enclosing run leaves its files alone)."""
+        return RunDir(self.path / "variants" / slug)
 
     # -- results ------------------------------------------------------------------------------
 

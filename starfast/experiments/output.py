@@ -1,0 +1,147 @@
+"""An experiment's outputs: ``results.json``, ``table.md``, ``figure.png`` and the verdict line.
+
+All barriers are train-split loss barriers (eq. 1), as in the paper's figures and Tables 7–12.
+A point's "star–held-out" and "regular–regular" numbers are means ± std over the held-out models
+of each held-out model's mean barrier over its pairs (the paper's error bars "across held-out
+models"); the min and max columns are over single pairs (Table 8).
+
+The figure takes the paper's form: ``sweep`` draws the star–held-out barrier against the sweep
+axis with error bars, and regular–regular as the paper draws its reference (one band when every
+point shares the same reference pairs, error bars per point otherwise); ``scatter`` (Figure 3)
+draws star–held-out against regular–regular, each point annotated, with the diagonal.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+from starfast.experiments.catalog import Experiment
+from starfast.files import write_json
+from starfast.report import pyplot, save_figure, write_text
+
+SPLIT = "train"
+
+
+def _barrier(point: Mapping[str, Any], kind: str, key: str = "over_heldout") -> Optional[Dict[str, Any]]:
+    return point["barriers"][kind][SPLIT][key]
+
+
+def _mean_std(summary: Optional[Mapping[str, Any]]) -> str:
+    return "—" if not summary else f"{summary['mean']:.4f} ± {summary['std']:.4f}"
+
+
+def _number(summary: Optional[Mapping[str, Any]], key: str) -> str:
+    return "—" if not summary else f"{summary[key]:.4f}"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")  # |Z| inside a table cell
+
+
+def format_table(experiment: Experiment, points: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown: one row per point (see the module docstring for the columns)."""
+    lines = [
+        f"| {_cell(experiment.axis)} | stars × held-out | regular loss | star loss | regular–regular | star–held-out | ratio | "
+        "RR min | SR min | RR max | SR max |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for point in points:
+        regular, star = _barrier(point, "regular_regular"), _barrier(point, "star_heldout")
+        regular_pairs, star_pairs = _barrier(point, "regular_regular", "pairs"), _barrier(point, "star_heldout", "pairs")
+        ratio = f"{star['mean'] / regular['mean']:.2f}×" if regular and star and regular["mean"] > 0 else "—"
+        anchors = point["perturbation"]["samples"] if point["perturbation"] else point["star_seeds"]
+        lines.append(
+            f"| {_cell(point['label'])} | {anchors} × {point['heldout']} | {_mean_std(point['regular_loss'][SPLIT])} | "
+            f"{_mean_std(point['star_loss'][SPLIT])} | {_mean_std(regular)} | {_mean_std(star)} | {ratio} | "
+            f"{_number(regular_pairs, 'min')} | {_number(star_pairs, 'min')} | {_number(regular_pairs, 'max')} | "
+            f"{_number(star_pairs, 'max')} |"
+        )
+    return "\n".join(lines)
+
+
+def verdict(experiment: Experiment, points: Sequence[Mapping[str, Any]], missing: Sequence[str] = ()) -> str:
+    """One line: do the experiment's claims (``experiment.claims``) hold here, with the numbers."""
+    measured = [point for point in points if _barrier(point, "star_heldout") and _barrier(point, "regular_regular")]
+    if not measured:
+        return f"verdict ({experiment.name}): nothing was measured" + (f" (failed: {', '.join(missing)})" if missing else "")
+    ratios = [_barrier(point, "star_heldout")["mean"] / _barrier(point, "regular_regular")["mean"] for point in measured]
+    below = sum(ratio < 1 for ratio in ratios)
+    parts = [f"star–held-out below regular–regular at {below} of {len(measured)} points "
+             f"({min(ratios):.2f}–{max(ratios):.2f}× of it)"]
+    holds = below == len(measured)
+    if "falls" in experiment.claims:
+        barriers = [_barrier(point, "star_heldout")["mean"] for point in measured]
+        steps = sum(later < earlier for earlier, later in zip(barriers, barriers[1:]))
+        first, last = measured[0], measured[-1]
+        parts.insert(0, f"star–held-out goes from {barriers[0]:.4f} at {first['label']} to {barriers[-1]:.4f} at "
+                        f"{last['label']} ({steps} of {len(barriers) - 1} steps down)")
+        holds = holds and barriers[-1] < barriers[0]
+    if "separated" in experiment.claims:
+        separated = [point["label"] for point in measured
+                     if _barrier(point, "star_heldout", "pairs")["max"] < _barrier(point, "regular_regular", "pairs")["min"]]
+        parts.append(f"largest star–held-out pair below the smallest regular–regular pair at {len(separated)} of "
+                     f"{len(measured)} points")
+        holds = holds and len(separated) == len(measured)
+    outcome = "the paper's trend holds here" if holds else "the paper's trend does not hold here"
+    if missing:
+        outcome += f" (points not measured: {', '.join(missing)})"
+    return f"verdict ({experiment.name}): {'; '.join(parts)}: {outcome}"
+
+
+def _value(point: Mapping[str, Any]) -> Any:
+    return point["value"]
+
+
+def plot(path: Path, experiment: Experiment, points: Sequence[Mapping[str, Any]], title: str) -> bool:
+    """``figure.png`` (see the module docstring); False (nothing written) without matplotlib."""
+    plt = pyplot(path)
+    if plt is None:
+        return False
+    measured = [point for point in points if _barrier(point, "star_heldout") and _barrier(point, "regular_regular")]
+    figure, axis = plt.subplots(figsize=(6.4, 4.4))
+    star = [_barrier(point, "star_heldout") for point in measured]
+    regular = [_barrier(point, "regular_regular") for point in measured]
+    if experiment.figure == "scatter":
+        axis.errorbar([r["mean"] for r in regular], [s["mean"] for s in star], xerr=[r["std"] for r in regular],
+                      yerr=[s["std"] for s in star], fmt="o", color="tab:orange", capsize=3)
+        for point, r, s in zip(measured, regular, star):
+            axis.annotate(point["label"], (r["mean"], s["mean"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        top = max([r["mean"] + r["std"] for r in regular] + [s["mean"] + s["std"] for s in star] + [1e-9])
+        axis.plot([0, top], [0, top], color="tab:blue", linestyle="--", label="star = regular (diagonal)")
+        axis.set_xlabel("regular–regular barrier (mean ± std over held-out models)")
+        axis.set_ylabel("star–held-out barrier")
+        axis.legend()
+    else:
+        numeric = all(isinstance(_value(point), (int, float)) for point in measured)
+        xs: List[Any] = [_value(point) for point in measured] if numeric else list(range(len(measured)))
+        axis.errorbar(xs, [s["mean"] for s in star], yerr=[s["std"] for s in star], fmt="o-", color="tab:orange",
+                      capsize=3, label="star–held-out")
+        shared = len({repr(point["barriers"]["regular_regular"][SPLIT]["per_heldout"]) for point in measured}) == 1
+        if shared:
+            r = regular[0]
+            axis.axhline(r["mean"], color="tab:blue", label="regular–regular")
+            axis.axhspan(r["mean"] - r["std"], r["mean"] + r["std"], color="tab:blue", alpha=0.15)
+        else:
+            axis.errorbar(xs, [r["mean"] for r in regular], yerr=[r["std"] for r in regular], fmt="s--", color="tab:blue",
+                          capsize=3, label="regular–regular")
+        if not numeric:
+            axis.set_xticks(xs, [point["label"] for point in measured])
+        axis.set_xlabel(experiment.axis)
+        axis.set_ylabel("train loss barrier")
+        axis.set_ylim(bottom=0)
+        axis.legend(title="mean ± std over held-out models", title_fontsize="small")
+    axis.grid(alpha=0.3)
+    axis.set_title(title, fontsize=9)
+    return save_figure(plt, figure, path)
+
+
+def write_outputs(folder: Path, experiment: Experiment, results: Mapping[str, Any]) -> List[str]:
+    """``results.json``, ``table.md`` (notes, table, verdict) and ``figure.png`` into ``folder``;
+    returns the names written."""
+    points = results["points"]
+    write_json(folder / "results.json", dict(results))
+    notes = [f"{experiment.name}: {experiment.paper}; {results['note']}"] + ([results["analogue"]] if results["analogue"] else [])
+    write_text(folder / "table.md", "\n".join(notes) + "\n\n" + format_table(experiment, points) + "\n\n" + results["verdict"] + "\n")
+    title = f"{experiment.paper.split(',')[0].split(' (')[0]} analogue: {results['dataset']}, {results['model']}"
+    drawn = plot(folder / "figure.png", experiment, points, title)
+    return ["results.json", "table.md"] + (["figure.png"] if drawn else [])
