@@ -20,7 +20,7 @@ import torch
 from starfast import data, models
 from starfast.arguments import DATA_ERRORS, check_data_dir, name_parser, parse_arch_kw, parse_arguments
 from starfast.experiments.catalog import EXPERIMENTS, PRESETS, Experiment, settings_for
-from starfast.experiments.cells import CellTask
+from starfast.experiments.cells import cell_tasks
 from starfast.experiments.launch import LAUNCHERS, LauncherError, make_executor, run_cells
 from starfast.experiments.output import format_table, verdict, write_outputs
 from starfast.files import StoredFileError
@@ -110,8 +110,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                  options=dict(args.launcher_kw))
     except (ValueError, TypeError, LauncherError) as error:
         parser.error(str(error))
-    tasks = [CellTask(experiment.name, cell, str(base.path if not cell.key else base.variant(cell.key).path), args.device,
-                      None if args.data_dir is None else str(args.data_dir), progress=not args.quiet) for cell in cells]
+    tasks = cell_tasks(experiment.name, cells, base, device=args.device, data_dir=args.data_dir, progress=not args.quiet)
     bar = progress_bar(total=sum(len(cell.points) for cell in cells), desc=f"{experiment.name} sweep", unit="point",
                        enabled=not args.quiet)
     try:
@@ -122,7 +121,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if callable(shutdown):
             shutdown()
     for key, message in errors.items():
-        print(f"error: cell {key or 'base'} ({base.variant(key).path if key else base.path}): {message}", file=sys.stderr)
+        print(f"error: cell {key or 'base'}: {message}", file=sys.stderr)
     points = [point for cell in cells for point in measured.get(cell.key, [])]
     order = {repr(value): index for index, value in enumerate(values)}
     points.sort(key=lambda point: order.get(repr(_as_value(point["value"])), len(order)))

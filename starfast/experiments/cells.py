@@ -10,13 +10,13 @@ resumes, so a cell killed anywhere (a pre-empted cluster job) continues where it
 run again, and a cell run a second time trains and measures nothing.
 
 :class:`CellTask` is the cell as a picklable call, what a launcher submits
-(:mod:`starfast.experiments.launch`).
+(:mod:`starfast.experiments.launch`); :func:`cell_tasks` places each cell in its run directory.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -90,3 +90,11 @@ class CellTask:
         import submitit  # only reached inside a submitit job
 
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
+def cell_tasks(experiment: str, cells: Sequence[Cell], base: RunDir, *, device: str = "cpu",
+               data_dir: Optional[Path] = None, progress: bool = True) -> List[CellTask]:
+    """One task per cell: the base run directory for the cell of the base model and recipe
+    (key ``""``), ``base.variant(key)`` for the others."""
+    return [CellTask(experiment, cell, str((base.variant(cell.key) if cell.key else base).path), device,
+                     None if data_dir is None else str(data_dir), progress) for cell in cells]

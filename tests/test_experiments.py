@@ -1,0 +1,237 @@
+"""The experiments' sweep logic on tiny runs (digits, an MLP of 8 units, one-epoch recipes): run
+directories and star sets shared between points and experiments, a second run that trains and
+measures nothing, an interrupted cell that resumes, the launcher interface (a fake executor that
+pickles what it is given, as a process pool or cluster does; submitit absent or faked), and the
+summaries against brute-force recomputations."""
+import itertools
+import json
+import pickle
+import sys
+import types
+
+import pytest
+import torch
+
+from starfast import evaluation, pipeline
+from starfast.evaluation import LoadedModel
+from starfast.experiments import __main__ as cli
+from starfast.experiments.catalog import EXPERIMENTS, Settings
+from starfast.experiments.cells import CellTask, cell_tasks
+from starfast.experiments.launch import InProcess, LauncherError, make_executor, run_cells
+from starfast.experiments.measure import perturbed, summarise_pairs
+from starfast.experiments.plan import Perturbation, StarSet
+from starfast.files import TEMP_SUFFIX
+from starfast.recipes import Recipe
+from starfast.rundir import LOCK_NAME, RunDir
+from starfast.starlight import StarlightOptions
+
+SIZES = {"sources": 3, "heldout": 2, "star_seeds": 1}
+# One epoch of 45 steps: enough for the models to learn something (a model that does not is refused).
+RECIPE = Recipe(lr=0.05, weight_decay=0.0, epochs=1, batch_size=32)
+SETTINGS = Settings("quick", "digits", "mlp", (("width", 8),), RECIPE, RECIPE)
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """How many models and stars the pipeline trains."""
+    calls = {"models": 0, "stars": 0}
+
+    def counting(name, function):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(pipeline, "train_model", counting("models", pipeline.train_model))
+    monkeypatch.setattr(pipeline, "train_star", counting("stars", pipeline.train_star))
+    return calls
+
+
+def sweep(name, values, root, sizes=SIZES, executor=None):
+    cells = EXPERIMENTS[name].cells(SETTINGS, values, sizes)
+    return run_cells(cell_tasks(name, cells, RunDir(root), progress=False), executor or InProcess())
+
+
+def test_points_share_models_and_star_sets_and_a_second_run_trains_and_measures_nothing(tmp_path, counted):
+    points, errors = sweep("sources", [2, 3], tmp_path)
+    assert not errors and [point["star_set"] for point in points[""]] == ["stars/z0002-e1", "stars/z0003-e1"]
+    assert counted == {"models": 5, "stars": 2}  # 3 sources and 2 held-out models, once for both points
+    first = points[""]
+    assert [point["measured_now"] for point in first] == [2 + 5, 2]  # the reference pairs are shared
+    # Another experiment asking for the same star set (3 sources, default options) and pairs reuses them.
+    shared, _ = sweep("t-sampling", ["uniform"], tmp_path)
+    assert counted == {"models": 5, "stars": 2} and shared[""][0]["measured_now"] == 0
+    again, errors = sweep("sources", [2, 3], tmp_path)
+    assert not errors and counted == {"models": 5, "stars": 2}
+    assert [point["measured_now"] for point in again[""]] == [0, 0]
+    assert [point["barriers"] for point in again[""]] == [point["barriers"] for point in first]
+
+
+def test_an_interrupted_cell_resumes_at_its_next_pair(tmp_path, counted, monkeypatch):
+    measure = evaluation.barrier_curve
+    calls = []
+
+    def killed_at_the_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("killed")
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "barrier_curve", killed_at_the_third)
+    points, errors = sweep("grid", [11], tmp_path)
+    assert points == {} and "killed" in errors[""]
+    monkeypatch.setattr(evaluation, "barrier_curve", measure)
+    points, errors = sweep("grid", [11], tmp_path)
+    total = 1 * 2 + (1 + 2 * 2)  # star × held-out, held-out pairs and held-out × source pairs
+    assert not errors and points[""][0]["measured_now"] == total - 2
+    assert counted == {"models": 5, "stars": 1}
+    curves = points[""][0]["curves"]
+    assert len(curves["star_heldout"]) == 2 and len(curves["regular_regular"]) == 5
+
+
+class FakeJob:
+    def __init__(self, call):
+        self.call = call
+
+    def result(self):
+        return self.call()
+
+
+class FakeExecutor:
+    """Takes a copy of each call through pickle, as a process pool or submitit does, and runs it
+    when its result is asked for."""
+
+    def __init__(self, fail=()):
+        self.submitted = []
+        self.fail = fail
+
+    def submit(self, call):
+        self.submitted.append(call)
+        copy = pickle.loads(pickle.dumps(call))
+        if call.cell.key in self.fail:
+            return FakeJob(lambda: (_ for _ in ()).throw(RuntimeError("node lost")))
+        return FakeJob(copy)
+
+
+def test_launcher_interface_one_task_per_run_directory(tmp_path, counted):
+    executor = FakeExecutor(fail=("depth=1",))
+    values = [("width", 8), ("width", 12), ("depth", 1)]
+    ticks = []
+    cells = EXPERIMENTS["width-depth"].cells(SETTINGS, values, {"sources": 2, "heldout": 2, "star_seeds": 1})
+    points, errors = run_cells(cell_tasks("width-depth", cells, RunDir(tmp_path), progress=False), executor,
+                               on_point=lambda: ticks.append(1))
+    assert [task.cell.key for task in executor.submitted] == ["", "width=12", "depth=1"]
+    assert [task.folder for task in executor.submitted] == [str(tmp_path), str(tmp_path / "variants" / "width=12"),
+                                                             str(tmp_path / "variants" / "depth=1")]
+    assert all(task.on_point is None for task in executor.submitted)  # nothing unpicklable travels
+    assert set(points) == {"", "width=12"} and errors == {"depth=1": "RuntimeError: node lost"}
+    assert len(ticks) == 2  # one per finished point
+    assert json.loads((tmp_path / "variants" / "width=12" / "config.json").read_text())["model"]["kwargs"] == {"width": 12}
+
+
+def test_submitit_is_optional_and_resubmits_a_preempted_cell(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "submitit", None)
+    with pytest.raises(LauncherError, match="pip install submitit"):
+        make_executor("submitit", folder=tmp_path)
+    with pytest.raises(LauncherError, match="submitit only"):
+        make_executor("local", options={"timeout_min": 5})
+
+    class AutoExecutor:
+        def __init__(self, folder):
+            self.folder, self.parameters = folder, {}
+
+        def update_parameters(self, **parameters):
+            self.parameters.update(parameters)
+
+    class DelayedSubmission:
+        def __init__(self, function, *args, **kwargs):
+            self.function, self.args = function, args
+
+    fake = types.ModuleType("submitit")
+    fake.AutoExecutor, fake.helpers = AutoExecutor, types.SimpleNamespace(DelayedSubmission=DelayedSubmission)
+    monkeypatch.setitem(sys.modules, "submitit", fake)
+    executor = make_executor("submitit", folder=tmp_path, options={"timeout_min": 5})
+    assert executor.folder == str(tmp_path) and executor.parameters == {"timeout_min": 5}
+    cells = EXPERIMENTS["sources"].cells(SETTINGS, [2], SIZES)
+    task = cell_tasks("sources", cells, RunDir(tmp_path))[0]
+    resubmitted = task.checkpoint()
+    assert resubmitted.function == task and resubmitted.args == ()
+
+
+def test_cli_writes_three_files_and_a_second_invocation_trains_nothing(tmp_path, counted, capsys):
+    argv = ["sources", "--run-dir", str(tmp_path), "--epochs", "1", "--star-epochs", "1", "--arch-kw", "width=8",
+            "--values", "2,3", "--sources", "3", "--heldout", "2", "--star-seeds", "1", "--quiet"]
+    assert cli.main(argv) == 0
+    folder = tmp_path / "experiments" / "sources"
+    assert {path.name for path in folder.iterdir()} >= {"results.json", "table.md", "figure.png"}
+    assert counted == {"models": 5, "stars": 2}
+    assert cli.main(argv) == 0
+    assert counted == {"models": 5, "stars": 2}
+    results = json.loads((folder / "results.json").read_text())
+    assert results["curves_measured_now"] == 0 and results["verdict"] in (folder / "table.md").read_text()
+    assert results["verdict"] in capsys.readouterr().out
+
+
+def test_summaries_against_a_brute_force_recount(rng):
+    heldout = [f"heldout seed {1000 + k}" for k in range(4)]
+    others = heldout + ["sources seed 0", "sources seed 1"]
+    curves = []
+    for a, b in itertools.combinations(others, 2):
+        barriers = torch.rand(4, generator=rng, dtype=torch.float64).tolist()
+        curves.append({"a": a, "b": b, "loss_barrier": {"train": barriers[0], "test": barriers[1]},
+                       "acc_barrier": {"train": barriers[2], "test": barriers[3]}})
+    summary = summarise_pairs(curves, heldout)
+    for split in ("train", "test"):
+        expected = {label: [c["loss_barrier"][split] for c in curves if label in (c["a"], c["b"])] for label in heldout}
+        means = {label: sum(values) / len(values) for label, values in expected.items()}
+        got = summary[split]["per_heldout"]
+        mismatch = max(abs(got[label] - means[label]) for label in heldout)
+        print(f"{split}: largest per-model mismatch {mismatch:.2e}")
+        assert mismatch <= 1e-12
+        over = torch.tensor(list(means.values()), dtype=torch.float64)
+        assert abs(summary[split]["over_heldout"]["std"] - over.std(unbiased=False).item()) <= 1e-12
+        assert summary[split]["pairs"]["min"] == min(c["loss_barrier"][split] for c in curves)
+
+
+def test_perturbed_stars_lie_on_the_sphere(rng):
+    star = LoadedModel("star star-0000", torch.randn(500, generator=rng), {}, "digest", seed=0)
+    for radius in (2.0, 16.0):
+        points = perturbed(star, Perturbation(radius, samples=3))
+        distances = [float((point.row.double() - star.row.double()).norm()) for point in points]
+        # float32 rounding of each element of star + ε·r: at most half an ulp of the larger magnitude
+        tolerance = 2 ** -23 * float(star.row.double().abs().max() + radius) * 500 ** 0.5
+        print(f"radius {radius}: distances {distances}, tolerance {tolerance:.2e}")
+        assert all(abs(distance - radius) <= tolerance for distance in distances)
+        assert len({point.digest for point in points}) == 3
+
+
+def test_names_spell_the_settings_and_defaults_share_the_base_run():
+    recipe = Recipe(epochs=30)
+    assert StarSet(10, 3).name(recipe) == "z0010-e30"
+    assert StarSet(10, 3, StarlightOptions(t_sampling="beta", ce_weight=1.0)).name(recipe) == "z0010-e30-t_sampling=beta-ce_weight=1"
+    base = SETTINGS.run(sources=3, heldout=2)
+    assert SETTINGS.run(sources=5, heldout=2, arch_kw={"activation": "relu"}).slug(base) == ""  # mlp's default
+    assert SETTINGS.run(sources=3, heldout=2, arch_kw={"activation": "elu"}).slug(base) == "activation=elu"
+    assert SETTINGS.run(sources=3, heldout=2, recipe={"optimizer": "adam", "lr": 1e-3}).slug(base) == "optimizer=adam_lr=0.001"
+
+
+def test_a_nested_run_directory_keeps_its_temporary_files(tmp_path):
+    base = RunDir(tmp_path)
+    variant = base.variant("width=12")
+    variant.path.mkdir(parents=True)
+    (variant.path / LOCK_NAME).write_text("pid 1\n")
+    ours, theirs = tmp_path / f".a{TEMP_SUFFIX}", variant.path / f".b{TEMP_SUFFIX}"
+    ours.write_text("x"), theirs.write_text("y")
+    with base.locked("test"):
+        pass
+    assert not ours.exists() and theirs.exists()
+
+
+def test_every_experiment_builds_its_cells_for_both_presets():
+    for experiment in EXPERIMENTS.values():
+        if experiment.name == "matcher" and "matcher" not in StarlightOptions.__dataclass_fields__:
+            continue  # needs the matchers of issue 14
+        for preset in ("quick", "paper"):
+            cells = experiment.cells(SETTINGS, experiment.values[preset], experiment.sizes[preset])
+            assert sum(len(cell.points) for cell in cells) == len(experiment.values[preset])
+            assert len({cell.key for cell in cells}) == len(cells)
