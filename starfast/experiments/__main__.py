@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--list", action="store_true", help="list the experiments and what they reproduce")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick",
                         help="quick: bundled digits, minutes on a CPU (default); paper: CIFAR-10 at the paper's settings")
-    parser.add_argument("--run-dir", type=Path, help="base run directory (default: runs/experiments-<preset>)")
+    parser.add_argument("--run-dir", type=Path, help="base run directory (default: runs/experiments-<preset>); outputs go to "
+                                                     "RUN/experiments/NAME (NAME-ce_weight=λ with --ce-weight)")
     parser.add_argument("--values", help="the sweep's values, comma-separated (default: the preset's; see --list)")
     parser.add_argument("--sources", type=int, help="source models per star set (or the pool of them) instead of the preset's")
     parser.add_argument("--heldout", type=int, help="held-out models measured against the stars instead of the preset's")
@@ -106,7 +107,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cells = experiment.cells(settings, values, sizes)
         check_data_dir(args.data_dir)
         base = RunDir(args.run_dir or Path("runs") / f"experiments-{args.preset}")
-        executor = make_executor(args.launcher, workers=args.workers, folder=base.experiment_folder(experiment.name) / "launcher",
+        # Table 11 (the stars with the cross-entropy term) is written beside Figure 1, not over it.
+        output_name = experiment.name + (f"-ce_weight={args.ce_weight:g}" if args.ce_weight else "")
+        executor = make_executor(args.launcher, workers=args.workers, folder=base.experiment_folder(output_name) / "launcher",
                                  options=dict(args.launcher_kw))
     except (ValueError, TypeError, LauncherError) as error:
         parser.error(str(error))
@@ -128,7 +131,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     missing = [point.label for cell in cells if cell.key in errors for point in cell.points]
     spec = cells[0].run
     results: Dict[str, Any] = {
-        "experiment": experiment.name, "paper": experiment.paper, "preset": args.preset, "note": settings.note,
+        "experiment": experiment.name, "paper": experiment.paper, "preset": args.preset, "ce_weight": args.ce_weight,
+        "note": settings.note,
         "analogue": experiment.analogue.get(args.preset, ""), "paper_numbers": experiment.paper_numbers,
         "dataset": spec.dataset, "model": f"{spec.arch} {dict(spec.arch_kw) or ''}".rstrip(),
         "recipe": spec.recipe.to_dict(), "star_recipe": spec.star_recipe.to_dict(), "axis": experiment.axis,
@@ -139,7 +143,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     }
     try:
         with base.locked(f"python -m starfast.experiments {experiment.name} (writing results)"):
-            folder = base.experiment_folder(experiment.name)
+            folder = base.experiment_folder(output_name)
             names = write_outputs(folder, experiment, results)
     except (StoredFileError, OSError, *DATA_ERRORS) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -103,7 +103,7 @@ class Experiment:
     below regular–regular at every point), ``falls`` (star–held-out falls along the axis),
     ``separated`` (the largest star–held-out pair below the smallest regular–regular pair, Table 8).
     ``figure``: ``sweep`` (barrier against the axis), ``scatter`` (Figure 3: star–held-out against
-    regular–regular). ``analogue[preset]`` says what a preset substitutes for the paper's setting;
+    regular–regular), ``curves`` (Figure 7: test loss along the paths). ``analogue[preset]`` says what a preset substitutes for the paper's setting;
     ``model[preset]``, the architecture and options used instead of the preset's."""
 
     name: str

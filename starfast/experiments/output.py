@@ -8,7 +8,8 @@ models"); the min and max columns are over single pairs (Table 8).
 The figure takes the paper's form: ``sweep`` draws the star–held-out barrier against the sweep
 axis with error bars, and regular–regular as the paper draws its reference (one band when every
 point shares the same reference pairs, error bars per point otherwise); ``scatter`` (Figure 3)
-draws star–held-out against regular–regular, each point annotated, with the diagonal.
+draws star–held-out against regular–regular, each point annotated, with the diagonal; ``curves``
+(Figure 7) draws the test loss along the paths of each point's star–model and model–model pairs.
 """
 from __future__ import annotations
 
@@ -101,7 +102,9 @@ def plot(path: Path, experiment: Experiment, points: Sequence[Mapping[str, Any]]
     figure, axis = plt.subplots(figsize=(6.4, 4.4))
     star = [_barrier(point, "star_heldout") for point in measured]
     regular = [_barrier(point, "regular_regular") for point in measured]
-    if experiment.figure == "scatter":
+    if experiment.figure == "curves":
+        _draw_curves(axis, measured)
+    elif experiment.figure == "scatter":
         axis.errorbar([r["mean"] for r in regular], [s["mean"] for s in star], xerr=[r["std"] for r in regular],
                       yerr=[s["std"] for s in star], fmt="o", color="tab:orange", capsize=3)
         for point, r, s in zip(measured, regular, star):
@@ -133,6 +136,26 @@ def plot(path: Path, experiment: Experiment, points: Sequence[Mapping[str, Any]]
     axis.grid(alpha=0.3)
     axis.set_title(title, fontsize=9)
     return save_figure(plt, figure, path)
+
+
+def _draw_curves(axis, points: Sequence[Mapping[str, Any]]) -> None:
+    """Figure 7's form: the test loss along t, mean ± std over pairs, for each point's star–model
+    and model–model pairs."""
+    import numpy as np
+
+    colors = iter(["tab:orange", "tab:blue", "tab:red", "tab:green", "tab:purple", "tab:brown"])
+    for point in points:
+        for kind, name in (("star_heldout", f"star–{point['label']}"), ("regular_regular", f"{point['label']}–{point['label']}")):
+            curves = point["curves"][kind]
+            if not curves:
+                continue
+            stacked = np.asarray([curve["test_loss"] for curve in curves])
+            t, mean, std, color = np.asarray(curves[0]["t"]), stacked.mean(0), stacked.std(0), next(colors)
+            axis.plot(t, mean, color=color, linestyle="-" if kind == "star_heldout" else "--", label=f"{name} (n={len(curves)})")
+            axis.fill_between(t, mean - std, mean + std, color=color, alpha=0.15)
+    axis.set_xlabel("t  (0 = first model, 1 = matched second model)")
+    axis.set_ylabel("test loss")
+    axis.legend(title="mean ± std over pairs", title_fontsize="small", fontsize="small")
 
 
 def write_outputs(folder: Path, experiment: Experiment, results: Mapping[str, Any]) -> List[str]:
