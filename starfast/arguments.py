@@ -1,7 +1,8 @@
 """Argument parsing that the command lines share.
 
 ``name_parser`` (an argparse ``type`` that resolves aliases and suggests the closest name),
-``parse_arch_kw`` (``key=value``), ``parse_milestones`` (``100,150``), ``check_data_dir`` and ``parse_arguments``
+``parse_arch_kw`` (``key=value``), ``parse_milestones`` (``100,150``), ``parse_extra_heldout``
+(``NAME:COUNT[:KEY=VALUE,...]``), ``check_data_dir`` and ``parse_arguments``
 (``parse_args`` where ``-h``/``--help`` anywhere on the line prints help), and ``DATA_ERRORS``:
 what loading a dataset raises for a person to act on, which a command line prints as one line
 (the message says what to do; the traceback would only bury it).
@@ -11,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from starfast.data import CorruptDataError
 
@@ -32,6 +33,36 @@ def parse_arch_kw(text: str) -> tuple:
         except ValueError:
             pass
     return key, value
+
+
+# The recipe fields an --extra-heldout set may override, with their types.
+EXTRA_RECIPE_KEYS = {"optimizer": str, "lr": float, "momentum": float, "weight_decay": float, "schedule": str,
+                     "gamma": float, "epochs": int, "batch_size": int, "label_smoothing": float}
+
+
+def parse_extra_heldout(text: str) -> Tuple[str, int, Dict[str, Any]]:
+    """``NAME:COUNT[:KEY=VALUE,...]`` -> ``(name, count, recipe overrides)``, e.g. ``adam:3:optimizer=adam``
+    or ``adam:3:optimizer=adam,lr=0.001`` (keys: :data:`EXTRA_RECIPE_KEYS`)."""
+    usage = f"--extra-heldout expects NAME:COUNT[:KEY=VALUE,...] such as adam:3:optimizer=adam, got {text!r}"
+    parts = text.split(":", 2)
+    if len(parts) < 2 or not parts[0]:
+        raise argparse.ArgumentTypeError(usage)
+    try:
+        count = int(parts[1])
+    except ValueError:
+        raise argparse.ArgumentTypeError(usage) from None
+    overrides: Dict[str, Any] = {}
+    for item in (parts[2].split(",") if len(parts) == 3 and parts[2] else []):
+        key, separator, value = item.partition("=")
+        if not separator or key not in EXTRA_RECIPE_KEYS:
+            raise argparse.ArgumentTypeError(f"--extra-heldout {text!r}: {item!r} is not KEY=VALUE with KEY one of "
+                                             f"{', '.join(EXTRA_RECIPE_KEYS)}")
+        try:
+            overrides[key] = EXTRA_RECIPE_KEYS[key](value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--extra-heldout {text!r}: {key}={value!r} is not a valid "
+                                             f"{EXTRA_RECIPE_KEYS[key].__name__}") from None
+    return parts[0], count, overrides
 
 
 def name_parser(canonical: Callable[[str], str]) -> Callable[[str], str]:

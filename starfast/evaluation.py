@@ -7,15 +7,22 @@ BatchNorm recomputation (:func:`starfast.barrier.barrier_curve`) and aggregates 
 
 - ``regular_regular``: held-out × held-out pairs and held-out × source pairs (counts configurable),
 - ``star_heldout``: every star against every held-out model (the paper's central test),
-- ``star_source``: every star against the sources it was trained on (its JSON's ``sources``).
+- ``star_source``: every star against the sources it was trained on (its JSON's ``sources``);
+
+and two more per extra held-out set NAME of the run (``--extra-heldout``, models trained with
+another recipe, e.g. Adam: Appendix D.2 / Figure 7):
+
+- ``star_NAME``: every star against every model of the set,
+- ``NAME_NAME``: the set's pairs (as many as ``heldout_pairs`` allows).
 
 Each curve in ``curves[KIND]`` names its two models (``"a"``, the anchor, and ``"b"``, e.g.
 ``"star star-0000"`` and ``"heldout seed 1000"``), so per-model summaries can be read off.
 
 The result is a JSON-ready dict ``{"dataset", "model", "regular_loss", "star_loss", "regular_test_loss",
-"star_test_loss", "barriers", "accuracy_barriers", "curves", "counts", "config", "seconds"}``
+"star_test_loss", "barriers", "accuracy_barriers", "curves", "counts", "extra_heldout", "config", "seconds"}``
 (losses summarise each distinct model's own train/test loss) where ``barriers[KIND][SPLIT]`` holds ``mean, std, min, max,
-values`` of the loss barriers on ``train`` and ``test``. :func:`write_results` stores it as
+values`` of the loss barriers on ``train`` and ``test``, and ``extra_heldout[NAME]`` the set's
+``recipe``, ``count``, own ``loss``/``test_loss`` and its two ``kinds``. :func:`write_results` stores it as
 ``RUN/results/results.json`` next to the table and plot made by :mod:`starfast.report`.
 """
 from __future__ import annotations
@@ -38,7 +45,7 @@ from starfast.flat import ParamSpace
 from starfast.matching import match_weights
 from starfast.progress import progress_bar
 from starfast.files import file_digest, read_json, write_json
-from starfast.rundir import MAIN_STARS, RunDir, RunDirError, heldout_seeds, source_seeds
+from starfast.rundir import MAIN_STARS, RunDir, RunDirError, extra_role, extra_seeds, heldout_seeds, source_seeds
 
 KINDS = ("regular_regular", "star_heldout", "star_source")
 SPLITS = ("train", "test")
@@ -109,6 +116,8 @@ def evaluate_run(
     sources = load_models(run, "sources", space, device)
     heldout = load_models(run, "heldout", space, device)
     stars = load_stars(run, space, device)
+    extra = {role.split("/", 1)[1]: load_models(run, role, space, device) for role in run.extra_roles()}
+    extra = {name: members for name, members in extra.items() if members}
     _check_complete(run, stars)
     if len(heldout) < 1 or (len(heldout) < 2 and not sources):
         raise RunDirError(f"{run.path} has too few trained models to measure barriers; run python -m starfast.train --stage models")
@@ -119,7 +128,11 @@ def evaluate_run(
         "star_heldout": [(star, h) for star in stars for h in heldout],
         "star_source": [(star, s) for star in stars for s in _limit(own_sources(star, sources), config.star_sources)],
     }
-    partial = PartialResults(run.results_folder / PARTIAL_NAME, config, [*sources, *heldout, *stars])
+    for name, members in extra.items():
+        pairs[f"star_{name}"] = [(star, member) for star in stars for member in members]
+        pairs[f"{name}_{name}"] = _limit(list(itertools.combinations(members, 2)), config.heldout_pairs)
+    loaded = [*sources, *heldout, *stars, *(member for members in extra.values() for member in members)]
+    partial = PartialResults(run.results_folder / PARTIAL_NAME, config, loaded)
     total = sum(len(items) for items in pairs.values())
     bar = progress_bar(total=total, desc="barriers", unit="pair", enabled=progress)
     if partial.curves:
@@ -141,11 +154,12 @@ def evaluate_run(
         "star_loss": summarise([train for train, _ in own_loss["star"].values()]),
         "regular_test_loss": summarise([test for _, test in own_loss["regular"].values()]),
         "star_test_loss": summarise([test for _, test in own_loss["star"].values()]),
-        "barriers": {kind: _barrier_table(curves[kind], "loss_barrier") for kind in KINDS},
-        "accuracy_barriers": {kind: _barrier_table(curves[kind], "acc_barrier") for kind in KINDS},
+        "barriers": {kind: _barrier_table(curves[kind], "loss_barrier") for kind in curves},
+        "accuracy_barriers": {kind: _barrier_table(curves[kind], "acc_barrier") for kind in curves},
         "curves": curves,
         "counts": {"sources": len(sources), "heldout": len(heldout), "stars": len(stars),
-                   **{kind: len(curves[kind]) for kind in KINDS}},
+                   **{kind: len(curves[kind]) for kind in curves}},
+        "extra_heldout": {name: _extra_set_summary(run, name, members, curves) for name, members in extra.items()},
         "config": asdict(config),
         "seconds": time.perf_counter() - started,
     }
@@ -271,7 +285,7 @@ def _counted(data, bar) -> Callable[[], Iterator]:
 
 
 def load_models(run: RunDir, role: str, space: ParamSpace, device, seeds: Optional[Sequence[int]] = None) -> List[LoadedModel]:
-    """Every finished model of ``role`` (``sources`` or ``heldout``), in seed order; only those of
+    """Every finished model of ``role`` (``sources``, ``heldout`` or ``extra/<name>``), in seed order; only those of
     ``seeds`` when given (each must be finished)."""
     models = []
     for seed in run.finished_seeds(role) if seeds is None else seeds:
@@ -292,12 +306,29 @@ def load_stars(run: RunDir, space: ParamSpace, device, star_set: str = MAIN_STAR
     return stars
 
 
+def _extra_set_summary(run: RunDir, name: str, members: List[LoadedModel], curves: Mapping[str, List[Dict[str, Any]]]) -> Dict[str, Any]:
+    """An extra held-out set in the results: its recipe (from its first model's JSON), its size, the
+    own train/test losses of its models (read off the ends of its curves) and its kinds."""
+    kinds = [f"star_{name}", f"{name}_{name}"]
+    labels = {member.label for member in members}
+    own: Dict[str, Tuple[float, float]] = {}
+    for curve in (curve for kind in kinds for curve in curves[kind]):
+        for end, index in (("a", 0), ("b", -1)):
+            if curve[end] in labels:
+                own[curve[end]] = (curve["train_loss"][index], curve["test_loss"][index])
+    recipe = run.read_metadata(extra_role(name), members[0].seed).get("recipe")
+    return {"recipe": recipe, "count": len(members), "loss": summarise([train for train, _ in own.values()]),
+            "test_loss": summarise([test for _, test in own.values()]), "kinds": kinds}
+
+
 def _check_complete(run: RunDir, stars: List[LoadedModel]) -> None:
     """Every model the run's config names, and every source a star was trained on, is finished:
     a missing one would silently shrink the tables."""
     config = run.read_config() or {}
     wanted = {(role, seed) for role, seeds in (("sources", source_seeds), ("heldout", heldout_seeds))
               if isinstance(config.get(role), int) for seed in seeds(config[role])}
+    wanted |= {(extra_role(name), seed) for name, entry in (config.get("extra_heldout") or {}).items()
+               for seed in extra_seeds(entry["count"])}
     wanted |= {("sources", seed) for star in stars for seed in star.sources or ()}
     missing = sorted(run.model_path(role, seed) for role, seed in wanted if not run.is_finished(role, seed))
     if missing:

@@ -4,8 +4,9 @@ The command lines parse flags into options and call these; the algorithms below
 (:mod:`starfast.training`, :mod:`starfast.starlight`, :mod:`starfast.evaluation`) get models,
 tensors, datasets and checkpoint paths, and the run directory's layout stays :class:`RunDir`'s.
 
-- :func:`train_missing_models`: the source and held-out models not yet finished, resumed from
-  their checkpoints, ``parallel_seeds`` at a time;
+- :func:`train_missing_models`: the source and held-out models (or an :class:`ExtraSet`'s) not yet
+  finished, resumed from their checkpoints, ``parallel_seeds`` at a time; a finished model is
+  reused only when it was trained with the recipe asked for;
 - :func:`train_missing_stars`: the stars of a star set (the main job's, or a fusion size's) not yet
   finished; a finished star is reused only when it was trained on the same sources with the same
   settings, and refused with a message naming the flag otherwise. Star seed ``s`` starts from θ₀ =
@@ -29,7 +30,7 @@ from starfast.flat import ParamSpace
 from starfast.models import ModelSpec
 from starfast.progress import progress_bar
 from starfast.recipes import Recipe
-from starfast.rundir import MAIN_STARS, RunDir, RunDirError
+from starfast.rundir import MAIN_STARS, RunDir, RunDirError, extra_role, extra_seeds
 from starfast.starlight import StarlightOptions, StarResult, train_star
 from starfast.training import SpeedOptions, TrainedModel, TrainingDiverged, TrainingMetrics, init_model, train_model, train_models_parallel
 
@@ -42,7 +43,7 @@ STAR_FLAGS = {
     "ce_weight": "--ce-weight",
     "samples_per_step": "--samples-per-step",
     "rematch_async": "--rematch-async",
-    "recipe": "--star-epochs and the recipe flags",
+    "recipe": "--star-epochs, --star-optimizer/--star-lr/--star-momentum/--star-weight-decay and the recipe flags",
 }
 
 
@@ -52,6 +53,32 @@ class ModelJob:
 
     role: str
     seed: int
+
+
+@dataclass(frozen=True)
+class ExtraSet:
+    """A named set of extra held-out models trained with a recipe of its own (``--extra-heldout``),
+    e.g. Adam solutions to measure an SGD star against (Appendix D.2, Figure 7). Its models live
+    under the role ``extra/<name>`` with seeds ``3000..`` (:mod:`starfast.rundir`)."""
+
+    name: str
+    count: int
+    recipe: Recipe
+
+    def __post_init__(self) -> None:
+        extra_role(self.name)  # each raises ValueError naming the flag
+        extra_seeds(self.count)
+
+    @property
+    def role(self) -> str:
+        return extra_role(self.name)
+
+    def jobs(self) -> List[ModelJob]:
+        return [ModelJob(self.role, seed) for seed in extra_seeds(self.count)]
+
+    def to_dict(self) -> Dict[str, Any]:
+        """What ``config.json`` records of the set (under ``extra_heldout.<name>``)."""
+        return {"count": self.count, "recipe": self.recipe.to_dict()}
 
 
 def model_metadata(spec: ModelSpec, dataset, recipe: Recipe, job: ModelJob, metrics: TrainingMetrics, speed: SpeedOptions, rank: int = 0) -> Dict[str, Any]:
@@ -87,8 +114,10 @@ def train_missing_models(
     progress: bool = True,
     rank: int = 0,
     report: Callable[[str], None] = print,
+    recipe_flags: str = "recipe flags",
 ) -> Tuple[List[ModelJob], List[RuntimeError]]:
-    """Train the unfinished ``jobs`` into ``run`` (finished models are never retrained).
+    """Train the unfinished ``jobs`` into ``run`` (finished models are never retrained; one trained
+    with another recipe is refused, the message naming ``recipe_flags``).
 
     Each model resumes from its checkpoint, is saved with its metadata, then its checkpoint is
     removed. With ``parallel_seeds`` K > 1, models of one role whose checkpoints are at the same
@@ -102,7 +131,13 @@ def train_missing_models(
     missing = [job for job in jobs if not run.is_finished(job.role, job.seed)]
     for job in jobs:
         if job not in missing:
-            run.load_model(job.role, job.seed)  # a finished model is reused only if its checksum holds
+            _, metadata = run.load_model(job.role, job.seed)  # a finished model is reused only if its checksum holds
+            if metadata.get("recipe", recipe.to_dict()) != recipe.to_dict():
+                raise RunDirError(
+                    f"{run.model_path(job.role, job.seed).with_suffix('.json')} was trained with recipe "
+                    f"{metadata['recipe']}, not {recipe.to_dict()}; use the same {recipe_flags} as before, another "
+                    "--run-dir, or delete the model's files to train it again"
+                )
     if len(missing) < len(jobs):
         report(f"reused {len(jobs) - len(missing)} trained models in {run.path}"
                + (f"; training {len(missing)}" if missing else ""))

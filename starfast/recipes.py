@@ -19,13 +19,16 @@ per-dataset defaults live here too: the model options when no ``--arch-kw`` is g
 (:func:`main_job_arch_kw`) and the star's epochs when no ``--star-epochs`` is given
 (:func:`default_star_epochs`).
 
-:func:`resolve` picks the base recipe and applies overrides (the CLI flags). Two overrides carry
-the rest of the recipe along so that a flag does what it says:
+:func:`resolve` picks the base recipe and applies overrides (the CLI flags). :func:`resolve_own`
+gives a set of models its own overrides on top of the shared ones (the star's ``--star-optimizer``
+…, an ``--extra-heldout`` set's recipe; Appendix D.2). Two overrides carry the rest of the recipe
+along so that a flag does what it says:
 
 - ``epochs`` without ``milestones`` rescales step milestones proportionally (VGG's 100/150 of 200
   become 50/75 of 100), so a shortened run keeps the shape of its schedule;
 - ``optimizer`` switched from SGD to Adam/AdamW without ``lr`` uses lr 1e-3 (an SGD learning rate
-  of 0.1 makes Adam diverge).
+  of 0.1 makes Adam diverge); likewise an own optimizer that differs from the shared one does not
+  inherit the shared ``lr`` (the other optimizer's learning rate means nothing to it).
 
 The learning rate is a pure function of training progress (:meth:`Recipe.lr_at`), evaluated every
 step; a checkpoint's epoch counter is therefore the whole scheduler state.
@@ -186,3 +189,14 @@ def resolve(arch: str, dataset: str, overrides: Optional[Mapping[str, Any]] = No
     if "milestones" in given and "schedule" not in given:
         derived["schedule"] = "step"
     return replace(base, **{**derived, **given})
+
+
+def resolve_own(arch: str, dataset: str, shared: Optional[Mapping[str, Any]], own: Optional[Mapping[str, Any]]) -> Recipe:
+    """The recipe of a set of models with its ``own`` overrides on top of the ``shared`` ones
+    (``None`` values ignored in both). When ``own`` changes the optimizer without giving ``lr``, the
+    shared ``lr`` is dropped, so the learning rate is that optimizer's default (see :func:`resolve`)."""
+    shared = {key: value for key, value in (shared or {}).items() if value is not None}
+    own = {key: value for key, value in (own or {}).items() if value is not None}
+    if "optimizer" in own and "lr" not in own and own["optimizer"] != resolve(arch, dataset, shared).optimizer:
+        shared.pop("lr", None)
+    return resolve(arch, dataset, {**shared, **own})

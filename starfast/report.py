@@ -1,7 +1,8 @@
 """Human-facing output of an evaluation: the markdown table, the printed table and the plot.
 
 ``format_table(results)`` renders the paper-style summary (regular and star loss; train and test
-loss barriers of regular–regular, star–held-out and star–source pairs as mean ± std [min, max]);
+loss barriers of regular–regular, star–held-out and star–source pairs as mean ± std [min, max];
+each extra held-out set NAME adds its loss and its star–NAME and NAME–NAME barriers);
 ``verdict(results)`` is the one-line answer to the paper's claim (see its docstring for the three
 conditions); ``write_table`` saves the table and the verdict as ``table.md``; ``plot_curves`` draws
 loss and accuracy along t with ±1 std bands, star–held-out against regular–regular (the paper's
@@ -42,10 +43,14 @@ def format_table(results: Mapping[str, Any]) -> str:
         f"| {_cell(results.get('regular_loss'))} | {_cell(results.get('regular_test_loss'))} |",
         f"| star loss | {counts.get('stars', 0)} | {_cell(results.get('star_loss'))} | {_cell(results.get('star_test_loss'))} |",
     ]
-    for kind, label in ROWS:
+    extra = results.get("extra_heldout", {})
+    for name, entry in extra.items():
+        lines.append(f"| {name} loss | {entry['count']} | {_cell(entry['loss'])} | {_cell(entry['test_loss'])} |")
+    rows = [*ROWS, *((kind, f"{kind.replace('_', '–')} barrier") for entry in extra.values() for kind in entry["kinds"])]
+    for kind, label in rows:
         barriers = results["barriers"][kind]
         lines.append(f"| {label} (loss) | {counts.get(kind, 0)} | {_cell(barriers['train'])} | {_cell(barriers['test'])} |")
-    for kind, label in ROWS:
+    for kind, label in rows:
         barriers = results["accuracy_barriers"][kind]
         lines.append(f"| {label} (accuracy) | {counts.get(kind, 0)} | {_cell(barriers['train'])} | {_cell(barriers['test'])} |")
     return "\n".join(lines)

@@ -6,6 +6,7 @@ Layout (every file is written atomically: a temp file in the same folder, then `
     RUN/sources/seed-0000.safetensors      state_dict (parameters and buffers) of source model 0
     RUN/sources/seed-0000.json             its metadata: model, dataset, seed, recipe, metrics...
     RUN/heldout/seed-1000.safetensors      held-out models, same format
+    RUN/extra/<name>/seed-3000.safetensors an extra held-out set trained with its own recipe (e.g. Adam)
     RUN/models.json                        metrics of every finished model
     RUN/star/star-0000.safetensors         the star models (+ .json: sources, settings, metrics)
     RUN/fusion/z0005/star/star-0000.*      fusion stars trained on the first 5 sources
@@ -22,8 +23,10 @@ Layout (every file is written atomically: a temp file in the same folder, then `
 
 A model is *finished* when both its ``.safetensors`` and its ``.json`` exist (the JSON is written
 last, so a crash between the two leaves an unfinished model that is trained again from its
-checkpoint). Source seeds are ``0 .. N-1`` and held-out seeds ``1000 .. 1000+H-1``
-(:func:`source_seeds`, :func:`heldout_seeds`), so the two sets never overlap.
+checkpoint). Source seeds are ``0 .. N-1``, held-out seeds ``1000 .. 1000+H-1`` and the seeds of
+every extra held-out set ``3000 .. 3000+E-1`` (:func:`source_seeds`, :func:`heldout_seeds`,
+:func:`extra_seeds`; stars start from seeds 2000..), so no two kinds of model share a seed. An
+extra set's role is ``extra/<name>`` (:func:`extra_role`); its models are stored like the others.
 
 :class:`RunDir` is the only code that knows this layout; the pipeline (:mod:`starfast.pipeline`)
 fills it, the algorithms below never see it (they get tensors and a checkpoint path). The file
@@ -34,6 +37,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shutil
 import warnings
 from contextlib import contextmanager
@@ -50,6 +54,10 @@ PathLike = Union[str, os.PathLike]
 
 ROLES = ("sources", "heldout")
 HELDOUT_SEED_START = 1000
+EXTRA_SEED_START = 3000
+EXTRA_FOLDER = "extra"
+# Extra set names that would make an evaluation kind ("star_<name>", "<name>_<name>") ambiguous.
+RESERVED_SET_NAMES = ("sources", "source", "heldout", "regular", "star")
 CONFIG_IDENTITY = ("model", "dataset", "recipe")
 DIGEST_KEY = "weights_sha256"  # in a model's or star's JSON: the checksum of its weights file
 LOCK_NAME = ".lock"
@@ -84,6 +92,26 @@ def heldout_seeds(count: int) -> List[int]:
     if count < 0:
         raise ValueError(f"--heldout must be >= 0, got {count}")
     return list(range(HELDOUT_SEED_START, HELDOUT_SEED_START + count))
+
+
+def extra_seeds(count: int) -> List[int]:
+    """Seeds of the ``count`` models of an extra held-out set: ``3000 .. 3000+count-1``."""
+    if not 0 <= count <= 1000:
+        raise ValueError(f"an --extra-heldout set holds 0..1000 models, got {count}")
+    return list(range(EXTRA_SEED_START, EXTRA_SEED_START + count))
+
+
+def extra_role(name: str) -> str:
+    """The role (``extra/<name>``) of the extra held-out set ``name``, the name checked: lowercase
+    letters, digits and ``-``, starting with a letter, not one of :data:`RESERVED_SET_NAMES`."""
+    if not _is_set_name(name):
+        raise ValueError(f"--extra-heldout set name {name!r} must be lowercase letters, digits and '-', starting with a "
+                         f"letter, and not one of {', '.join(RESERVED_SET_NAMES)} (e.g. adam)")
+    return f"{EXTRA_FOLDER}/{name}"
+
+
+def _is_set_name(name: str) -> bool:
+    return bool(re.fullmatch(r"[a-z][a-z0-9-]*", name)) and name not in RESERVED_SET_NAMES
 
 
 # -- the directory --------------------------------------------------------------------------------
@@ -181,7 +209,7 @@ class RunDir:
     def holds_work(self) -> bool:
         """Whether anything was trained here: a finished model or star, or a checkpoint."""
         checkpoints = self.path / "checkpoints"
-        return (any(self.finished_seeds(role) for role in ROLES) or bool(self.finished_stars())
+        return (any(self.finished_seeds(role) for role in (*ROLES, *self.extra_roles())) or bool(self.finished_stars())
                 or (checkpoints.is_dir() and any(path.is_file() for path in checkpoints.rglob("*"))))
 
     # -- one process at a time ----------------------------------------------------------------
@@ -269,8 +297,8 @@ class RunDir:
 
     def model_path(self, role: str, seed: int) -> Path:
         """``RUN/<role>/seed-XXXX.safetensors``; its metadata is the same path with ``.json``."""
-        if role not in ROLES:
-            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        if role not in ROLES and not (role.startswith(f"{EXTRA_FOLDER}/") and _is_set_name(role.split("/", 1)[1])):
+            raise ValueError(f"role must be one of {ROLES} or extra/<name>, got {role!r}")
         return self.path / role / f"seed-{seed:04d}.safetensors"
 
     def checkpoint_path(self, *parts: str) -> Path:
@@ -283,6 +311,12 @@ class RunDir:
     def is_finished(self, role: str, seed: int) -> bool:
         path = self.model_path(role, seed)
         return path.exists() and path.with_suffix(".json").exists()
+
+    def extra_roles(self) -> List[str]:
+        """The roles of the extra held-out sets stored here (``extra/<name>``, sorted by name)."""
+        folder = self.path / EXTRA_FOLDER
+        names = sorted(path.name for path in folder.iterdir() if path.is_dir()) if folder.is_dir() else []
+        return [extra_role(name) for name in names if _is_set_name(name)]
 
     def finished_seeds(self, role: str) -> List[int]:
         folder = self.path / role

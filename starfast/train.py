@@ -3,9 +3,13 @@
 This module owns argument parsing, the run context shared by the stages (run directory, device,
 dataset, model spec, recipe, distributed rank) and the list of stages. ``--stage models`` trains
 the missing source (seeds 0..N-1) and held-out (seeds 1000..1000+H-1) models into the run
-directory; ``--stage star`` trains ``--star-seeds`` star models with Starlight against all the
+directory, and the models of every ``--extra-heldout NAME:COUNT[:KEY=VALUE,...]`` set (seeds
+3000.., trained with the regular recipe changed by the set's own values: e.g. Adam solutions for
+Appendix D.2), which the evaluation measures against the stars; ``--stage star`` trains ``--star-seeds`` star models with Starlight against all the
 sources (star seed s is initialised from seed ``2000 + s``, apart from the source and held-out
-seeds); ``--stage evaluate`` measures the barriers and writes the report; ``--stage all`` (the
+seeds), with the regular recipe changed by ``--star-epochs``, ``--star-optimizer``, ``--star-lr``,
+``--star-momentum`` and ``--star-weight-decay`` (a star optimizer other than the regular one does
+not inherit ``--lr``); ``--stage evaluate`` measures the barriers and writes the report; ``--stage all`` (the
 default) runs models, star and evaluate, reusing whatever the run directory already holds.
 
 Under ``torchrun`` (``WORLD_SIZE``/``RANK``/``LOCAL_RANK`` set) the models are sharded over the
@@ -22,21 +26,24 @@ import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from tqdm.auto import tqdm
 
 from starfast import data, models
 from starfast.allocator import keep_freed_memory
-from starfast.arguments import DATA_ERRORS, check_data_dir, name_parser, parse_arch_kw, parse_arguments, parse_milestones
+from starfast.arguments import (
+    DATA_ERRORS, check_data_dir, name_parser, parse_arch_kw, parse_arguments, parse_extra_heldout, parse_milestones,
+)
 from starfast.evaluate import add_evaluation_flags, evaluation_config, run_evaluation
 from starfast.evaluation import EvaluationConfig
 from starfast.files import StoredFileError, write_json
 from starfast.models import ModelSpec
-from starfast.pipeline import ModelJob, train_missing_models, train_missing_stars
+from starfast.pipeline import ExtraSet, ModelJob, train_missing_models, train_missing_stars
 from starfast.recipes import (
     MAIN_JOB_ARCH_KW, OPTIMIZERS, SCHEDULES, STAR_EPOCHS_FACTOR, Recipe, default_star_epochs, main_job_arch_kw, resolve,
+    resolve_own,
 )
 from starfast.rundir import RunDir, heldout_seeds, source_seeds
 from starfast.starlight import T_SAMPLINGS, StarlightDiverged, StarlightOptions
@@ -69,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", type=Path, help="where file-based datasets live (default: $STARFAST_DATA or ~/.cache/starfast)")
     parser.add_argument("--sources", type=int, default=10, help="number of source models, seeds 0..N-1 (default: 10)")
     parser.add_argument("--heldout", type=int, default=3, help="number of held-out models, seeds 1000.. (default: 3)")
+    parser.add_argument("--extra-heldout", type=parse_extra_heldout, action="append", default=[],
+                        metavar="NAME:COUNT[:KEY=VALUE,...]",
+                        help="an extra held-out set, repeatable: COUNT models (seeds 3000..) in RUN/extra/NAME trained with "
+                             "the recipe changed by KEY=VALUE (optimizer, lr, momentum, weight_decay, schedule, gamma, "
+                             "epochs, batch_size, label_smoothing), evaluated against the stars (kinds star_NAME and "
+                             "NAME_NAME); e.g. adam:3:optimizer=adam (lr 1e-3 unless given)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu or cuda (default: cuda if available); under torchrun cuda means cuda:LOCAL_RANK")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or per-model lines")
@@ -90,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     star.add_argument("--star-epochs", type=int,
                       help="epochs of star training (default: the recipe's epochs, times "
                            f"{', '.join(f'{factor} on {name}' for name, factor in STAR_EPOCHS_FACTOR.items())})")
+    star.add_argument("--star-optimizer", choices=OPTIMIZERS,
+                      help="the star's optimizer (default: the regular recipe's; another one does not inherit --lr)")
+    star.add_argument("--star-lr", type=float, help="the star's learning rate (default: --lr, or the optimizer's default)")
+    star.add_argument("--star-momentum", type=float, help="the star's SGD momentum (default: --momentum)")
+    star.add_argument("--star-weight-decay", type=float, help="the star's weight decay (default: --weight-decay)")
     star.add_argument("--t-sampling", choices=T_SAMPLINGS, default="uniform",
                       help="distribution of t: uniform = Unif[0,1] (the paper), beta = Beta(2,2), constant = 0.5")
     star.add_argument("--rematch-every", type=int, metavar="M", help="re-match the sources every M batches (default: every epoch)")
@@ -138,6 +156,7 @@ class RunContext:
     spec: ModelSpec
     recipe: Recipe
     star_recipe: Recipe
+    extra_sets: Tuple[ExtraSet, ...]
     star_options: StarlightOptions
     evaluation: EvaluationConfig
     speed: SpeedOptions
@@ -149,17 +168,24 @@ class RunContext:
     distributed: Distributed
 
     def config(self) -> Dict[str, Any]:
-        return {
+        config = {
             "model": self.spec.to_dict(),
             "dataset": self.dataset.name,
             "recipe": self.recipe.to_dict(),
             "sources": self.sources,
             "heldout": self.heldout,
         }
+        if self.extra_sets:
+            config["extra_heldout"] = {extra.name: extra.to_dict() for extra in self.extra_sets}
+        return config
 
-    def jobs(self) -> List[ModelJob]:
-        return [ModelJob("sources", seed) for seed in source_seeds(self.sources)] + [
+    def model_sets(self) -> List[Tuple[Recipe, List[ModelJob], str]]:
+        """``(recipe, jobs, the flags that set the recipe)`` of the regular models and of each extra set."""
+        regular = [ModelJob("sources", seed) for seed in source_seeds(self.sources)] + [
             ModelJob("heldout", seed) for seed in heldout_seeds(self.heldout)
+        ]
+        return [(self.recipe, regular, "recipe flags")] + [
+            (extra.recipe, extra.jobs(), f"--extra-heldout {extra.name}:... (and the recipe flags)") for extra in self.extra_sets
         ]
 
     def report(self, line: str) -> None:
@@ -168,14 +194,17 @@ class RunContext:
 
 
 def models_stage(context: RunContext) -> int:
-    """Train the missing source and held-out models (this rank's share of them)."""
+    """Train the missing source, held-out and extra held-out models (this rank's share of them)."""
     distributed = context.distributed
-    jobs = context.jobs()[distributed.rank :: distributed.world_size]
-    _, failures = train_missing_models(
-        context.run, context.spec, context.dataset, context.recipe, jobs,
-        parallel_seeds=context.parallel_seeds, speed=context.speed, progress=context.progress,
-        rank=distributed.rank, report=context.report,
-    )
+    sets = context.model_sets()
+    share = set([job for _, jobs, _ in sets for job in jobs][distributed.rank :: distributed.world_size])
+    failures: List[RuntimeError] = []
+    for recipe, jobs, flags in sets:
+        failures += train_missing_models(
+            context.run, context.spec, context.dataset, recipe, [job for job in jobs if job in share],
+            parallel_seeds=context.parallel_seeds, speed=context.speed, progress=context.progress,
+            rank=distributed.rank, report=context.report, recipe_flags=flags,
+        )[1]
     for failure in failures:
         print(f"error: {failure}", file=sys.stderr)
     distributed.barrier()
@@ -185,10 +214,10 @@ def models_stage(context: RunContext) -> int:
 
 
 def summarise_models(context: RunContext) -> None:
-    """Write ``RUN/models.json`` (metrics per finished model) and print mean accuracies."""
+    """Write ``RUN/models.json`` (metrics per finished model, per role) and print mean accuracies."""
     run = context.run
     summary: Dict[str, Any] = {}
-    for role in ("sources", "heldout"):
+    for role in ("sources", "heldout", *run.extra_roles()):
         metrics = {seed: run.read_metadata(role, seed)["metrics"] for seed in run.finished_seeds(role)}
         summary[role] = {f"seed-{seed:04d}": values for seed, values in metrics.items()}
         if metrics and context.progress:
@@ -240,13 +269,15 @@ def _device(requested: str, distributed: Distributed, parser: argparse.ArgumentP
     return device
 
 
-def recipe_from_flags(args: argparse.Namespace, epochs: Optional[int] = None) -> Recipe:
-    """The recipe of ``--arch`` on ``--dataset`` with the flags' overrides (``epochs`` replacing
-    ``--epochs``, as the star stage's ``--star-epochs`` does)."""
-    overrides = {name: getattr(args, name) for name in RECIPE_FLAGS}
-    if epochs is not None:
-        overrides["epochs"] = epochs
-    return resolve(args.arch, args.dataset, overrides)
+def recipe_flags(args: argparse.Namespace) -> Dict[str, Any]:
+    """The recipe overrides the regular flags give (``None`` where a flag is absent)."""
+    return {name: getattr(args, name) for name in RECIPE_FLAGS}
+
+
+def star_recipe_flags(args: argparse.Namespace, star_epochs: int) -> Dict[str, Any]:
+    """The star's own overrides on top of :func:`recipe_flags` (``--star-epochs``, ``--star-optimizer``...)."""
+    return {"epochs": star_epochs, "optimizer": args.star_optimizer, "lr": args.star_lr, "momentum": args.star_momentum,
+            "weight_decay": args.star_weight_decay}
 
 
 def build_context(args: argparse.Namespace, parser: argparse.ArgumentParser, distributed: Distributed) -> RunContext:
@@ -259,9 +290,14 @@ def build_context(args: argparse.Namespace, parser: argparse.ArgumentParser, dis
         if value is not None and value < (0 if flag == "star_seeds" else 1):
             parser.error(f"--{flag.replace('_', '-')} must be >= {0 if flag == 'star_seeds' else 1}, got {value}")
     try:
-        recipe = recipe_from_flags(args)
+        recipe = resolve(args.arch, args.dataset, recipe_flags(args))
         star_epochs = default_star_epochs(args.dataset, recipe.epochs) if args.star_epochs is None else args.star_epochs
-        star_recipe = recipe if star_epochs == recipe.epochs else recipe_from_flags(args, epochs=star_epochs)
+        star_recipe = resolve_own(args.arch, args.dataset, recipe_flags(args), star_recipe_flags(args, star_epochs))
+        names = [name for name, _, _ in args.extra_heldout]
+        if len(set(names)) < len(names):
+            raise ValueError(f"--extra-heldout names must differ, got {', '.join(names)}")
+        extra_sets = tuple(ExtraSet(name, count, resolve_own(args.arch, args.dataset, recipe_flags(args), own))
+                           for name, count, own in args.extra_heldout)
         star_options = StarlightOptions(
             t_sampling=args.t_sampling, rematch_every=args.rematch_every, ce_weight=args.ce_weight,
             samples_per_step=args.samples_per_step, rematch_async=args.rematch_async,
@@ -280,7 +316,7 @@ def build_context(args: argparse.Namespace, parser: argparse.ArgumentParser, dis
         parser.error(str(error))
     dataset = data.load(args.dataset, data_dir=args.data_dir, device=device)
     try:
-        for checked in (recipe, star_recipe):
+        for checked in (recipe, star_recipe, *(extra.recipe for extra in extra_sets)):
             steps_per_epoch(dataset, checked.batch_size, distributed.world_size)
     except ValueError as error:
         parser.error(str(error))
@@ -292,7 +328,7 @@ def build_context(args: argparse.Namespace, parser: argparse.ArgumentParser, dis
         parser.error(f"--arch {args.arch} with --arch-kw {arch_kw}: {error}")
     run = RunDir(args.run_dir or Path("runs") / f"{args.dataset}-{args.arch}")
     return RunContext(
-        run, device, dataset, spec, recipe, star_recipe, star_options, evaluation, speed, sources=args.sources,
+        run, device, dataset, spec, recipe, star_recipe, extra_sets, star_options, evaluation, speed, sources=args.sources,
         heldout=args.heldout, star_seeds=args.star_seeds, parallel_seeds=args.parallel_seeds, progress=not args.quiet,
         distributed=distributed,
     )
