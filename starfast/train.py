@@ -1,16 +1,17 @@
 """``python -m starfast.train``: the command line of the main job, stage by stage.
 
 This module owns argument parsing, the run context shared by the stages (run directory, device,
-dataset, model spec, recipe, distributed rank) and the list of stages. ``--stage models`` trains
+dataset, model spec, recipes, distributed rank) and the list of stages. ``--stage models`` trains
 the missing source (seeds 0..N-1) and held-out (seeds 1000..1000+H-1) models into the run
 directory, and the models of every ``--extra-heldout NAME:COUNT[:KEY=VALUE,...]`` set (seeds
 3000.., trained with the regular recipe changed by the set's own values: e.g. Adam solutions for
-Appendix D.2), which the evaluation measures against the stars; ``--stage star`` trains ``--star-seeds`` star models with Starlight against all the
-sources (star seed s is initialised from seed ``2000 + s``, apart from the source and held-out
-seeds), with the regular recipe changed by ``--star-epochs``, ``--star-optimizer``, ``--star-lr``,
-``--star-momentum`` and ``--star-weight-decay`` (a star optimizer other than the regular one does
-not inherit ``--lr``); ``--stage evaluate`` measures the barriers and writes the report; ``--stage all`` (the
-default) runs models, star and evaluate, reusing whatever the run directory already holds.
+Appendix D.2), which the evaluation measures against the stars; ``--stage star`` trains
+``--star-seeds`` star models with Starlight against all the sources (star seed s is initialised
+from seed ``2000 + s``, apart from the source and held-out seeds), with the regular recipe changed
+by ``--star-epochs``, ``--star-optimizer``, ``--star-lr``, ``--star-momentum`` and
+``--star-weight-decay`` (a star optimizer other than the regular one does not inherit ``--lr``);
+``--stage evaluate`` measures the barriers and writes the report; ``--stage all`` (the default)
+runs models, star and evaluate, reusing whatever the run directory already holds.
 
 Under ``torchrun`` (``WORLD_SIZE``/``RANK``/``LOCAL_RANK`` set) the models are sharded over the
 processes: rank r trains the r-th, (r+W)-th, ... model of the full list (sources, then held-out),
