@@ -94,11 +94,12 @@ def _value(point: Mapping[str, Any]) -> Any:
 
 
 def plot(path: Path, experiment: Experiment, points: Sequence[Mapping[str, Any]], title: str) -> bool:
-    """``figure.png`` (see the module docstring); False (nothing written) without matplotlib."""
-    plt = pyplot(path)
+    """``figure.png`` (see the module docstring); False (nothing written) without matplotlib or
+    without a measured point."""
+    measured = [point for point in points if _barrier(point, "star_heldout") and _barrier(point, "regular_regular")]
+    plt = pyplot(path) if measured else None
     if plt is None:
         return False
-    measured = [point for point in points if _barrier(point, "star_heldout") and _barrier(point, "regular_regular")]
     figure, axis = plt.subplots(figsize=(6.4, 4.4))
     star = [_barrier(point, "star_heldout") for point in measured]
     regular = [_barrier(point, "regular_regular") for point in measured]
