@@ -235,3 +235,14 @@ def test_every_experiment_builds_its_cells_for_both_presets():
             cells = experiment.cells(SETTINGS, experiment.values[preset], experiment.sizes[preset])
             assert sum(len(cell.points) for cell in cells) == len(experiment.values[preset])
             assert len({cell.key for cell in cells}) == len(cells)
+
+
+def test_optimizer_experiment_measures_the_star_against_an_extra_set_of_its_own_recipe():
+    cells = EXPERIMENTS["optimizer"].cells(SETTINGS, ["sgd", "adam"], {"sources": 3, "heldout": 2, "star_seeds": 1})
+    (cell,) = cells
+    (extra,) = cell.run.extra_sets
+    assert (extra.name, extra.count, extra.recipe.optimizer, extra.recipe.lr) == ("adam", 2, "adam", 1e-3)
+    assert extra.recipe.epochs == RECIPE.epochs and cell.run.recipe == RECIPE
+    sgd, adam = cell.points
+    assert sgd.heldout_set is None and adam.heldout_set == "adam" and adam.reference_sources == 0
+    assert sgd.stars == adam.stars  # one star set, measured against both

@@ -2,7 +2,8 @@
 
 :func:`run_cell` takes the run directory's lock, writes its config (counts of models only grow:
 a run directory serves every experiment that shares its model and recipe), trains the missing
-source and held-out models (:func:`starfast.pipeline.train_missing_models`), then for each point
+source and held-out models and those of its extra held-out sets
+(:func:`starfast.pipeline.train_missing_models`), then for each point
 trains the missing stars of its star set (:func:`starfast.pipeline.train_missing_stars`, which
 reuses a finished star only when its recorded sources and settings are the ones asked for) and
 measures it (:func:`starfast.experiments.measure.measure_point`, every curve stored). Every stage
@@ -47,12 +48,15 @@ def run_cell(experiment: str, cell: Cell, run: RunDir, *, device: torch.device, 
         stored = run.read_config() or {}
         counts = {role: max(wanted, stored.get(role) if isinstance(stored.get(role), int) else 0)
                   for role, wanted in (("sources", cell.run.sources), ("heldout", cell.run.heldout))}
-        run.prepare({"model": spec.to_dict(), "dataset": dataset.name, "recipe": cell.run.recipe.to_dict(), **counts})
-        jobs = ([ModelJob("sources", seed) for seed in source_seeds(cell.run.sources)]
-                + [ModelJob("heldout", seed) for seed in heldout_seeds(cell.run.heldout)])
-        _, failures = train_missing_models(run, spec, dataset, cell.run.recipe, jobs, progress=progress, report=report)
-        if failures:
-            raise CellFailed(f"{run.path}: {len(failures)} model(s) could not be trained, first: {failures[0]}")
+        extra = {**stored.get("extra_heldout", {}), **{extra.name: extra.to_dict() for extra in cell.run.extra_sets}}
+        run.prepare({"model": spec.to_dict(), "dataset": dataset.name, "recipe": cell.run.recipe.to_dict(), **counts,
+                     **({"extra_heldout": extra} if extra else {})})
+        regular = ([ModelJob("sources", seed) for seed in source_seeds(cell.run.sources)]
+                   + [ModelJob("heldout", seed) for seed in heldout_seeds(cell.run.heldout)])
+        for recipe, jobs in [(cell.run.recipe, regular), *((extra.recipe, extra.jobs()) for extra in cell.run.extra_sets)]:
+            _, failures = train_missing_models(run, spec, dataset, recipe, jobs, progress=progress, report=report)
+            if failures:
+                raise CellFailed(f"{run.path}: {len(failures)} model(s) could not be trained, first: {failures[0]}")
         measured = []
         for point in cell.points:
             star_set = experiment_star_set(point.stars.name(cell.run.star_recipe))

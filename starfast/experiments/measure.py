@@ -24,7 +24,7 @@ from starfast.files import bytes_digest, read_json, write_json
 from starfast.flat import ParamSpace
 from starfast.experiments.plan import Perturbation, Point
 from starfast.progress import progress_bar
-from starfast.rundir import RunDir, RunDirError, heldout_seeds, source_seeds
+from starfast.rundir import RunDir, RunDirError, extra_role, extra_seeds, heldout_seeds, source_seeds
 
 SPLITS = ("train", "test")
 PERTURBATION_SEED = 4000  # sample k of radius r draws its direction from seed PERTURBATION_SEED + k
@@ -74,7 +74,10 @@ def measure_point(run: RunDir, dataset: Any, point: Point, star_set: str, *, dev
     star's norm (the scale a perturbation radius compares with)."""
     skeleton = run.model_spec().build().to(device)
     space = ParamSpace(skeleton)
-    heldout = load_models(run, "heldout", space, device, heldout_seeds(point.heldout))
+    if point.heldout_set is None:
+        heldout = load_models(run, "heldout", space, device, heldout_seeds(point.heldout))
+    else:
+        heldout = load_models(run, extra_role(point.heldout_set), space, device, extra_seeds(point.heldout))
     references = load_models(run, "sources", space, device, source_seeds(point.reference_sources))
     stars = load_stars(run, space, device, star_set)[: point.stars.seeds]
     if len(stars) < point.stars.seeds:

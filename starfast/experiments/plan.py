@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
 from starfast.evaluation import EvaluationConfig
+from starfast.pipeline import ExtraSet
 from starfast.recipes import Recipe
 from starfast.starlight import StarlightOptions
 
@@ -31,8 +32,9 @@ def _spelled(value: Any) -> str:
 @dataclass(frozen=True)
 class RunSpec:
     """A run directory's identity (``arch``, ``arch_kw``, ``dataset``, ``recipe``) and the models it
-    must hold (source seeds ``0..sources-1``, held-out seeds ``1000..1000+heldout-1``); stars train
-    with ``star_recipe``."""
+    must hold (source seeds ``0..sources-1``, held-out seeds ``1000..1000+heldout-1``, and the
+    extra held-out sets ``extra_sets`` trained with recipes of their own); stars train with
+    ``star_recipe``."""
 
     arch: str
     dataset: str
@@ -41,6 +43,7 @@ class RunSpec:
     arch_kw: Tuple[Tuple[str, Any], ...] = ()
     sources: int = 0
     heldout: int = 0
+    extra_sets: Tuple[ExtraSet, ...] = ()
 
     def slug(self, base: "RunSpec") -> str:
         """``""`` for the base run's model and recipes, else what differs, e.g. ``width=48``."""
@@ -85,7 +88,8 @@ class Point:
     """One point of a sweep: ``value`` on the sweep axis (``label`` as shown), the stars measured
     (``star_heldout`` against the first ``heldout`` held-out models), and the regular–regular
     reference: the pairs among those held-out models (``reference_heldout_pairs``) and each of them
-    with the first ``reference_sources`` sources."""
+    with the first ``reference_sources`` sources. With ``heldout_set``, the held-out models are
+    those of the run's extra held-out set of that name (e.g. Adam solutions, Figure 7)."""
 
     label: str
     value: Any
@@ -95,11 +99,12 @@ class Point:
     reference_heldout_pairs: bool = True
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     perturbation: Optional[Perturbation] = None
+    heldout_set: Optional[str] = None
 
     def describe(self) -> Dict[str, Any]:
         """JSON-ready settings of the point (what results.json records beside its numbers)."""
         return {"label": self.label, "value": self.value, "star_sources": self.stars.sources, "star_seeds": self.stars.seeds,
-                "star_options": self.stars.options.to_dict(), "heldout": self.heldout,
+                "star_options": self.stars.options.to_dict(), "heldout": self.heldout, "heldout_set": self.heldout_set,
                 "reference_sources": self.reference_sources, "reference_heldout_pairs": self.reference_heldout_pairs,
                 "evaluation": asdict(self.evaluation),
                 "perturbation": asdict(self.perturbation) if self.perturbation else None}
