@@ -18,7 +18,8 @@ from starfast.experiments import __main__ as cli
 from starfast.experiments.catalog import EXPERIMENTS, Settings
 from starfast.experiments.cells import CellTask, cell_tasks
 from starfast.experiments.launch import InProcess, LauncherError, make_executor, run_cells
-from starfast.experiments.measure import perturbed, summarise_pairs
+from starfast.evaluation import EvaluationConfig
+from starfast.experiments.measure import StoredCurves, perturbed, summarise_pairs
 from starfast.experiments.plan import Perturbation, StarSet
 from starfast.files import TEMP_SUFFIX
 from starfast.recipes import Recipe
@@ -246,3 +247,13 @@ def test_optimizer_experiment_measures_the_star_against_an_extra_set_of_its_own_
     sgd, adam = cell.points
     assert sgd.heldout_set is None and adam.heldout_set == "adam" and adam.reference_sources == 0
     assert sgd.stars == adam.stars  # one star set, measured against both
+
+
+def test_stored_curves_are_keyed_by_the_models_and_the_settings_that_differ_from_the_defaults(tmp_path):
+    run = RunDir(tmp_path)
+    a, b = (LoadedModel(label, torch.zeros(1), {}, digest) for label, digest in (("a", "1"), ("b", "2")))
+    default = StoredCurves(run, EvaluationConfig())
+    default.add(a, b, {"a": "a", "b": "b"})
+    assert StoredCurves(run, EvaluationConfig(ts=11, batch_size=500)).get(a, b) == {"a": "a", "b": "b"}
+    assert StoredCurves(run, EvaluationConfig(ts=21)).get(a, b) is None
+    assert default.get(b, a) is None  # the direction matters: b is matched onto a

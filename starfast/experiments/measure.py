@@ -7,7 +7,7 @@ the barriers of all pairs (mean, std, min, max: Table 8's columns) and, as the p
 the mean barrier of each held-out model over its pairs, summarised over the held-out models.
 
 Every curve is kept in ``RUN/experiments/curves/<key>.json`` (:class:`StoredCurves`), keyed by the
-bytes of both models' files and the evaluation settings, so a pair measured once, by any
+bytes of both models' files and the evaluation settings that differ from the defaults, so a pair measured once, by any
 experiment, is never measured again, and an interrupted point resumes at its next pair.
 """
 from __future__ import annotations
@@ -27,7 +27,8 @@ from starfast.progress import progress_bar
 from starfast.rundir import RunDir, RunDirError, extra_role, extra_seeds, heldout_seeds, source_seeds
 
 SPLITS = ("train", "test")
-PERTURBATION_SEED = 4000  # sample k of radius r draws its direction from seed PERTURBATION_SEED + k
+PERTURBATION_SEED = 4000
+_ABSENT = object()  # sample k of radius r draws its direction from seed PERTURBATION_SEED + k
 
 
 class StoredCurves:
@@ -35,7 +36,10 @@ class StoredCurves:
 
     def __init__(self, run: RunDir, config: EvaluationConfig):
         self.folder = run.curves_folder
-        self.settings = asdict(config)
+        # Only the settings that differ from the defaults: a setting added later (at its default,
+        # which measures as before) does not make the stored curves unreachable.
+        defaults = asdict(EvaluationConfig())
+        self.settings = {key: value for key, value in asdict(config).items() if defaults.get(key, _ABSENT) != value}
         self.measured = 0  # curves added by this store (not found on disk)
 
     def _path(self, anchor: LoadedModel, partner: LoadedModel):
