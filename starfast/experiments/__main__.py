@@ -23,6 +23,7 @@ from starfast.experiments.catalog import EXPERIMENTS, PRESETS, Experiment, setti
 from starfast.experiments.cells import cell_tasks
 from starfast.experiments.launch import LAUNCHERS, LauncherError, make_executor, run_cells
 from starfast.experiments.output import format_table, verdict, write_outputs
+from starfast.experiments.plan import spelled
 from starfast.files import StoredFileError
 from starfast.names import resolve_name
 from starfast.progress import progress_bar
@@ -64,13 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
 def listing() -> str:
     lines = []
     for experiment in EXPERIMENTS.values():
-        values = ", ".join(f"{preset}: {','.join(_spelled(value) for value in experiment.values[preset])}" for preset in PRESETS)
+        values = ", ".join(f"{preset}: {','.join(spelled(value) for value in experiment.values[preset])}" for preset in PRESETS)
         lines.append(f"{experiment.name:13s} {experiment.paper}: {experiment.summary} ({experiment.axis}; {values})")
     return "\n".join(lines)
-
-
-def _spelled(value: Any) -> str:
-    return f"{value[0]}={value[1]}" if isinstance(value, tuple) else f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _values(experiment: Experiment, text: Optional[str], preset: str) -> List[Any]:
@@ -102,7 +99,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sizes = {**experiment.sizes[args.preset],
                  **{key: getattr(args, key) for key in ("sources", "heldout", "star_seeds") if getattr(args, key) is not None}}
         settings = settings_for(args.preset, dataset=args.dataset, arch=arch, arch_kw=arch_kw, epochs=args.epochs,
-                                star_epochs=args.star_epochs, sizes=sizes, ce_weight=args.ce_weight)
+                                star_epochs=args.star_epochs, ce_weight=args.ce_weight)
         values = _values(experiment, args.values, args.preset)
         cells = experiment.cells(settings, values, sizes)
         check_data_dir(args.data_dir)

@@ -47,8 +47,7 @@ PRESETS: Dict[str, Preset] = {
 
 @dataclass(frozen=True)
 class Settings:
-    """A preset with the command line's overrides: what an experiment's cells are built from.
-    ``sizes`` overrides the experiment's counts (``sources``, ``heldout``, ``star_seeds``)."""
+    """A preset with the command line's overrides: what an experiment's cells are built from."""
 
     preset: str
     dataset: str
@@ -56,7 +55,6 @@ class Settings:
     arch_kw: Tuple[Tuple[str, Any], ...]
     recipe: Recipe
     star_recipe: Recipe
-    sizes: Mapping[str, int] = field(default_factory=dict)
     ce_weight: float = 0.0
     note: str = ""
 
@@ -74,7 +72,7 @@ class Settings:
 
 def settings_for(preset: str, *, dataset: Optional[str] = None, arch: Optional[str] = None,
                  arch_kw: Optional[Mapping[str, Any]] = None, epochs: Optional[int] = None, star_epochs: Optional[int] = None,
-                 sizes: Optional[Mapping[str, int]] = None, ce_weight: float = 0.0) -> Settings:
+                 ce_weight: float = 0.0) -> Settings:
     """The preset ``preset`` with overrides (``None``: the preset's); the recipes are those of
     :func:`starfast.recipes.resolve` for the architecture and dataset, stars training
     :func:`~starfast.recipes.default_star_epochs` unless ``star_epochs`` is given."""
@@ -90,7 +88,7 @@ def settings_for(preset: str, *, dataset: Optional[str] = None, arch: Optional[s
     star_recipe = resolve(arch, dataset, {"epochs": star_epochs or default_star_epochs(dataset, recipe.epochs)})
     note = base.note if (dataset, arch, options) == (base.dataset, base.arch, base.arch_kw) else (
         f"{preset} preset with {dataset}, {arch} {dict(options) or ''}".rstrip())
-    return Settings(preset, dataset, arch, options, recipe, star_recipe, dict(sizes or {}), ce_weight, note)
+    return Settings(preset, dataset, arch, options, recipe, star_recipe, ce_weight, note)
 
 
 CellBuilder = Callable[[Settings, Sequence[Any], Mapping[str, int]], List[Cell]]

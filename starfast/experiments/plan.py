@@ -25,7 +25,10 @@ from starfast.recipes import Recipe
 from starfast.starlight import StarlightOptions
 
 
-def _spelled(value: Any) -> str:
+def spelled(value: Any) -> str:
+    """A setting or sweep value as names and listings write it: ``0.001``, ``width=48``."""
+    if isinstance(value, tuple):
+        return f"{value[0]}={spelled(value[1])}"
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
@@ -49,11 +52,11 @@ class RunSpec:
         """``""`` for the base run's model and recipes, else what differs, e.g. ``width=48``."""
         parts = [] if self.arch == base.arch else [self.arch]
         ours, theirs = dict(self.arch_kw), dict(base.arch_kw)
-        parts += [f"{key}={_spelled(value)}" for key, value in sorted(ours.items()) if theirs.get(key) != value]
+        parts += [f"{key}={spelled(value)}" for key, value in sorted(ours.items()) if theirs.get(key) != value]
         parts += [f"no-{key}" for key in sorted(set(theirs) - set(ours))]
         for name, recipe, other in (("", self.recipe, base.recipe), ("star-", self.star_recipe, base.star_recipe)):
             mine, base_values = recipe.to_dict(), other.to_dict()
-            parts += [f"{name}{key}={_spelled(value)}" for key, value in mine.items() if base_values[key] != value
+            parts += [f"{name}{key}={spelled(value)}" for key, value in mine.items() if base_values[key] != value
                       and not isinstance(value, list)]
         if self.dataset != base.dataset:
             parts.insert(0, self.dataset)
@@ -71,7 +74,7 @@ class StarSet:
     def name(self, recipe: Recipe) -> str:
         """The folder name: sources, epochs and the options that differ from the defaults."""
         defaults = StarlightOptions().to_dict()
-        changed = [f"{key}={_spelled(value)}" for key, value in self.options.to_dict().items() if defaults.get(key) != value]
+        changed = [f"{key}={spelled(value)}" for key, value in self.options.to_dict().items() if defaults.get(key) != value]
         return "-".join([f"z{self.sources:04d}", f"e{recipe.epochs}", *changed])
 
 
