@@ -234,9 +234,15 @@ def test_every_experiment_builds_its_cells_for_both_presets():
                                                     for fields in (StarlightOptions, EvaluationConfig)):
             continue  # needs the matchers of issue 14
         for preset in ("quick", "paper"):
-            cells = experiment.cells(SETTINGS, experiment.values[preset], experiment.sizes[preset])
+            settings = experiment.settings(preset)
+            cells = experiment.cells(settings, experiment.values[preset], experiment.sizes[preset])
             assert sum(len(cell.points) for cell in cells) == len(experiment.values[preset])
             assert len({cell.key for cell in cells}) == len(cells)
+            assert all(cell.run.dataset == ("digits" if preset == "quick" else "cifar10") for cell in cells)
+    paper_widths = EXPERIMENTS["width-depth"].settings("paper")
+    assert (paper_widths.arch, paper_widths.recipe.epochs, paper_widths.star_recipe.epochs) == ("wrn", 200, 200)
+    quick = EXPERIMENTS["sources"].settings("quick")
+    assert (quick.arch, dict(quick.arch_kw), quick.recipe.epochs, quick.star_recipe.epochs) == ("mlp", {"depth": 3, "width": 24}, 30, 90)
 
 
 def test_optimizer_experiment_measures_the_star_against_an_extra_set_of_its_own_recipe():

@@ -19,7 +19,7 @@ import torch
 
 from starfast import data, models
 from starfast.arguments import DATA_ERRORS, check_data_dir, name_parser, parse_arch_kw, parse_arguments
-from starfast.experiments.catalog import EXPERIMENTS, PRESETS, Experiment, settings_for
+from starfast.experiments.catalog import EXPERIMENTS, PRESETS, Experiment
 from starfast.experiments.cells import cell_tasks
 from starfast.experiments.launch import LAUNCHERS, LauncherError, make_executor, run_cells
 from starfast.experiments.output import format_table, verdict, write_outputs
@@ -93,13 +93,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for flag in ("sources", "heldout", "star_seeds", "epochs", "star_epochs"):
             if getattr(args, flag) is not None and getattr(args, flag) < 1:
                 raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-        arch, arch_kw = args.arch, dict(args.arch_kw)
-        if arch is None and not arch_kw and args.preset in experiment.model:
-            arch, arch_kw = experiment.model[args.preset][0], dict(experiment.model[args.preset][1])
         sizes = {**experiment.sizes[args.preset],
                  **{key: getattr(args, key) for key in ("sources", "heldout", "star_seeds") if getattr(args, key) is not None}}
-        settings = settings_for(args.preset, dataset=args.dataset, arch=arch, arch_kw=arch_kw, epochs=args.epochs,
-                                star_epochs=args.star_epochs, ce_weight=args.ce_weight)
+        settings = experiment.settings(args.preset, dataset=args.dataset, arch=args.arch, arch_kw=dict(args.arch_kw),
+                                       epochs=args.epochs, star_epochs=args.star_epochs, ce_weight=args.ce_weight)
         values = _values(experiment, args.values, args.preset)
         cells = experiment.cells(settings, values, sizes)
         check_data_dir(args.data_dir)

@@ -119,6 +119,14 @@ class Experiment:
     paper_numbers: str = ""
     model: Mapping[str, Tuple[str, Mapping[str, Any]]] = field(default_factory=dict)
 
+    def settings(self, preset: str, *, arch: Optional[str] = None, arch_kw: Optional[Mapping[str, Any]] = None,
+                 **overrides: Any) -> Settings:
+        """:func:`settings_for` the preset, with this experiment's own model for it (``model``)
+        unless ``arch`` or ``arch_kw`` is given."""
+        if arch is None and not arch_kw and preset in self.model:
+            arch, arch_kw = self.model[preset][0], dict(self.model[preset][1])
+        return settings_for(preset, arch=arch, arch_kw=arch_kw, **overrides)
+
 
 def _one_run(points: Callable[[Settings, Any, Mapping[str, int]], Point]) -> CellBuilder:
     """A sweep over points of one run directory, the preset's model: one cell."""
