@@ -48,9 +48,9 @@ def run_cell(experiment: str, cell: Cell, run: RunDir, *, device: torch.device, 
         stored = run.read_config() or {}
         counts = {role: max(wanted, stored.get(role) if isinstance(stored.get(role), int) else 0)
                   for role, wanted in (("sources", cell.run.sources), ("heldout", cell.run.heldout))}
-        extra = {**stored.get("extra_heldout", {}), **{extra.name: extra.to_dict() for extra in cell.run.extra_sets}}
+        extra_sets = {**stored.get("extra_heldout", {}), **{extra.name: extra.to_dict() for extra in cell.run.extra_sets}}
         run.prepare({"model": spec.to_dict(), "dataset": dataset.name, "recipe": cell.run.recipe.to_dict(), **counts,
-                     **({"extra_heldout": extra} if extra else {})})
+                     **({"extra_heldout": extra_sets} if extra_sets else {})})
         regular = ([ModelJob("sources", seed) for seed in source_seeds(cell.run.sources)]
                    + [ModelJob("heldout", seed) for seed in heldout_seeds(cell.run.heldout)])
         for recipe, jobs in [(cell.run.recipe, regular), *((extra.recipe, extra.jobs()) for extra in cell.run.extra_sets)]:
