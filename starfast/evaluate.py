@@ -13,7 +13,7 @@ import argparse
 import math
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
@@ -21,9 +21,11 @@ from starfast import bma, data, fusion, report
 from starfast.allocator import keep_freed_memory
 from starfast.arguments import DATA_ERRORS, check_data_dir, parse_arguments
 from starfast.evaluation import EvaluationConfig, evaluate_run, write_results
+from starfast.matchers import MATCHERS, SINKHORN_FIELDS
 from starfast.report import format_table, verdict
 from starfast.files import StoredFileError
 from starfast.rundir import RunDir, RunDirError
+from starfast.sinkhorn import DEFAULT_ITERATIONS, DEFAULT_LR, DEFAULT_STEPS, DEFAULT_TEMPERATURE, LR_SEARCH_SPACE
 
 
 def add_evaluation_flags(parser: argparse.ArgumentParser) -> None:
@@ -37,6 +39,29 @@ def add_evaluation_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--eval-batch-size", type=int, default=500, help="evaluation batch size (default: 500)")
     group.add_argument("--match-init", choices=["identity", "sorted"], default="identity",
                        help="weight-matching start: identity (Git Re-Basin) or sorted (default: identity)")
+    group.add_argument("--eval-matcher", choices=MATCHERS, default="wm",
+                       help="permutation finder aligning each measured pair: wm = weight matching, sinkhorn = Sinkhorn "
+                            "re-basin, none = no permutation (default: wm)")
+    finders = parser.add_argument_group("Sinkhorn re-basin options (used where a matcher is sinkhorn)")
+    finders.add_argument("--sinkhorn-lr", type=float, metavar="LR",
+                         help=f"Adam learning rate on the logits (default: {DEFAULT_LR:g}; the paper searched "
+                              f"{', '.join(f'{lr:g}' for lr in LR_SEARCH_SPACE)})")
+    finders.add_argument("--sinkhorn-steps", type=int, metavar="K", help=f"optimisation steps (default: {DEFAULT_STEPS})")
+    finders.add_argument("--sinkhorn-temperature", type=float, metavar="TAU",
+                         help=f"Sinkhorn temperature (default: {DEFAULT_TEMPERATURE:g})")
+    finders.add_argument("--sinkhorn-iterations", type=int, metavar="I",
+                         help=f"Sinkhorn normalisation iterations (default: {DEFAULT_ITERATIONS})")
+
+
+def sinkhorn_flags(args: argparse.Namespace) -> Dict[str, Any]:
+    """The ``--sinkhorn-*`` flags given, as :class:`~starfast.matchers.MatcherChoice` fields;
+    refused unless a matcher of the command line (``--eval-matcher``, and ``--matcher`` where it
+    exists) is ``sinkhorn``."""
+    given = {name: getattr(args, name) for name in SINKHORN_FIELDS if getattr(args, name) is not None}
+    if given and "sinkhorn" not in (args.eval_matcher, getattr(args, "matcher", None)):
+        where = "--eval-matcher sinkhorn" + (" or --matcher sinkhorn" if hasattr(args, "matcher") else "")
+        raise ValueError(f"--{next(iter(given)).replace('_', '-')} only applies to the sinkhorn matcher; add {where}")
+    return given
 
 
 def evaluation_config(args: argparse.Namespace) -> EvaluationConfig:
@@ -45,6 +70,7 @@ def evaluation_config(args: argparse.Namespace) -> EvaluationConfig:
         heldout_pairs=args.heldout_pairs, heldout_source_pairs=args.heldout_source_pairs, star_sources=args.star_sources,
         ts=args.ts, bn_batches=args.bn_batches, batch_size=args.eval_batch_size,
         match_init=None if args.match_init == "identity" else args.match_init,
+        matcher=args.eval_matcher, **(sinkhorn_flags(args) if args.eval_matcher == "sinkhorn" else {}),
     )
 
 

@@ -1,9 +1,11 @@
 """Barrier evaluation of a run directory: the paper's verification tables (Tables 1, 6, 8).
 
-``evaluate_run(run, dataset)`` loads the source, held-out and star models of a run, weight-matches
-every pair it measures (B permuted onto A; A is the star whenever one is involved, and B's
-BatchNorm statistics are permuted with it), computes each pair's barrier curve with batched
-BatchNorm recomputation (:func:`starfast.barrier.barrier_curve`) and aggregates three kinds:
+``evaluate_run(run, dataset)`` loads the source, held-out and star models of a run, aligns every
+pair it measures with the configured permutation finder (``config.matcher``: weight matching by
+default, Sinkhorn re-basin, or ``none`` to interpolate the models as they are; B permuted onto A,
+A is the star whenever one is involved, and B's BatchNorm statistics are permuted with it),
+computes each pair's barrier curve with batched BatchNorm recomputation
+(:func:`starfast.barrier.barrier_curve`) and aggregates three kinds:
 
 - ``regular_regular``: held-out × held-out pairs and held-out × source pairs (counts configurable),
 - ``star_heldout``: every star against every held-out model (the paper's central test),
@@ -19,9 +21,10 @@ Each curve in ``curves[KIND]`` names its two models (``"a"``, the anchor, and ``
 ``"star star-0000"`` and ``"heldout seed 1000"``), so per-model summaries can be read off.
 
 The result is a JSON-ready dict ``{"dataset", "model", "regular_loss", "star_loss", "regular_test_loss",
-"star_test_loss", "barriers", "accuracy_barriers", "curves", "counts", "extra_heldout", "config", "seconds"}``
-(losses summarise each distinct model's own train/test loss) where ``barriers[KIND][SPLIT]`` holds ``mean, std, min, max,
-values`` of the loss barriers on ``train`` and ``test``, and ``extra_heldout[NAME]`` the set's
+"star_test_loss", "barriers", "accuracy_barriers", "curves", "counts", "extra_heldout", "star_matchers", "config",
+"seconds"}`` (losses summarise each distinct model's own train/test loss; ``star_matchers`` names the
+matcher each star was trained with, ``config["matcher"]`` the one the evaluation used) where
+``barriers[KIND][SPLIT]`` holds ``mean, std, min, max, values`` of the loss barriers on ``train`` and ``test``, and ``extra_heldout[NAME]`` the set's
 ``recipe``, ``count``, own ``loss``/``test_loss`` and its two ``kinds``. :func:`write_results` stores it as
 ``RUN/results/results.json`` next to the table and plot made by :mod:`starfast.report`.
 """
@@ -42,7 +45,7 @@ from starfast import models
 from starfast.barrier import barrier_curve
 from starfast.bn import has_batchnorm
 from starfast.flat import ParamSpace
-from starfast.matching import match_weights
+from starfast.matchers import MatcherChoice, find_permutations
 from starfast.progress import progress_bar
 from starfast.files import file_digest, read_json, write_json
 from starfast.rundir import MAIN_STARS, RunDir, RunDirError, extra_role, extra_seeds, heldout_seeds, source_seeds
@@ -55,9 +58,13 @@ MAX_TS = 1001  # points on a path: beyond this the curve is as fine as any plot,
 
 
 @dataclass(frozen=True)
-class EvaluationConfig:
-    """How much to measure (``None`` counts mean "all available"); validated on construction,
+class EvaluationConfig(MatcherChoice):
+    """How much to measure (``None`` counts mean "all available") and how pairs are aligned
+    (``matcher`` and the ``sinkhorn_*`` options, :class:`~starfast.matchers.MatcherChoice`;
+    ``match_max_iter`` and ``match_init`` are weight matching's); validated on construction,
     errors naming the CLI flag."""
+
+    MATCHER_FLAG = "--eval-matcher"
 
     heldout_pairs: Optional[int] = None  # held-out x held-out pairs (i < j)
     heldout_source_pairs: Optional[int] = 6  # held-out x source pairs
@@ -69,6 +76,7 @@ class EvaluationConfig:
     match_init: Optional[str] = None  # None (identity, Git Re-Basin) or "sorted"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for name in ("heldout_pairs", "heldout_source_pairs", "star_sources"):
             value = getattr(self, name)
             if value is not None and value < 0:
@@ -83,6 +91,8 @@ class EvaluationConfig:
             raise ValueError(f"match_max_iter must be >= 1, got {self.match_max_iter}")
         if self.match_init not in (None, "sorted"):
             raise ValueError(f"--match-init must be identity or sorted, got {self.match_init!r}")
+        if self.match_init is not None and self.matcher != "wm":
+            raise ValueError(f"--match-init {self.match_init} is a weight-matching start; drop it or use --eval-matcher wm")
 
 
 @dataclass
@@ -95,6 +105,7 @@ class LoadedModel:
     digest: str  # of the file's bytes: partial results are reused only for the same models
     seed: Optional[int] = None
     sources: Optional[List[int]] = None  # a star's: the source seeds it was trained against
+    matcher: Optional[str] = None  # a star's: the permutation finder Starlight used
 
     def state_dict(self, space: ParamSpace) -> Dict[str, torch.Tensor]:
         """Parameters (views of the row) and buffers, loadable into a module of ``space``."""
@@ -160,6 +171,7 @@ def evaluate_run(
         "counts": {"sources": len(sources), "heldout": len(heldout), "stars": len(stars),
                    **{kind: len(curves[kind]) for kind in curves}},
         "extra_heldout": {name: _extra_set_summary(run, name, members, curves) for name, members in extra.items()},
+        "star_matchers": {star.label: star.matcher for star in stars},
         "config": asdict(config),
         "seconds": time.perf_counter() - started,
     }
@@ -302,6 +314,7 @@ def load_stars(run: RunDir, space: ParamSpace, device, star_set: str = MAIN_STAR
         state, metadata = run.load_star(star_seed, star_set, device)
         star = _loaded(path, f"star {path.stem}", state, space, seed=star_seed)
         star.sources = metadata.get("sources")
+        star.matcher = metadata.get("matcher", "wm")  # stars recorded before the choice existed used wm
         stars.append(star)
     return stars
 
@@ -370,10 +383,15 @@ def _grouped_by_anchor(items: List[Tuple[LoadedModel, LoadedModel]]):
 
 
 def _match(anchor: LoadedModel, partners: List[LoadedModel], spec, space: ParamSpace, config: EvaluationConfig):
-    """Each partner weight-matched onto the anchor: ``[(permuted buffers, permuted row)]`` (the rows
-    come permuted from the matching; only the BatchNorm statistics are permuted here)."""
+    """Each partner aligned with the anchor by ``config.matcher``: ``[(permuted buffers, permuted
+    row)]`` (the rows come permuted from the finder; only the BatchNorm statistics are permuted
+    here). With ``none`` the partners are returned as they are, and nothing is matched."""
+    if not config.permutes:
+        return [(partner.buffers, partner.row) for partner in partners]
     bank = torch.stack([partner.row for partner in partners])
-    result = match_weights(anchor.row, bank, spec, space=space, max_iter=config.match_max_iter, init=config.match_init)
+    options = {"max_iter": config.match_max_iter} if config.matcher == "wm" else config.matcher_options()
+    init = config.match_init if config.matcher == "wm" else None
+    result = find_permutations(config.matcher, anchor.row, bank, spec, space=space, init=init, **options)
     matched = []
     for k, partner in enumerate(partners):
         perm = {name: index[k] for name, index in result.perms.items()}

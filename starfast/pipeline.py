@@ -43,6 +43,11 @@ STAR_FLAGS = {
     "ce_weight": "--ce-weight",
     "samples_per_step": "--samples-per-step",
     "rematch_async": "--rematch-async",
+    "matcher": "--matcher",
+    "sinkhorn_lr": "--sinkhorn-lr",
+    "sinkhorn_steps": "--sinkhorn-steps",
+    "sinkhorn_temperature": "--sinkhorn-temperature",
+    "sinkhorn_iterations": "--sinkhorn-iterations",
     "recipe": "--star-epochs, --star-optimizer/--star-lr/--star-momentum/--star-weight-decay and the recipe flags",
 }
 
@@ -290,8 +295,10 @@ def star_metadata(star_seed: int, result: StarResult, sources: Sequence[int], sp
 
 
 def _check_star_settings(run: RunDir, star_seed: int, star_set: str, wanted: Mapping[str, Any], flags: Mapping[str, str]) -> None:
-    """Refuse a finished star that was trained on other sources or with other settings."""
-    stored = run.read_star_metadata(star_seed, star_set)
+    """Refuse a finished star that was trained on other sources or with other settings. A star
+    recorded before an option existed was trained with that option's default (e.g. ``matcher``:
+    weight matching)."""
+    stored = {**StarlightOptions().to_dict(), **run.read_star_metadata(star_seed, star_set)}
     for key, value in wanted.items():
         if stored.get(key) != value:
             path = run.star_path(star_seed, star_set).with_suffix(".json")

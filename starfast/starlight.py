@@ -11,8 +11,9 @@ This module owns
   batch into chunks that run together under ``torch.func.vmap``; ``ce_weight`` adds the loss at θ
   itself (Section 4.2's objective for model fusion);
 - :class:`SourceMatcher` — the permutations aligning every source with θ and their ``[N, P]``
-  index maps, re-matched with one batched, warm-started ``match_weights`` call and updated in
-  place, synchronously or in a background thread;
+  index maps, re-matched with one batched, warm-started call of the chosen permutation finder
+  (:mod:`starfast.matchers`: weight matching by default) and updated in place, synchronously or
+  in a background thread; with the ``none`` finder there are neither permutations nor maps;
 - :func:`sample_t` — the point on the segment: ``uniform`` (the paper), ``beta`` (Beta(2, 2), the
   ablation of Appendix D.4) or ``constant`` (0.5);
 
@@ -54,7 +55,7 @@ from torch.func import functional_call, replace_all_batch_norm_modules_, vmap
 from starfast.barrier import evaluate_rows
 from starfast.bn import has_batchnorm, recompute_bn
 from starfast.flat import ParamSpace
-from starfast.matching import MatchResult, match_weights
+from starfast.matchers import MatcherChoice, find_permutations
 from starfast.ops import lerp_gather
 from starfast.progress import progress_bar
 from starfast.recipes import Recipe
@@ -93,10 +94,13 @@ class Draw(NamedTuple):
 
 
 @dataclass(frozen=True)
-class StarlightOptions:
+class StarlightOptions(MatcherChoice):
     """How Starlight trains a star beyond its recipe; validated on construction (errors name the
     CLI flag), JSON-ready with :meth:`to_dict` (what a star's metadata records).
 
+    ``matcher`` and the ``sinkhorn_*`` options (:class:`~starfast.matchers.MatcherChoice`): the
+    permutation finder of the re-matches (``wm``, ``sinkhorn``, or ``none``: no permutation, no
+    index maps, ``lerp_gather`` without an index);
     ``t_sampling``: ``uniform``, ``beta`` or ``constant`` (see :func:`sample_t`); ``rematch_every``:
     re-match all sources every this many steps (``None``: at every epoch start); ``ce_weight``: λ of
     the added loss λ·L(θ) on the same batch (Section 4.2; 0 is the paper's Starlight);
@@ -112,6 +116,7 @@ class StarlightOptions:
     rematch_async: bool = False
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.t_sampling not in T_SAMPLINGS:
             raise ValueError(f"--t-sampling must be one of {', '.join(T_SAMPLINGS)}, got {self.t_sampling!r}")
         every = self.rematch_every
@@ -178,7 +183,8 @@ class StarObjective:
     """Starlight's loss for given draws (see the module docstring).
 
     ``total = mean_s L(lerp_gather(θ, bank, n_s, index_maps[n_s], t_s); chunk_s) + ce_weight · L(θ; batch)``
-    where chunk ``s`` is the ``s``-th of ``S = len(draws)`` equal consecutive slices of the batch.
+    where chunk ``s`` is the ``s``-th of ``S = len(draws)`` equal consecutive slices of the batch;
+    ``index_maps`` ``None`` means the sources as they are (the ``none`` matcher: a plain lerp).
     ``L`` is cross-entropy, or BCE-with-logits when ``binary``, with ``label_smoothing``.
     """
 
@@ -205,12 +211,12 @@ class StarObjective:
         return per_example_loss(logits, labels, self.binary, self.label_smoothing).mean(-1)
 
     def __call__(
-        self, theta: torch.Tensor, index_maps: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor, draws: Sequence[Draw]
+        self, theta: torch.Tensor, index_maps: Optional[torch.Tensor], inputs: torch.Tensor, labels: torch.Tensor, draws: Sequence[Draw]
     ) -> StarLosses:
         count = len(draws)
         if count < 1 or inputs.shape[0] % count:
             raise ValueError(f"a batch of {inputs.shape[0]} examples cannot be split into {count} equal chunks")
-        rows = [lerp_gather(theta, self.bank, n, index_maps[n], t) for n, t in draws]
+        rows = [lerp_gather(theta, self.bank, n, None if index_maps is None else index_maps[n], t) for n, t in draws]
         if count == 1:  # no vmap overhead for the paper's one draw per step
             logits = self._forward(self.space.views(rows[0]), inputs).unsqueeze(0)
         else:
@@ -233,10 +239,10 @@ class SourceMatcher:
     """The permutations ``perms`` (group -> ``[N, size]``) aligning each source with θ, and their
     index maps ``index_maps`` ``[N, P]`` (int32 when P < 2^31), which are only ever updated in place.
 
-    :meth:`rematch` runs one batched :func:`~starfast.matching.match_weights` against θ, warm-started
-    from the previous match's result (cold, i.e. from the identity, the first time; from the
-    permutations after a resume): groups whose assignment provably survived θ's move since then
-    are not re-solved. Keeping that result costs one more permuted copy of the bank, which each
+    :meth:`rematch` runs the chosen finder (``choice``, :func:`~starfast.matchers.find_permutations`)
+    batched against θ, warm-started from the previous match's result (cold, i.e. from the
+    identity, the first time; from the permutations after a resume): for weight matching, groups
+    whose assignment provably survived θ's move since then are not re-solved. Keeping that result costs one more permuted copy of the bank, which each
     re-match updates in place (so a re-match allocates no second copy). With
     ``background=True`` it matches a snapshot of θ in a worker thread and returns at once; training
     goes on with the old maps, which :meth:`poll` swaps for the new ones at the first call after
@@ -246,6 +252,8 @@ class SourceMatcher:
     Under ``torch.distributed`` rank 0 matches and broadcasts the permutations; every rank builds
     the same index maps from them (synchronous matching only: ranks must swap at the same step).
     ``seconds`` is the matching compute time, ``wait_seconds`` the time training was blocked by it.
+    With the ``none`` finder, :meth:`rematch` does nothing and ``perms`` and ``index_maps`` stay
+    ``None`` (Starlight then interpolates with the sources as they are).
     """
 
     def __init__(
@@ -259,18 +267,21 @@ class SourceMatcher:
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        choice: MatcherChoice = MatcherChoice(),
     ):
-        self.bank, self.spec, self.space = bank, spec, space
+        self.bank, self.spec, self.space, self.choice = bank, spec, space, choice
         self.seed, self.rank, self.world_size = seed, rank, world_size
         index_dtype = torch.int32 if space.size < 2**31 else torch.int64
-        self.index_maps = torch.empty(bank.shape[0], space.size, dtype=index_dtype, device=bank.device)
+        self.index_maps: Optional[torch.Tensor] = None
+        if choice.permutes:
+            self.index_maps = torch.empty(bank.shape[0], space.size, dtype=index_dtype, device=bank.device)
         self.perms: Optional[Perm] = None
-        self._last: Optional[MatchResult] = None
+        self._last = None  # the previous result of the finder: the next match's warm start
         self.rematches = rematches  # numbers the matches: match k's group order is seeded by (seed, k)
         self.seconds = self.wait_seconds = 0.0
         self._pending: Optional[Future] = None
         self._executor: Optional[ThreadPoolExecutor] = None
-        if perms is not None:
+        if perms is not None and choice.permutes:
             self._install({name: index.to(bank.device) for name, index in perms.items()})
 
     @property
@@ -279,6 +290,8 @@ class SourceMatcher:
 
     def rematch(self, theta: torch.Tensor, background: bool = False) -> None:
         """Match every source to ``theta`` (see the class docstring); a pending match is finished first."""
+        if not self.choice.permutes:
+            return
         self.finish()
         started = time.perf_counter()
         seed = stream_seed(self.seed, StarStream.MATCH, self.rematches)
@@ -323,8 +336,11 @@ class SourceMatcher:
         # The last result's rows are updated in place (one bank copy less); until the new result
         # exists, a failed match leaves nothing stale behind: the next one starts from the perms.
         self._last = None
-        out = init.permuted if isinstance(init, MatchResult) else None
-        result: MatchResult = match_weights(target, self.bank, self.spec, space=self.space, init=init, seed=seed, out=out)
+        out = getattr(init, "permuted", None)  # a previous result (not bare permutations): update its rows
+        result = find_permutations(
+            self.choice.matcher, target, self.bank, self.spec, space=self.space, init=init, seed=seed, out=out,
+            **self.choice.matcher_options(),
+        )
         self._last = result
         self.seconds += time.perf_counter() - started
         return result.perms
@@ -355,7 +371,8 @@ class StarResult:
 
     ``theta``: the star model's row ``[P]``; ``buffers``: its recomputed BatchNorm statistics;
     ``state_dict``: parameters and all buffers, loadable into the skeleton's architecture;
-    ``perms`` / ``index_maps``: the last matches of the sources (as used in the last steps);
+    ``perms`` / ``index_maps``: the last matches of the sources (as used in the last steps;
+    ``None`` with the ``none`` matcher);
     ``metrics``: epochs, seconds, train/test loss and accuracy at θ, mean interpolated loss of the
     last epoch, rematch seconds and time share, per-epoch ``history``; ``settings``: the Starlight
     options (JSON-ready).
@@ -364,8 +381,8 @@ class StarResult:
     theta: torch.Tensor
     buffers: Dict[str, torch.Tensor]
     state_dict: Dict[str, torch.Tensor]
-    perms: Perm
-    index_maps: torch.Tensor
+    perms: Optional[Perm]
+    index_maps: Optional[torch.Tensor]
     metrics: Dict[str, Any]
     settings: Dict[str, Any] = field(default_factory=dict)
 
@@ -394,7 +411,7 @@ def train_star(
         spec: the architecture's permutation spec.
         dataset: a :class:`starfast.data.Dataset` (``train_batches``, ``eval_batches``, ``binary``).
         recipe: optimizer, learning-rate schedule, epochs, batch size (per rank), label smoothing.
-        options: t-sampling, re-matching, ce-weight, samples per step (:class:`StarlightOptions`).
+        options: matcher, t-sampling, re-matching, ce-weight, samples per step (:class:`StarlightOptions`).
         init_row: θ₀ ``[P]``; default: the skeleton's own parameters (initialise the skeleton, or
             pass a row, e.g. ``space.flatten(training.init_model(spec, seed))`` as the pipeline does).
         seed: drives every random stream (see the module docstring).
@@ -432,7 +449,9 @@ def train_star(
         optimizer.load_state_dict(resumed["optimizer_state"])
         start_epoch, seconds, history = resumed["epoch"], resumed["seconds"], resumed["history"]
         perms, rematches = resumed["perms"], resumed["rematches"]
-    matcher = SourceMatcher(bank, spec, space, perms=perms, rematches=rematches, seed=seed, rank=rank, world_size=world_size)
+    matcher = SourceMatcher(
+        bank, spec, space, perms=perms, rematches=rematches, seed=seed, rank=rank, world_size=world_size, choice=options,
+    )
 
     bar = progress_bar(total=recipe.epochs, initial=start_epoch, desc="starlight", unit="epoch", enabled=not quiet and rank == 0, nested=True)
     try:
@@ -484,7 +503,7 @@ def train_star(
                             "history": history,
                             "theta": theta.detach().cpu(),
                             "optimizer_state": optimizer.state_dict(),
-                            "perms": {name: index.cpu() for name, index in matcher.perms.items()},
+                            "perms": None if matcher.perms is None else {name: index.cpu() for name, index in matcher.perms.items()},
                             "rematches": matcher.rematches,
                         },
                     )

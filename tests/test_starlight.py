@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from torch.optim.swa_utils import update_bn
 
-from starfast import models, starlight
+from starfast import matchers, models, starlight
 from starfast.barrier import evaluate_rows
 from starfast.data import TensorDataset
 from starfast.flat import ParamSpace
@@ -227,7 +227,7 @@ def test_rematching_updates_the_index_maps_in_place_and_warm_starts(rng, monkeyp
         calls.append((init, result, rows))
         return result
 
-    monkeypatch.setattr(starlight, "match_weights", spy)
+    monkeypatch.setattr(matchers, "match_weights", spy)
     matcher = SourceMatcher(bank, spec, space)
     maps = matcher.index_maps
     address = maps.data_ptr()
