@@ -2,7 +2,8 @@
 
 ``format_table(results)`` renders the paper-style summary (regular and star loss; train and test
 loss barriers of regular–regular, star–held-out and star–source pairs as mean ± std [min, max];
-each extra held-out set NAME adds its loss and its star–NAME and NAME–NAME barriers);
+each extra held-out set NAME adds its loss and its star–NAME and NAME–NAME barriers; a line
+below names the permutation finders the stars were trained and the pairs aligned with);
 ``verdict(results)`` is the one-line answer to the paper's claim (see its docstring for the three
 conditions); ``write_table`` saves the table and the verdict as ``table.md``; ``plot_curves`` draws
 loss and accuracy along t with ±1 std bands, star–held-out against regular–regular (the paper's
@@ -53,7 +54,15 @@ def format_table(results: Mapping[str, Any]) -> str:
     for kind, label in rows:
         barriers = results["accuracy_barriers"][kind]
         lines.append(f"| {label} (accuracy) | {counts.get(kind, 0)} | {_cell(barriers['train'])} | {_cell(barriers['test'])} |")
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n\n" + matchers_line(results)
+
+
+def matchers_line(results: Mapping[str, Any]) -> str:
+    """Which permutation finders the results rest on: the stars' (Starlight's re-matching) and the
+    evaluation's (aligning each measured pair); results from before the choice existed used wm."""
+    star_matchers = sorted(set((results.get("star_matchers") or {}).values())) or ["—"]
+    evaluation = (results.get("config") or {}).get("matcher", "wm")
+    return f"permutations: stars trained with {', '.join(star_matchers)}; pairs aligned with {evaluation}"
 
 
 # The star-domain claim, as :func:`verdict` tests it on the train-split loss barriers.
