@@ -21,15 +21,16 @@ def pytest_configure(config):
 @pytest.fixture
 def bench(benchmark):
     """``bench(group, role, fn, *args, rounds=None, setup=None)``: time fn under pytest-benchmark,
-    tagged. ``setup`` (untimed, before every round) returns fn's ``(args, kwargs)``."""
+    tagged. ``setup`` (untimed, before every round) returns fn's ``(args, kwargs)``; ``iterations``
+    calls per round for calls of tens of µs, whose single-call wall times are mostly jitter."""
 
-    def run(group: str, role: str, fn, *args, rounds: int = None, warmup_rounds: int = 1, setup=None):
+    def run(group: str, role: str, fn, *args, rounds: int = None, warmup_rounds: int = 1, setup=None, iterations: int = 1):
         benchmark.group = group
         benchmark.extra_info["role"] = role
         if rounds is None:
             return benchmark(fn, *args)
         if setup is not None:
             return benchmark.pedantic(fn, setup=setup, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
-        return benchmark.pedantic(fn, args=args, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
+        return benchmark.pedantic(fn, args=args, rounds=rounds, warmup_rounds=warmup_rounds, iterations=iterations)
 
     return run

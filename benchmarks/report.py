@@ -17,7 +17,7 @@ def ratio_table(path: str) -> str:
     for bench in data["benchmarks"]:
         groups[bench["group"]][bench["extra_info"].get("role", bench["name"])] = bench["stats"]["median"]
     lines = ["| group | role | median | speed-up vs baseline |", "|---|---|---|---|"]
-    for group in sorted(groups):
+    for group in sorted(groups, key=str):  # benchmarks without a group sort as "None"
         roles = groups[group]
         baseline = roles.get("baseline")
         for role, median in sorted(roles.items(), key=lambda item: item[0] != "ours"):
