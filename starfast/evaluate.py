@@ -66,11 +66,12 @@ def sinkhorn_flags(args: argparse.Namespace) -> Dict[str, Any]:
 
 def evaluation_config(args: argparse.Namespace) -> EvaluationConfig:
     """The evaluation flags as a (validated) :class:`EvaluationConfig`."""
+    sinkhorn = sinkhorn_flags(args)  # refused here when no matcher of the command line is sinkhorn
     return EvaluationConfig(
         heldout_pairs=args.heldout_pairs, heldout_source_pairs=args.heldout_source_pairs, star_sources=args.star_sources,
         ts=args.ts, bn_batches=args.bn_batches, batch_size=args.eval_batch_size,
         match_init=None if args.match_init == "identity" else args.match_init,
-        matcher=args.eval_matcher, **(sinkhorn_flags(args) if args.eval_matcher == "sinkhorn" else {}),
+        matcher=args.eval_matcher, **(sinkhorn if args.eval_matcher == "sinkhorn" else {}),
     )
 
 

@@ -57,7 +57,8 @@ class SinkhornResult:
 
     ``perms``: group -> ``[N, size]`` gather indices (the best hard permutation per source);
     ``permuted``: ``[N, P]`` the sources permuted by them; ``distance``: ``[steps + 1, N]`` float64
-    ``‖target − π(source)‖²`` of the hard permutation at the start and after every step;
+    ``‖target − π(source)‖²`` of the hard permutation at the start and after every step (fewer rows
+    when every source reached distance 0, which nothing can improve);
     ``best_step``: ``[N]`` the row of ``distance`` the answer comes from. ``index_maps`` (``[N, P]``
     int64) is built from ``perms`` when first read.
     """
@@ -139,8 +140,8 @@ def sinkhorn_match(
             rows = improved.to(device)
             for name in best:
                 best[name][rows] = hard[name][rows]
-        if step == steps:
-            break  # the last step's hard permutation is measured; a further update would go unused
+        if step == steps or not bool(best_distance.gt(0).any()):
+            break  # the last hard permutation is measured (or every source is matched exactly)
         grads = {group.name: _matrix_gradient(group, space, scaled_target, work, hard[group.name]) for group in groups}
         optimizer.zero_grad(set_to_none=True)
         logits.backward(log_soft, grads)
