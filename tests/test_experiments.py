@@ -230,9 +230,6 @@ def test_a_nested_run_directory_keeps_its_temporary_files(tmp_path):
 
 def test_every_experiment_builds_its_cells_for_both_presets():
     for experiment in EXPERIMENTS.values():
-        if experiment.name == "matcher" and not all("matcher" in fields.__dataclass_fields__
-                                                    for fields in (StarlightOptions, EvaluationConfig)):
-            continue  # needs the matchers of issue 14
         for preset in ("quick", "paper"):
             settings = experiment.settings(preset)
             cells = experiment.cells(settings, experiment.values[preset], experiment.sizes[preset])

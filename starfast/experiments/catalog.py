@@ -214,13 +214,8 @@ def _perturbation_point(settings: Settings, value: float, sizes: Mapping[str, in
 
 
 def _matcher_point(settings: Settings, value: str, sizes: Mapping[str, int]) -> Point:
-    try:
-        options, evaluation = _star_options(settings, matcher=value), EvaluationConfig(matcher=value)
-    except TypeError:
-        raise ValueError("the matcher experiment needs StarlightOptions.matcher and EvaluationConfig.matcher (the "
-                         "matchers of issue 14), which this starfast does not have yet") from None
-    return Point(value, value, StarSet(sizes["sources"], sizes["star_seeds"], options), heldout=sizes["heldout"],
-                 evaluation=evaluation)
+    return Point(value, value, StarSet(sizes["sources"], sizes["star_seeds"], _star_options(settings, matcher=value)),
+                 heldout=sizes["heldout"], evaluation=EvaluationConfig(matcher=value))
 
 
 def _optimizer_cells(settings: Settings, values: Sequence[str], sizes: Mapping[str, int]) -> List[Cell]:
