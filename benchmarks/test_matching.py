@@ -18,11 +18,11 @@ import dataclasses
 import pytest
 import torch
 
-from starfast import models
 from starfast.flat import ParamSpace
 from starfast.matching import match_weights
 from starfast.ops import permute
 from starfast.testing.matching_reference import match_one
+from starfast.testing.zoo import independent_zoo
 
 NUM_SOURCES = 50
 ARCH = "resnet18" if torch.cuda.is_available() else "resnet20"
@@ -31,11 +31,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 @pytest.fixture(scope="module")
 def zoo():
-    torch.manual_seed(0)
-    target = models.build(ARCH, num_classes=10, in_channels=3)
-    space, spec = ParamSpace(target), models.permutation_spec(target)
-    bank = torch.stack([space.flatten(models.build(ARCH, num_classes=10, in_channels=3)) for _ in range(NUM_SOURCES)])
-    return space, spec, space.flatten(target).to(DEVICE), bank.to(DEVICE)
+    return independent_zoo(ARCH, NUM_SOURCES, DEVICE)
 
 
 def cost_flops_per_sweep(space: ParamSpace, spec, num_sources: int) -> int:

@@ -14,8 +14,7 @@
 """
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, Optional, Union
 
 import torch
@@ -38,12 +37,6 @@ class Unpermuted:
 
     perms: Perm
     permuted: torch.Tensor
-    spec: PermutationSpec = field(repr=False)
-    space: ParamSpace = field(repr=False)
-
-    @functools.cached_property
-    def index_maps(self) -> torch.Tensor:
-        return self.spec.index_map(self.space, self.perms)
 
 
 Found = Union[MatchResult, SinkhornResult, Unpermuted]
@@ -77,7 +70,7 @@ def find_permutations(
         identity = spec.identity(device=bank.device)
         perms = identity if count is None else {key: index.expand(count, -1).clone() for key, index in identity.items()}
         rows = bank if out is None else out.copy_(bank)
-        return Unpermuted(perms, rows, spec, space)
+        return Unpermuted(perms, rows)
     raise ValueError(f"find_permutations: unknown matcher {name!r}; use one of {', '.join(MATCHERS)}")
 
 

@@ -167,7 +167,7 @@ def match_weights(
                 continue
             dirty[group.name][rows] = False
             all_rows = rows.numel() == num_sources
-            cost = _group_cost(group, space, target_views, permuted, None if all_rows else rows.to(target_row.device))
+            cost = group_cost(group, space, target_views, permuted, None if all_rows else rows.to(target_row.device))
             relative = linear_assignment(cost, maximize=True)
             current = torch.diagonal(cost, dim1=1, dim2=2).double().sum(-1)
             gain = assignment_objective(cost, relative) - current
@@ -198,7 +198,7 @@ def match_weights(
     return _with_source_dim(result, 0) if single else result
 
 
-def _group_cost(group: Group, space: ParamSpace, target_views, permuted, rows: Optional[torch.Tensor]) -> torch.Tensor:
+def group_cost(group: Group, space: ParamSpace, target_views, permuted, rows: Optional[torch.Tensor]) -> torch.Tensor:
     """``cost[b, j, k] = Σ_axes ⟨target unit j, permuted source b unit k⟩`` for ``rows`` (None: all).
 
     One batched matmul per axis on ``[N, n, d]`` views of the working rows: a unit-major axis

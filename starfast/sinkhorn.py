@@ -14,9 +14,13 @@ Per group and source it learns logits ``X`` ``[n, n]``. One step:
    :func:`starfast.lap.linear_assignment`); it is the limit of ``S`` as the temperature goes to 0
    and, unlike ``S`` itself, has no entries that underflow to ties;
 3. straight-through estimator: the forward pass uses ``Π``, i.e. the sources permuted exactly
-   (one gather through the index map), and the gradient of C_L2 with respect to the permutation
-   *matrix*, ``∂/∂P_g = Σ_axes (2/P)·(π(s) − target)_units · (s with every other permutation
-   applied)_unitsᵀ``, is handed to ``S`` and back-propagated through the Sinkhorn iterations;
+   (one gather through the index map), and the gradient with respect to the permutation *matrix*
+   is handed to ``S`` and back-propagated through the Sinkhorn iterations. On permutations
+   ``C_L2 = (‖target‖² + ‖s‖² − 2⟨target, π(s)⟩) / P``; the gradient taken is that of
+   ``−(2/P)·⟨target, P·s⟩``, i.e. ``−(2/P)·Σ_axes target_units · (s with every other permutation
+   applied)_unitsᵀ``: weight matching's cost matrix. The quadratic ``‖P·s‖²``, constant on
+   permutations, is left out: its gradient only pulls towards the centre of the Birkhoff
+   polytope, which a hard forward pass never visits;
 4. an Adam step on the logits.
 
 The answer is always a hard permutation: per source, the best one seen (the start counts, so a
@@ -28,10 +32,10 @@ Options. The star-domain paper (Appendix D.3, VGG-19 on CIFAR-10, the authors' s
 searched ``lr`` in {0.01, 0.1, 1, 10, 20, 30, 40, 50, 60, 80, 100, 120, 150, 200} and found 150
 best; the authors' examples run 50 to 1000 ``steps`` with ``temperature`` 1 and 20 ``iterations``.
 Our defaults (lr 1, τ 10, 100 steps, 20 iterations) are chosen on planted permutations of every
-architecture of the zoo, which they recover within about 70 steps where τ = 1 needed lr ≈ 0.1 and
-often failed (ViT) within 1000; on independent models they land within a fraction of a percent of
-weight matching's distance. Adam is invariant to the scale of the objective, so the learning rate
-is in units of logit change per step, and only ``lr / τ`` moves ``X / τ``.
+architecture of the zoo, which they recover within about 70 steps, where τ = 1 needed lr ≈ 0.1
+and still missed some ViT plants within 1000; on independent models they land within a fraction
+of a percent of weight matching's distance. Adam is invariant to the scale of the objective, so
+the learning rate is in units of logit change per step.
 """
 from __future__ import annotations
 
@@ -43,6 +47,7 @@ import torch
 
 from starfast.flat import ParamSpace
 from starfast.lap import linear_assignment
+from starfast.matching import group_cost
 from starfast.ops import permute
 from starfast.spec import Group, Perm, PermutationSpec
 
@@ -128,7 +133,7 @@ def sinkhorn_match(
         permute(bank, spec.index_map(space, perms, out=index), out=work)
         return _squared_distance(work, target)
 
-    scaled_target = target.mul(-2.0 / space.size)
+    target_views, work_views = space.views(target), space.views(work)
     best = {name: perm.clone() for name, perm in start.items()}
     history = [distance_of(best)]
     best_distance, best_step = history[0].clone(), torch.zeros(count, dtype=torch.long)
@@ -145,7 +150,7 @@ def sinkhorn_match(
                 best[name][rows] = hard[name][rows]
         if step == steps or not bool(best_distance.gt(0).any()):
             break  # the last hard permutation is measured (or every source is matched exactly)
-        grads = {group.name: _matrix_gradient(group, space, scaled_target, work, hard[group.name]) for group in groups}
+        grads = {group.name: _matrix_gradient(group, space, target_views, work_views, hard[group.name]) for group in groups}
         optimizer.zero_grad(set_to_none=True)
         logits.backward(log_soft, grads)
         optimizer.step()
@@ -197,28 +202,17 @@ class _Logits:
         torch.autograd.backward(soft, stacked)
 
 
-def _matrix_gradient(group: Group, space: ParamSpace, scaled_target: torch.Tensor, permuted: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+def _matrix_gradient(group: Group, space: ParamSpace, target_views, permuted_views, perm: torch.Tensor) -> torch.Tensor:
     """``∂C/∂P`` ``[N, n, n]`` for the group's permutation matrix ``P`` (``P[j, perm[j]] = 1``), of
-    ``C = −(2/P)·⟨target, π(s)⟩ + const`` (see :func:`sinkhorn_match`); ``scaled_target`` is
-    ``−(2/P)·target``.
+    ``C = −(2/P)·⟨target, π(s)⟩ + const`` (see :func:`sinkhorn_match`).
 
     On each axis the group acts on, ``π(s) = P · r`` where ``r`` is the source with every other
-    permutation applied, so ``∂C/∂P[j, k] = Σ_axes ⟨scaled target unit j, r unit k⟩``; and unit
-    ``k`` of ``r`` is unit ``inverse[k]`` of ``π(s)``, so ``r`` needs no gather of its own: one
-    batched matmul against ``π(s)``, then its columns are reordered."""
-    n = group.size
-    target_views, permuted_views = space.views(scaled_target), space.views(permuted)
-    products = None
-    for axis in group.axes:
-        if axis.name not in space:
-            continue  # a buffer: not part of the weights being matched
-        a = target_views[axis.name].narrow(axis.axis, axis.offset, n).movedim(axis.axis, 0).reshape(n, -1)
-        b = permuted_views[axis.name].narrow(axis.axis + 1, axis.offset, n).movedim(axis.axis + 1, 1)
-        b = b.reshape(b.shape[0], n, -1)
-        term = torch.bmm(a.expand(b.shape[0], -1, -1), b.transpose(1, 2))
-        products = term if products is None else products.add_(term)
-    inverse = torch.empty_like(perm).scatter_(1, perm, torch.arange(n, device=perm.device).expand_as(perm))
-    return torch.gather(products, 2, inverse.unsqueeze(1).expand(-1, n, -1))
+    permutation applied, so ``∂C/∂P[j, k] = −(2/P)·Σ_axes ⟨target unit j, r unit k⟩``; unit ``k``
+    of ``r`` is unit ``inverse[k]`` of ``π(s)``, so this is weight matching's cost matrix against
+    ``π(s)`` (:func:`starfast.matching.group_cost`) with its columns reordered."""
+    products = group_cost(group, space, target_views, permuted_views, None).mul_(-2.0 / space.size)
+    inverse = torch.empty_like(perm).scatter_(1, perm, torch.arange(group.size, device=perm.device).expand_as(perm))
+    return torch.gather(products, 2, inverse.unsqueeze(1).expand(-1, group.size, -1))
 
 
 def _squared_distance(rows: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -245,14 +239,14 @@ def _start_perms(spec: PermutationSpec, init: Optional[Perm], count: int, device
 
 
 def _working_rows(out: Optional[torch.Tensor], bank: torch.Tensor) -> torch.Tensor:
+    """Where the permuted rows go: ``out`` (checked) or a new tensor."""
     if out is None:
         return torch.empty_like(bank)
-    rows = out.unsqueeze(0) if out.dim() == 1 else out
-    if rows.shape != bank.shape or rows.dtype != bank.dtype or rows.device != bank.device or not rows.is_contiguous():
-        raise ValueError(
-            f"sinkhorn_match: out must be a contiguous {bank.dtype} tensor of shape {tuple(bank.shape)} on {bank.device}, "
-            f"got {out.dtype} {tuple(out.shape)} on {out.device}"
-        )
+    rows = out.view(1, -1) if out.dim() == 1 else out
+    layout = (tuple(rows.shape), rows.dtype, rows.device)
+    if layout != (tuple(bank.shape), bank.dtype, bank.device) or not rows.is_contiguous():
+        raise ValueError(f"sinkhorn_match: out must be a contiguous tensor laid out as the sources "
+                         f"{(tuple(bank.shape), bank.dtype, bank.device)}, got {layout}")
     if rows.data_ptr() == bank.data_ptr():
         raise ValueError("sinkhorn_match: out must not be the sources themselves (every step permutes them afresh)")
     return rows

@@ -91,9 +91,9 @@ def test_the_straight_through_gradient_is_autograd_through_permutation_matrices(
     # C_L2 = ‖target − π(s)‖² / P, which on permutations is const − (2/P)·⟨target, π(s)⟩.
     objective = -(2.0 / space.size) * (target_row @ permuted)
     objective.backward()
-    scaled = target_row * (-2.0 / space.size)
+    target_views, permuted_views = space.views(target_row), space.views(permuted.detach().unsqueeze(0))
     for group in spec.groups:
-        ours = _matrix_gradient(group, space, scaled, permuted.detach().unsqueeze(0), perms[group.name].unsqueeze(0))[0]
+        ours = _matrix_gradient(group, space, target_views, permuted_views, perms[group.name].unsqueeze(0))[0]
         error = (ours - matrices[group.name].grad).abs().max().item()
         print(f"{name} {group.name}: largest gradient mismatch {error:.3g}")
         torch.testing.assert_close(ours, matrices[group.name].grad, rtol=1e-12, atol=1e-15)
@@ -220,8 +220,9 @@ def context(argv, tmp_path):
 
 def test_the_flags_reach_the_options(tmp_path):
     built = context(["--matcher", "sinkhorn", "--sinkhorn-lr", "5", "--sinkhorn-steps", "7", "--eval-matcher", "none"], tmp_path)
+    defaults = MatcherChoice()
     assert built.star_options.matcher == "sinkhorn" and built.star_options.matcher_options() == {
-        "lr": 5.0, "steps": 7, "temperature": 1.0, "iterations": 20}
+        "lr": 5.0, "steps": 7, "temperature": defaults.sinkhorn_temperature, "iterations": defaults.sinkhorn_iterations}
     assert built.evaluation.matcher == "none" and built.evaluation.sinkhorn_lr == MatcherChoice().sinkhorn_lr
     default = context([], tmp_path)
     assert default.star_options.matcher == "wm" and default.evaluation.matcher == "wm"

@@ -9,4 +9,6 @@ do the same):
 - :mod:`starfast.testing.matching_reference`: a plain, one-model-at-a-time Git Re-Basin weight
   matching with scipy (``match_one``): the tests' independent reference for
   :mod:`starfast.matching` and the benchmarks' baseline.
+- :mod:`starfast.testing.zoo`: independently initialised models of one architecture as rows
+  (``independent_zoo``), the benchmarks' matching problems.
 """
