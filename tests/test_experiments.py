@@ -20,6 +20,7 @@ from starfast.experiments.cells import CellTask, cell_tasks
 from starfast.experiments.launch import InProcess, LauncherError, make_executor, run_cells
 from starfast.evaluation import EvaluationConfig
 from starfast.experiments.measure import StoredCurves, perturbed, summarise_pairs
+from starfast.experiments.output import verdict
 from starfast.experiments.plan import Perturbation, StarSet
 from starfast.files import TEMP_SUFFIX
 from starfast.recipes import Recipe
@@ -261,3 +262,16 @@ def test_stored_curves_are_keyed_by_the_models_and_the_settings_that_differ_from
     assert StoredCurves(run, EvaluationConfig(ts=11, batch_size=500)).get(a, b) == {"a": "a", "b": "b"}
     assert StoredCurves(run, EvaluationConfig(ts=21)).get(a, b) is None
     assert default.get(b, a) is None  # the direction matters: b is matched onto a
+
+
+def test_the_verdict_reads_the_trend_step_by_step():
+    def point(label, star, regular=0.1):
+        summary = lambda mean: {"train": {"over_heldout": {"mean": mean, "std": 0.0}}}  # noqa: E731
+        return {"label": label, "barriers": {"star_heldout": summary(star), "regular_regular": summary(regular)}}
+
+    sources = EXPERIMENTS["sources"]
+    assert verdict(sources, [point("2", 0.05), point("5", 0.04), point("10", 0.03)]).endswith("the paper's trend holds here")
+    assert "only in part" in verdict(sources, [point("2", 0.05), point("5", 0.03), point("10", 0.04)])
+    assert "(1 of 2 steps down)" in verdict(sources, [point("2", 0.05), point("5", 0.03), point("10", 0.04)])
+    assert verdict(sources, [point("2", 0.05), point("5", 0.12)]).endswith("does not hold here")
+    assert "below regular–regular at 1 of 2 points" in verdict(EXPERIMENTS["grid"], [point("11", 0.05), point("21", 0.2)])
