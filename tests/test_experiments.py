@@ -164,7 +164,7 @@ def test_cli_writes_three_files_and_a_second_invocation_trains_nothing(tmp_path,
     argv = ["sources", "--run-dir", str(tmp_path), "--epochs", "1", "--star-epochs", "1", "--arch-kw", "width=8",
             "--values", "2,3", "--sources", "3", "--heldout", "2", "--star-seeds", "1", "--quiet"]
     assert cli.main(argv) == 0
-    folder = tmp_path / "experiments" / "sources"
+    folder = tmp_path / "experiments" / "sources-epochs=1-star_epochs=1"  # beside the preset's results
     assert {path.name for path in folder.iterdir()} >= {"results.json", "table.md", "figure.png"}
     assert counted == {"models": 5, "stars": 2}
     assert cli.main(argv) == 0

@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick",
                         help="quick: bundled digits, minutes on a CPU (default); paper: CIFAR-10 at the paper's settings")
     parser.add_argument("--run-dir", type=Path, help="base run directory (default: runs/experiments-<preset>); outputs go to "
-                                                     "RUN/experiments/NAME (NAME-ce_weight=λ with --ce-weight)")
+                                                     "RUN/experiments/NAME (NAME-ce_weight=λ with --ce-weight, "
+                                                     "NAME-star_epochs=E with --star-epochs, ...)")
     parser.add_argument("--values", help="the sweep's values, comma-separated (default: the preset's; see --list)")
     parser.add_argument("--sources", type=int, help="source models per star set (or the pool of them) instead of the preset's")
     parser.add_argument("--heldout", type=int, help="held-out models measured against the stars instead of the preset's")
@@ -101,8 +102,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cells = experiment.cells(settings, values, sizes)
         check_data_dir(args.data_dir)
         base = RunDir(args.run_dir or Path("runs") / f"experiments-{args.preset}")
-        # Table 11 (the stars with the cross-entropy term) is written beside Figure 1, not over it.
-        output_name = experiment.name + (f"-ce_weight={args.ce_weight:g}" if args.ce_weight else "")
+        # Stars with the cross-entropy term (Table 11) or other epochs are written beside the preset's, not over them.
+        output_name = "-".join([experiment.name, *(f"{flag}={spelled(getattr(args, flag))}"
+                                                   for flag in ("ce_weight", "epochs", "star_epochs") if getattr(args, flag))])
         executor = make_executor(args.launcher, workers=args.workers, folder=base.experiment_folder(output_name) / "launcher",
                                  options=dict(args.launcher_kw))
     except (ValueError, TypeError, LauncherError) as error:
