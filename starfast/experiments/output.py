@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from starfast.experiments.catalog import Experiment
+from starfast.experiments.plan import spelled
 from starfast.files import write_json
 from starfast.report import pyplot, save_figure, write_text
 
@@ -133,8 +134,7 @@ def plot(path: Path, experiment: Experiment, points: Sequence[Mapping[str, Any]]
         else:
             axis.errorbar(xs, [r["mean"] for r in regular], yerr=[r["std"] for r in regular], fmt="s--", color="tab:blue",
                           capsize=3, label="regular–regular")
-        if not numeric:
-            axis.set_xticks(xs, [point["label"] for point in measured])
+        axis.set_xticks(xs, [spelled(_value(point)) if numeric else point["label"] for point in measured])
         axis.set_xlabel(experiment.axis)
         axis.set_ylabel("train loss barrier")
         axis.set_ylim(bottom=0)
