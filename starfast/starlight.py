@@ -242,8 +242,9 @@ class SourceMatcher:
     :meth:`rematch` runs the chosen finder (``choice``, :func:`~starfast.matchers.find_permutations`)
     batched against θ, warm-started from the previous match's result (cold, i.e. from the
     identity, the first time; from the permutations after a resume): for weight matching, groups
-    whose assignment provably survived θ's move since then are not re-solved. Keeping that result costs one more permuted copy of the bank, which each
-    re-match updates in place (so a re-match allocates no second copy). With
+    whose assignment provably survived θ's move since then are not re-solved. Keeping that result
+    costs one more permuted copy of the bank, which each re-match updates in place (so a re-match
+    allocates no second copy). With
     ``background=True`` it matches a snapshot of θ in a worker thread and returns at once; training
     goes on with the old maps, which :meth:`poll` swaps for the new ones at the first call after
     the match finished (so the maps lag θ by the steps the match took, and where the swap lands
