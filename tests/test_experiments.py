@@ -265,9 +265,10 @@ def test_stored_curves_are_keyed_by_the_models_and_the_settings_that_differ_from
 
 
 def test_the_verdict_reads_the_trend_step_by_step():
-    def point(label, star, regular=0.1):
+    def point(label, star, regular=0.1, star_loss=0.01):
         summary = lambda mean: {"train": {"over_heldout": {"mean": mean, "std": 0.0}}}  # noqa: E731
-        return {"label": label, "barriers": {"star_heldout": summary(star), "regular_regular": summary(regular)}}
+        return {"label": label, "barriers": {"star_heldout": summary(star), "regular_regular": summary(regular)},
+                "star_loss": {"train": {"mean": star_loss}}, "regular_loss": {"train": {"mean": 0.01}}}
 
     sources = EXPERIMENTS["sources"]
     assert verdict(sources, [point("2", 0.05), point("5", 0.04), point("10", 0.03)]).endswith("the paper's trend holds here")
@@ -275,3 +276,5 @@ def test_the_verdict_reads_the_trend_step_by_step():
     assert "(1 of 2 steps down)" in verdict(sources, [point("2", 0.05), point("5", 0.03), point("10", 0.04)])
     assert verdict(sources, [point("2", 0.05), point("5", 0.12)]).endswith("does not hold here")
     assert "below regular–regular at 1 of 2 points" in verdict(EXPERIMENTS["grid"], [point("11", 0.05), point("21", 0.2)])
+    broken = verdict(EXPERIMENTS["perturbation"], [point("ε = 2", 0.05), point("ε = 16", 0.0, star_loss=0.03)])
+    assert "above 2× the regular models' at ε = 16" in broken and broken.endswith("does not hold here")

@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 from starfast.experiments.catalog import Experiment
 from starfast.experiments.plan import spelled
 from starfast.files import write_json
-from starfast.report import pyplot, save_figure, write_text
+from starfast.report import CLAIM_LOSS_FACTOR, pyplot, save_figure, write_text
 
 SPLIT = "train"
 
@@ -64,7 +64,8 @@ def format_table(experiment: Experiment, points: Sequence[Mapping[str, Any]]) ->
 def verdict(experiment: Experiment, points: Sequence[Mapping[str, Any]], missing: Sequence[str] = ()) -> str:
     """One line: do the experiment's claims (``experiment.claims``) hold here, with the numbers.
     ``falls`` holds when every step along the axis is down, and in part when the barrier ends below
-    where it started but some step is up."""
+    where it started but some step is up. No claim holds at a point whose star's train loss is above
+    ``CLAIM_LOSS_FACTOR`` times the regular models' (as in the main job's verdict)."""
     measured = [point for point in points if _barrier(point, "star_heldout") and _barrier(point, "regular_regular")]
     if not measured:
         return f"verdict ({experiment.name}): nothing was measured" + (f" (failed: {', '.join(missing)})" if missing else "")
@@ -72,7 +73,12 @@ def verdict(experiment: Experiment, points: Sequence[Mapping[str, Any]], missing
     below = sum(ratio < 1 for ratio in ratios)
     parts = [f"star–held-out below regular–regular at {below} of {len(measured)} points "
              f"({min(ratios):.2f}–{max(ratios):.2f}× of it)"]
-    holds = below == len(measured)
+    # A star (or perturbed star) far worse than the regular models has a low barrier for the wrong reason.
+    worse = [point["label"] for point in measured if point.get("star_loss") and point.get("regular_loss")
+             and point["star_loss"][SPLIT]["mean"] > CLAIM_LOSS_FACTOR * point["regular_loss"][SPLIT]["mean"]]
+    if worse:
+        parts.append(f"but the star's own loss is above {CLAIM_LOSS_FACTOR:g}× the regular models' at {', '.join(worse)}")
+    holds = below == len(measured) and not worse
     in_part = False  # the barrier falls overall, but not at every step
     if "falls" in experiment.claims:
         barriers = [_barrier(point, "star_heldout")["mean"] for point in measured]
