@@ -125,13 +125,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     order = {repr(value): index for index, value in enumerate(values)}
     points.sort(key=lambda point: order.get(repr(_as_value(point["value"])), len(order)))
     missing = [point.label for cell in cells if cell.key in errors for point in cell.points]
-    spec = cells[0].run
     results: Dict[str, Any] = {
         "experiment": experiment.name, "paper": experiment.paper, "preset": args.preset, "ce_weight": args.ce_weight,
         "note": settings.note,
         "analogue": experiment.analogue.get(args.preset, ""), "paper_numbers": experiment.paper_numbers,
-        "dataset": spec.dataset, "model": f"{spec.arch} {dict(spec.arch_kw) or ''}".rstrip(),
-        "recipe": spec.recipe.to_dict(), "star_recipe": spec.star_recipe.to_dict(), "axis": experiment.axis,
+        "dataset": settings.dataset, "model": f"{settings.arch} {dict(settings.arch_kw) or ''}".rstrip(),
+        "recipe": settings.recipe.to_dict(), "star_recipe": settings.star_recipe.to_dict(), "axis": experiment.axis,
         "cells": {cell.key or "base": tasks[index].folder for index, cell in enumerate(cells)},
         "points": points, "failed": errors, "verdict": verdict(experiment, points, missing),
         "curves_measured_now": sum(point["measured_now"] for point in points),

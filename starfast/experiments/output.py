@@ -8,7 +8,8 @@ models"); the min and max columns are over single pairs (Table 8).
 The figure takes the paper's form: ``sweep`` draws the star–held-out barrier against the sweep
 axis with error bars, and regular–regular as the paper draws its reference (one band when every
 point shares the same reference pairs, error bars per point otherwise); ``scatter`` (Figure 3)
-draws star–held-out against regular–regular, each point annotated, with the diagonal; ``curves``
+draws star–held-out against regular–regular, one panel per swept option, each point annotated, on
+log–log axes with the diagonal; ``curves``
 (Figure 7) draws the test loss along the paths of each point's star–model and model–model pairs.
 """
 from __future__ import annotations
@@ -112,42 +113,72 @@ def plot(path: Path, experiment: Experiment, points: Sequence[Mapping[str, Any]]
     plt = pyplot(path) if measured else None
     if plt is None:
         return False
-    figure, axis = plt.subplots(figsize=(6.4, 4.4))
-    star = [_barrier(point, "star_heldout") for point in measured]
-    regular = [_barrier(point, "regular_regular") for point in measured]
-    if experiment.figure == "curves":
-        _draw_curves(axis, measured)
-    elif experiment.figure == "scatter":
+    if experiment.figure == "scatter":
+        figure = _draw_scatter(plt, measured)
+    else:
+        figure, axis = plt.subplots(figsize=(6.4, 4.4))
+        if experiment.figure == "curves":
+            _draw_curves(axis, measured)
+        else:
+            _draw_sweep(axis, experiment, measured)
+        axis.grid(alpha=0.3)
+    figure.suptitle(title, fontsize=9)
+    return save_figure(plt, figure, path)
+
+
+def _draw_sweep(axis, experiment: Experiment, points: Sequence[Mapping[str, Any]]) -> None:
+    """Figure 1's form: star–held-out against the axis, regular–regular as a band when every point
+    shares its reference pairs, as points with error bars otherwise."""
+    star = [_barrier(point, "star_heldout") for point in points]
+    regular = [_barrier(point, "regular_regular") for point in points]
+    numeric = all(isinstance(_value(point), (int, float)) for point in points)
+    xs: List[Any] = [_value(point) for point in points] if numeric else list(range(len(points)))
+    axis.errorbar(xs, [s["mean"] for s in star], yerr=[s["std"] for s in star], fmt="o-", color="tab:orange",
+                  capsize=3, label="star–held-out")
+    if len({repr(point["barriers"]["regular_regular"][SPLIT]["per_heldout"]) for point in points}) == 1:
+        axis.axhline(regular[0]["mean"], color="tab:blue", label="regular–regular")
+        axis.axhspan(regular[0]["mean"] - regular[0]["std"], regular[0]["mean"] + regular[0]["std"], color="tab:blue", alpha=0.15)
+    else:
+        axis.errorbar(xs, [r["mean"] for r in regular], yerr=[r["std"] for r in regular], fmt="s--", color="tab:blue",
+                      capsize=3, label="regular–regular")
+    axis.set_xticks(xs, [spelled(_value(point)) if numeric else point["label"] for point in points])
+    axis.set_xlabel(experiment.axis)
+    axis.set_ylabel("train loss barrier")
+    axis.set_ylim(bottom=0)
+    axis.legend(title="mean ± std over held-out models", title_fontsize="small")
+
+
+def _draw_scatter(plt, points: Sequence[Mapping[str, Any]]):
+    """Figure 3's form: star–held-out against regular–regular, one panel per swept option (width,
+    depth), each point annotated, on log–log axes with the diagonal."""
+    panels: Dict[str, List[Mapping[str, Any]]] = {}
+    for point in points:
+        value = _value(point)
+        panels.setdefault(str(value[0]) if isinstance(value, (tuple, list)) else "", []).append(point)
+    figure, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), squeeze=False)
+    for axis, (option, members) in zip(axes[0], panels.items()):
+        star = [_barrier(point, "star_heldout") for point in members]
+        regular = [_barrier(point, "regular_regular") for point in members]
         axis.errorbar([r["mean"] for r in regular], [s["mean"] for s in star], xerr=[r["std"] for r in regular],
                       yerr=[s["std"] for s in star], fmt="o", color="tab:orange", capsize=3)
-        for point, r, s in zip(measured, regular, star):
+        for point, r, s in zip(members, regular, star):
             axis.annotate(point["label"], (r["mean"], s["mean"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        top = max([r["mean"] + r["std"] for r in regular] + [s["mean"] + s["std"] for s in star] + [1e-9])
-        axis.plot([0, top], [0, top], color="tab:blue", linestyle="--", label="star = regular (diagonal)")
+        values = [r["mean"] for r in regular] + [s["mean"] for s in star]
+        low, high = min(values) / 2, max(values) * 2
+        axis.plot([low, high], [low, high], color="tab:blue", linestyle="--", label="star = regular")
+        if low > 0:
+            from matplotlib.ticker import NullFormatter
+
+            axis.set_xscale("log")
+            axis.set_yscale("log")
+            for ticks in (axis.xaxis, axis.yaxis):
+                ticks.set_minor_formatter(NullFormatter())  # labels on decades only: minor ones collide
+        axis.set_title(f"varying {option}" if option else "", fontsize=9)
         axis.set_xlabel("regular–regular barrier (mean ± std over held-out models)")
         axis.set_ylabel("star–held-out barrier")
+        axis.grid(alpha=0.3, which="both")
         axis.legend()
-    else:
-        numeric = all(isinstance(_value(point), (int, float)) for point in measured)
-        xs: List[Any] = [_value(point) for point in measured] if numeric else list(range(len(measured)))
-        axis.errorbar(xs, [s["mean"] for s in star], yerr=[s["std"] for s in star], fmt="o-", color="tab:orange",
-                      capsize=3, label="star–held-out")
-        shared = len({repr(point["barriers"]["regular_regular"][SPLIT]["per_heldout"]) for point in measured}) == 1
-        if shared:
-            r = regular[0]
-            axis.axhline(r["mean"], color="tab:blue", label="regular–regular")
-            axis.axhspan(r["mean"] - r["std"], r["mean"] + r["std"], color="tab:blue", alpha=0.15)
-        else:
-            axis.errorbar(xs, [r["mean"] for r in regular], yerr=[r["std"] for r in regular], fmt="s--", color="tab:blue",
-                          capsize=3, label="regular–regular")
-        axis.set_xticks(xs, [spelled(_value(point)) if numeric else point["label"] for point in measured])
-        axis.set_xlabel(experiment.axis)
-        axis.set_ylabel("train loss barrier")
-        axis.set_ylim(bottom=0)
-        axis.legend(title="mean ± std over held-out models", title_fontsize="small")
-    axis.grid(alpha=0.3)
-    axis.set_title(title, fontsize=9)
-    return save_figure(plt, figure, path)
+    return figure
 
 
 def _draw_curves(axis, points: Sequence[Mapping[str, Any]]) -> None:
