@@ -216,8 +216,9 @@ def _matrix_gradient(group: Group, space: ParamSpace, target_views, permuted_vie
 
 
 def _squared_distance(rows: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``‖target − row‖²`` per row, accumulated in float64 (``[N]`` on the CPU)."""
-    return (rows.double() - target.double()).pow_(2).sum(1).cpu()
+    """``‖target − row‖²`` per row, accumulated in float64 (``[N]`` on the CPU; exactly 0 for a row
+    equal to the target)."""
+    return torch.linalg.vector_norm(rows - target, dim=1, dtype=torch.float64).square().cpu()
 
 
 def _start_perms(spec: PermutationSpec, init: Optional[Perm], count: int, device) -> Perm:
