@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from starfast import matchers, models
+from starfast import models
 from starfast.evaluation import EvaluationConfig, LoadedModel, _match
 from starfast.flat import ParamSpace
 from starfast.matchers import MatcherChoice, find_permutations
@@ -248,7 +248,7 @@ def test_the_options_object_names_its_own_flag():
     with pytest.raises(ValueError, match="--eval-matcher must be one of"):
         EvaluationConfig(matcher="hungarian")
     with pytest.raises(ValueError, match="takes no options"):
-        matchers.find_permutations("none", torch.zeros(3), torch.zeros(1, 3), None, space=None, lr=1.0)
+        find_permutations("none", torch.zeros(3), torch.zeros(1, 3), None, space=None, lr=1.0)
 
 
 def test_a_star_is_not_reused_under_another_matcher(tmp_path):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from torch.optim.swa_utils import update_bn
 
-from starfast import matchers, models, starlight
+from starfast import matchers, models
 from starfast.barrier import evaluate_rows
 from starfast.data import TensorDataset
 from starfast.flat import ParamSpace
