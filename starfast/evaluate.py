@@ -128,11 +128,14 @@ def add_application_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def check_application_flags(args: argparse.Namespace) -> None:
-    """Refuse an application option without its flag; fill in the defaults."""
+    """Refuse an application option without its flag, and another matcher than weight matching
+    for the applications (they align with it); fill in the defaults."""
     for flag, options in APPLICATION_OPTIONS.items():
         given = [name for name in options if getattr(args, name) is not None]
         if given and not getattr(args, flag):
             raise ValueError(f"--{given[0].replace('_', '-')} needs --{flag}")
+    if (args.bma or args.fusion) and args.eval_matcher != "wm":
+        raise ValueError(f"--bma and --fusion align with weight matching; drop --eval-matcher {args.eval_matcher}")
     defaults = {"bma_samples": 19, "bma_seed": 0, "fusion_sizes": [2, 5, 50], "fusion_ce_weight": 1.0, "fusion_star_seeds": 3}
     for name, value in defaults.items():
         if getattr(args, name) is None:

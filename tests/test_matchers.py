@@ -10,6 +10,7 @@ from torch.func import functional_call
 
 from starfast import models
 from starfast.evaluation import EvaluationConfig, LoadedModel, _match
+from starfast.files import write_json
 from starfast.flat import ParamSpace
 from starfast.matchers import MatcherChoice, find_permutations
 from starfast.ops import lerp_gather, permute
@@ -242,6 +243,14 @@ def test_bad_matcher_flags_are_refused_naming_the_flag(argv, message, tmp_path, 
     assert message in capsys.readouterr().err
 
 
+def test_the_applications_refuse_another_matcher(tmp_path, capsys):
+    from starfast.evaluate import main as evaluate_main
+
+    with pytest.raises(SystemExit):
+        evaluate_main([str(tmp_path), "--bma", "--eval-matcher", "sinkhorn"])
+    assert "--bma and --fusion align with weight matching; drop --eval-matcher sinkhorn" in capsys.readouterr().err
+
+
 def test_the_options_object_names_its_own_flag():
     with pytest.raises(ValueError, match="--matcher must be one of wm, none, sinkhorn"):
         StarlightOptions(matcher="hungarian")
@@ -265,3 +274,10 @@ def test_a_star_is_not_reused_under_another_matcher(tmp_path):
         with pytest.raises(RunDirError, match=f"was trained with .* use the same {flag} as before"):
             train_missing_stars(run, spec, dataset, TINY_RECIPE, options, star_seeds=1, sources=[0, 1], progress=False)
     assert train_missing_stars(run, spec, dataset, TINY_RECIPE, StarlightOptions(), star_seeds=1, sources=[0, 1], progress=False) == []
+    # A star recorded before the matchers existed was trained with weight matching.
+    older = {key: value for key, value in stored.items() if key != "matcher" and not key.startswith("sinkhorn_")}
+    write_json(run.star_path(0).with_suffix(".json"), older)
+    assert train_missing_stars(run, spec, dataset, TINY_RECIPE, StarlightOptions(), star_seeds=1, sources=[0, 1], progress=False) == []
+    with pytest.raises(RunDirError, match="was trained with matcher = 'wm', not 'none'"):
+        train_missing_stars(run, spec, dataset, TINY_RECIPE, StarlightOptions(matcher="none"), star_seeds=1, sources=[0, 1],
+                            progress=False)
