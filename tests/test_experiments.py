@@ -267,7 +267,7 @@ def test_stored_curves_are_keyed_by_the_models_and_the_settings_that_differ_from
 def test_the_verdict_reads_the_trend_step_by_step():
     def point(label, star, regular=0.1, star_loss=0.01):
         summary = lambda mean: {"train": {"over_heldout": {"mean": mean, "std": 0.0}}}  # noqa: E731
-        return {"label": label, "barriers": {"star_heldout": summary(star), "regular_regular": summary(regular)},
+        return {"label": label, "value": label, "barriers": {"star_heldout": summary(star), "regular_regular": summary(regular)},
                 "star_loss": {"train": {"mean": star_loss}}, "regular_loss": {"train": {"mean": 0.01}}}
 
     sources = EXPERIMENTS["sources"]
@@ -278,3 +278,8 @@ def test_the_verdict_reads_the_trend_step_by_step():
     assert "below regular–regular at 1 of 2 points" in verdict(EXPERIMENTS["grid"], [point("11", 0.05), point("21", 0.2)])
     broken = verdict(EXPERIMENTS["perturbation"], [point("ε = 2", 0.05), point("ε = 16", 0.0, star_loss=0.03)])
     assert "above 2× the regular models' at ε = 16" in broken and broken.endswith("does not hold here")
+    with_control = [point("wm", 0.05), point("none", 0.2)]
+    with_control[1]["value"], with_control[0]["value"] = "none", "wm"
+    line = verdict(EXPERIMENTS["matcher"], with_control)
+    assert "at 1 of 1 points" in line and "control none (not the paper's claim): star–held-out 2.00×" in line
+    assert line.endswith("the paper's trend holds here")

@@ -103,7 +103,8 @@ class Experiment:
     ``separated`` (the largest star–held-out pair below the smallest regular–regular pair, Table 8).
     ``figure``: ``sweep`` (barrier against the axis), ``scatter`` (Figure 3: star–held-out against
     regular–regular), ``curves`` (Figure 7: test loss along the paths). ``analogue[preset]`` says what a preset substitutes for the paper's setting;
-    ``model[preset]``, the architecture and options used instead of the preset's."""
+    ``model[preset]``, the architecture and options used instead of the preset's; ``controls``, sweep
+    values that are not part of the paper's claim (reported beside the verdict, e.g. no matching)."""
 
     name: str
     paper: str
@@ -118,6 +119,7 @@ class Experiment:
     analogue: Mapping[str, str] = field(default_factory=dict)
     paper_numbers: str = ""
     model: Mapping[str, Tuple[str, Mapping[str, Any]]] = field(default_factory=dict)
+    controls: Tuple[Any, ...] = ()
 
     def settings(self, preset: str, *, arch: Optional[str] = None, arch_kw: Optional[Mapping[str, Any]] = None,
                  **overrides: Any) -> Settings:
@@ -310,7 +312,7 @@ EXPERIMENTS: Dict[str, Experiment] = {experiment.name: experiment for experiment
     Experiment(
         "matcher", "Figure 8", "weight matching, Sinkhorn re-basin or no matching, for the star's sources and the barriers",
         "matcher", _choice(("wm", "sinkhorn", "none")), {"quick": ("wm", "sinkhorn", "none"), "paper": ("wm", "sinkhorn")},
-        {"quick": _sizes(10, 3, 1), "paper": _sizes(10, 3, 1)}, _one_run(_matcher_point),
+        {"quick": _sizes(10, 3, 1), "paper": _sizes(10, 3, 1)}, _one_run(_matcher_point), controls=("none",),
         paper_numbers="Figure 8 (CIFAR-10 VGG19-BN): star below regular with both weight matching and Sinkhorn re-basin; "
                       "Sinkhorn's barriers are higher than weight matching's there",
     ),

@@ -66,8 +66,11 @@ def verdict(experiment: Experiment, points: Sequence[Mapping[str, Any]], missing
     """One line: do the experiment's claims (``experiment.claims``) hold here, with the numbers.
     ``falls`` holds when every step along the axis is down, and in part when the barrier ends below
     where it started but some step is up. No claim holds at a point whose star's train loss is above
-    ``CLAIM_LOSS_FACTOR`` times the regular models' (as in the main job's verdict)."""
+    ``CLAIM_LOSS_FACTOR`` times the regular models' (as in the main job's verdict). The experiment's
+    ``controls`` (e.g. no matching at all) are reported beside the claim, not judged by it."""
     measured = [point for point in points if _barrier(point, "star_heldout") and _barrier(point, "regular_regular")]
+    controls = [point for point in measured if point["value"] in experiment.controls]
+    measured = [point for point in measured if point not in controls]
     if not measured:
         return f"verdict ({experiment.name}): nothing was measured" + (f" (failed: {', '.join(missing)})" if missing else "")
     ratios = [_barrier(point, "star_heldout")["mean"] / _barrier(point, "regular_regular")["mean"] for point in measured]
@@ -95,6 +98,9 @@ def verdict(experiment: Experiment, points: Sequence[Mapping[str, Any]], missing
         parts.append(f"largest star–held-out pair below the smallest regular–regular pair at {len(separated)} of "
                      f"{len(measured)} points")
         holds = holds and len(separated) == len(measured)
+    for control in controls:
+        ratio = _barrier(control, "star_heldout")["mean"] / _barrier(control, "regular_regular")["mean"]
+        parts.append(f"control {control['label']} (not the paper's claim): star–held-out {ratio:.2f}× regular–regular")
     outcome = ("the paper's trend holds here" if holds else "the paper's trend holds here only in part: not every step is "
                "down" if in_part else "the paper's trend does not hold here")
     if missing:
