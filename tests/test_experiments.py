@@ -281,5 +281,6 @@ def test_the_verdict_reads_the_trend_step_by_step():
     with_control = [point("wm", 0.05), point("none", 0.2)]
     with_control[1]["value"], with_control[0]["value"] = "none", "wm"
     line = verdict(EXPERIMENTS["matcher"], with_control)
-    assert "at 1 of 1 points" in line and "control none (not the paper's claim): star–held-out 2.00×" in line
+    assert "at 1 of 1 points" in line and "control none (not the paper's claim): star–held-out 2.00× regular–regular, " \
+                                          "star loss 1× the regular models'" in line
     assert line.endswith("the paper's trend holds here")

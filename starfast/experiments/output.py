@@ -100,7 +100,9 @@ def verdict(experiment: Experiment, points: Sequence[Mapping[str, Any]], missing
         holds = holds and len(separated) == len(measured)
     for control in controls:
         ratio = _barrier(control, "star_heldout")["mean"] / _barrier(control, "regular_regular")["mean"]
-        parts.append(f"control {control['label']} (not the paper's claim): star–held-out {ratio:.2f}× regular–regular")
+        losses = control["star_loss"][SPLIT]["mean"] / control["regular_loss"][SPLIT]["mean"]
+        parts.append(f"control {control['label']} (not the paper's claim): star–held-out {ratio:.2f}× regular–regular, "
+                     f"star loss {losses:.3g}× the regular models'")
     outcome = ("the paper's trend holds here" if holds else "the paper's trend holds here only in part: not every step is "
                "down" if in_part else "the paper's trend does not hold here")
     if missing:
