@@ -239,8 +239,10 @@ def test_every_experiment_builds_its_cells_for_both_presets():
             assert all(cell.run.dataset == ("digits" if preset == "quick" else "cifar10") for cell in cells)
     paper_widths = EXPERIMENTS["width-depth"].settings("paper")
     assert (paper_widths.arch, paper_widths.recipe.epochs, paper_widths.star_recipe.epochs) == ("wrn", 200, 200)
-    quick = EXPERIMENTS["sources"].settings("quick")
+    quick = EXPERIMENTS["grid"].settings("quick")
     assert (quick.arch, dict(quick.arch_kw), quick.recipe.epochs, quick.star_recipe.epochs) == ("mlp", {"depth": 3, "width": 24}, 30, 90)
+    assert EXPERIMENTS["sources"].settings("quick").star_recipe.epochs == 180
+    assert EXPERIMENTS["sources"].settings("quick", star_epochs=90).star_recipe.epochs == 90
 
 
 def test_optimizer_experiment_measures_the_star_against_an_extra_set_of_its_own_recipe():
