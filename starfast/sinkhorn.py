@@ -39,6 +39,7 @@ the learning rate is in units of logit change per step.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Union
@@ -158,8 +159,9 @@ def sinkhorn_match(
     distance_of(best)  # the answer's rows into ``work``
     result = SinkhornResult(best, work, torch.stack(history), best_step, spec, space)
     if single:
-        result = SinkhornResult(
-            {name: perm[0] for name, perm in best.items()}, work[0], result.distance[:, 0], best_step[0], spec, space
+        result = dataclasses.replace(
+            result, perms={name: perm[0] for name, perm in best.items()}, permuted=work[0],
+            distance=result.distance[:, 0], best_step=best_step[0],
         )
     return result
 
@@ -233,9 +235,9 @@ def _start_perms(spec: PermutationSpec, init: Optional[Perm], count: int, device
     for name, index in init.items():
         index = index.to(device=device, dtype=torch.long)
         perms[name] = (index.expand(count, -1) if index.dim() == 1 else index).clone()
-    spec.check_perm(perms, "sinkhorn_match: init")
-    if spec.check_perm(perms) != count:
-        raise ValueError(f"sinkhorn_match: init holds permutations for {spec.check_perm(perms)} sources, not {count}")
+    batch = spec.check_perm(perms, "sinkhorn_match: init")
+    if batch != count:
+        raise ValueError(f"sinkhorn_match: init holds permutations for {batch} sources, not {count}")
     return perms
 
 
