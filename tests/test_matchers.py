@@ -198,6 +198,19 @@ def test_a_star_without_permutations_is_the_star_of_identity_matches(rng, monkey
     assert torch.equal(none.theta, identity.theta)
 
 
+@pytest.mark.parametrize("background", [False, True], ids=["sync", "async"])
+def test_a_sinkhorn_star_trains_on_valid_permutations(rng, background):
+    skeleton = models.build("resnet20", 4, 3, (3, 8, 8), width=0.25)
+    space, spec = ParamSpace(skeleton), models.permutation_spec(skeleton)
+    bank = 0.2 * torch.randn(3, space.size, generator=rng)
+    data, recipe = toy_dataset(rng), Recipe(lr=0.05, weight_decay=0.0, epochs=2, batch_size=16)
+    options = StarlightOptions(matcher="sinkhorn", sinkhorn_steps=3, rematch_every=2, rematch_async=background)
+    result = train_star(skeleton, bank, spec, data, recipe, options, seed=5, quiet=True)
+    assert spec.check_perm(result.perms) == 3 and result.metrics["rematches"] == 3
+    assert torch.equal(result.index_maps.long(), spec.index_map(space, result.perms))
+    assert result.settings["matcher"] == "sinkhorn" and result.settings["sinkhorn_steps"] == 3
+
+
 def test_the_evaluation_with_none_measures_the_models_as_they_are(rng):
     skeleton = models.build("resnet20", 4, 3, (3, 8, 8), width=0.25)
     space, spec = ParamSpace(skeleton), models.permutation_spec(skeleton)
