@@ -13,12 +13,11 @@ import pytest
 import torch
 
 from starfast import evaluation, pipeline
-from starfast.evaluation import LoadedModel
+from starfast.evaluation import EvaluationConfig, LoadedModel
 from starfast.experiments import __main__ as cli
 from starfast.experiments.catalog import EXPERIMENTS, Settings
-from starfast.experiments.cells import CellTask, cell_tasks
+from starfast.experiments.cells import cell_tasks
 from starfast.experiments.launch import InProcess, LauncherError, make_executor, run_cells
-from starfast.evaluation import EvaluationConfig
 from starfast.experiments.measure import StoredCurves, perturbed, summarise_pairs
 from starfast.experiments.output import verdict
 from starfast.experiments.plan import Perturbation, StarSet
