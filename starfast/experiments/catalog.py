@@ -8,8 +8,8 @@ recipes, a few minutes per experiment on a 2-core CPU; ``paper`` is CIFAR-10 wit
 WideResNets for Figure 3) and the recipes of Appendix B, what a GPU user runs.
 
 Experiments sharing a model and recipe share its run directory, so their models and stars are
-trained once: e.g. ``sources``, ``grid``, ``t-sampling`` and ``perturbation`` all measure the stars
-trained on the first 10 sources (star set ``z0010-e<epochs>``).
+trained once: e.g. ``grid``, ``t-sampling``, ``perturbation``, ``optimizer`` and ``matcher`` all
+measure the stars trained on the first 10 sources (star set ``z0010-e<epochs>``).
 """
 from __future__ import annotations
 
