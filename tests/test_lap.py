@@ -103,6 +103,20 @@ def test_opcheck(rng):
         torch.library.opcheck(torch.ops.starfast.linear_assignment, (cost, True), test_utils=("test_schema", "test_faketensor"))
 
 
+def test_direct_call_dispatcher_and_compiled_trace_agree_with_scipy(rng):
+    """linear_assignment calls the CPU kernel directly outside torch.compile and the registered op
+    while tracing: both paths, and the op called through torch.ops, give scipy's answer."""
+    if not ops.HAVE_EXTENSION:
+        pytest.skip("extension not built: the reference is the only path")
+    cost = make_costs("wm", 4, 24, rng)
+    expected = linear_assignment_reference(cost, maximize=True)
+    compiled = torch.compile(lambda c: linear_assignment(c, maximize=True), backend="eager", fullgraph=True)
+    for path, columns in (("direct", linear_assignment(cost, maximize=True)),
+                          ("torch.ops", torch.ops.starfast.linear_assignment(cost, True)),
+                          ("torch.compile", compiled(cost))):
+        assert torch.equal(columns, expected), f"{path}: {columns} vs scipy {expected}"
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_cuda_input_returns_on_cuda(rng):
     cost = make_costs("iid", 2, 20, rng).cuda()
