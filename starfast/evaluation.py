@@ -36,7 +36,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Protocol, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -93,6 +93,10 @@ class EvaluationConfig(MatcherChoice):
             raise ValueError(f"--match-init must be identity or sorted, got {self.match_init!r}")
         if self.match_init is not None and self.matcher != "wm":
             raise ValueError(f"--match-init {self.match_init} is a weight-matching start; drop it or use --eval-matcher wm")
+
+    def matcher_options(self) -> Dict[str, Any]:
+        """The finder's keywords: weight matching's sweep limit, or the Sinkhorn options."""
+        return {"max_iter": self.match_max_iter} if self.matcher == "wm" else super().matcher_options()
 
 
 @dataclass
@@ -151,12 +155,10 @@ def evaluate_run(
     curves = {kind: measure_pairs(items, partial, skeleton, dataset, config, bar=bar, progress=progress)
               for kind, items in pairs.items()}
     bar.close()
-    # Each model's own loss, read off the end points of the curves it is part of.
-    own_loss: Dict[str, Dict[str, Tuple[float, float]]] = {"regular": {}, "star": {}}
-    for kind in KINDS:
-        for curve in curves[kind]:
-            own_loss["regular" if kind == "regular_regular" else "star"][curve["a"]] = (curve["train_loss"][0], curve["test_loss"][0])
-            own_loss["regular"][curve["b"]] = (curve["train_loss"][-1], curve["test_loss"][-1])
+    own = _end_point_losses(curve for kind in KINDS for curve in curves[kind])
+    star_labels = {star.label for star in stars}
+    own_loss = {"regular": {label: loss for label, loss in own.items() if label not in star_labels},
+                "star": {label: loss for label, loss in own.items() if label in star_labels}}
 
     results = {
         "dataset": dataset.name,
@@ -198,8 +200,8 @@ def measure_pairs(
     progress: bool = True,
 ) -> List[Dict[str, Any]]:
     """The barrier curve of each ``(anchor, partner)`` pair, in order: taken from ``store`` when
-    it holds it, otherwise the partner is weight-matched onto the anchor (one batched call per
-    anchor for its consecutive pairs), measured, and added to ``store``. ``bar`` ticks once per
+    it holds it, otherwise the partner is aligned with the anchor by ``config.matcher`` (one
+    batched call per anchor for its consecutive pairs), measured, and added to ``store``. ``bar`` ticks once per
     pair. An anchor without buffers (e.g. a perturbed star) gets its BatchNorm statistics
     recomputed like the interior points."""
     space, spec = ParamSpace(skeleton), models.permutation_spec(skeleton)
@@ -324,14 +326,20 @@ def _extra_set_summary(run: RunDir, name: str, members: List[LoadedModel], curve
     own train/test losses of its models (read off the ends of its curves) and its kinds."""
     kinds = [f"star_{name}", f"{name}_{name}"]
     labels = {member.label for member in members}
-    own: Dict[str, Tuple[float, float]] = {}
-    for curve in (curve for kind in kinds for curve in curves[kind]):
-        for end, index in (("a", 0), ("b", -1)):
-            if curve[end] in labels:
-                own[curve[end]] = (curve["train_loss"][index], curve["test_loss"][index])
+    own = {label: loss for label, loss in _end_point_losses(curve for kind in kinds for curve in curves[kind]).items()
+           if label in labels}
     recipe = run.read_metadata(extra_role(name), members[0].seed).get("recipe")
     return {"recipe": recipe, "count": len(members), "loss": summarise([train for train, _ in own.values()]),
             "test_loss": summarise([test for _, test in own.values()]), "kinds": kinds}
+
+
+def _end_point_losses(curves: Iterable[Mapping[str, Any]]) -> Dict[str, Tuple[float, float]]:
+    """Each model's own (train, test) loss, read off the end points of the curves it is part of."""
+    own: Dict[str, Tuple[float, float]] = {}
+    for curve in curves:
+        own[curve["a"]] = (curve["train_loss"][0], curve["test_loss"][0])
+        own[curve["b"]] = (curve["train_loss"][-1], curve["test_loss"][-1])
+    return own
 
 
 def _check_complete(run: RunDir, stars: List[LoadedModel]) -> None:
@@ -389,9 +397,8 @@ def _match(anchor: LoadedModel, partners: List[LoadedModel], spec, space: ParamS
     if not config.permutes:
         return [(partner.buffers, partner.row) for partner in partners]
     bank = torch.stack([partner.row for partner in partners])
-    options = {"max_iter": config.match_max_iter} if config.matcher == "wm" else config.matcher_options()
-    init = config.match_init if config.matcher == "wm" else None
-    result = find_permutations(config.matcher, anchor.row, bank, spec, space=space, init=init, **options)
+    result = find_permutations(config.matcher, anchor.row, bank, spec, space=space, init=config.match_init,
+                               **config.matcher_options())
     matched = []
     for k, partner in enumerate(partners):
         perm = {name: index[k] for name, index in result.perms.items()}
