@@ -155,7 +155,7 @@ def evaluate_run(
     curves = {kind: measure_pairs(items, partial, skeleton, dataset, config, bar=bar, progress=progress)
               for kind, items in pairs.items()}
     bar.close()
-    own = _end_point_losses(curve for kind in KINDS for curve in curves[kind])
+    own = end_point_losses(curve for kind in KINDS for curve in curves[kind])
     star_labels = {star.label for star in stars}
     own_loss = {"regular": {label: loss for label, loss in own.items() if label not in star_labels},
                 "star": {label: loss for label, loss in own.items() if label in star_labels}}
@@ -326,14 +326,14 @@ def _extra_set_summary(run: RunDir, name: str, members: List[LoadedModel], curve
     own train/test losses of its models (read off the ends of its curves) and its kinds."""
     kinds = [f"star_{name}", f"{name}_{name}"]
     labels = {member.label for member in members}
-    own = {label: loss for label, loss in _end_point_losses(curve for kind in kinds for curve in curves[kind]).items()
+    own = {label: loss for label, loss in end_point_losses(curve for kind in kinds for curve in curves[kind]).items()
            if label in labels}
     recipe = run.read_metadata(extra_role(name), members[0].seed).get("recipe")
     return {"recipe": recipe, "count": len(members), "loss": summarise([train for train, _ in own.values()]),
             "test_loss": summarise([test for _, test in own.values()]), "kinds": kinds}
 
 
-def _end_point_losses(curves: Iterable[Mapping[str, Any]]) -> Dict[str, Tuple[float, float]]:
+def end_point_losses(curves: Iterable[Mapping[str, Any]]) -> Dict[str, Tuple[float, float]]:
     """Each model's own (train, test) loss, read off the end points of the curves it is part of."""
     own: Dict[str, Tuple[float, float]] = {}
     for curve in curves:

@@ -30,7 +30,7 @@ from starfast.flat import ParamSpace
 from starfast.models import ModelSpec
 from starfast.progress import progress_bar
 from starfast.recipes import Recipe
-from starfast.rundir import MAIN_STARS, RunDir, RunDirError, extra_role, extra_seeds
+from starfast.rundir import MAIN_STARS, RunDir, RunDirError, extra_role, extra_seeds, heldout_seeds, source_seeds
 from starfast.starlight import StarlightOptions, StarResult, train_star
 from starfast.training import SpeedOptions, TrainedModel, TrainingDiverged, TrainingMetrics, init_model, train_model, train_models_parallel
 
@@ -58,6 +58,13 @@ class ModelJob:
 
     role: str
     seed: int
+
+
+def regular_jobs(sources: int, heldout: int) -> List[ModelJob]:
+    """The ``sources`` source models (seeds 0..) and ``heldout`` held-out models (seeds 1000..) of a run."""
+    return [ModelJob("sources", seed) for seed in source_seeds(sources)] + [
+        ModelJob("heldout", seed) for seed in heldout_seeds(heldout)
+    ]
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ from starfast.evaluation import EvaluationConfig
 from starfast.files import StoredFileError, write_json
 from starfast.matchers import MATCHERS
 from starfast.models import ModelSpec
-from starfast.pipeline import ExtraSet, ModelJob, train_missing_models, train_missing_stars
+from starfast.pipeline import ExtraSet, ModelJob, regular_jobs, train_missing_models, train_missing_stars
 from starfast.recipes import (
     MAIN_JOB_ARCH_KW, OPTIMIZERS, SCHEDULES, STAR_EPOCHS_FACTOR, Recipe, default_star_epochs, main_job_arch_kw, resolve,
     resolve_own,
@@ -186,10 +186,7 @@ class RunContext:
 
     def model_sets(self) -> List[Tuple[Recipe, List[ModelJob], str]]:
         """``(recipe, jobs, the flags that set the recipe)`` of the regular models and of each extra set."""
-        regular = [ModelJob("sources", seed) for seed in source_seeds(self.sources)] + [
-            ModelJob("heldout", seed) for seed in heldout_seeds(self.heldout)
-        ]
-        return [(self.recipe, regular, "recipe flags")] + [
+        return [(self.recipe, regular_jobs(self.sources, self.heldout), "recipe flags")] + [
             (extra.recipe, extra.jobs(), f"--extra-heldout {extra.name}:... (and the recipe flags)") for extra in self.extra_sets
         ]
 

@@ -26,8 +26,8 @@ from starfast import data
 from starfast.experiments.measure import measure_point
 from starfast.experiments.plan import Cell
 from starfast.models import ModelSpec
-from starfast.pipeline import ModelJob, train_missing_models, train_missing_stars
-from starfast.rundir import RunDir, experiment_star_set, heldout_seeds, source_seeds
+from starfast.pipeline import regular_jobs, train_missing_models, train_missing_stars
+from starfast.rundir import RunDir, experiment_star_set, source_seeds
 
 
 class CellFailed(RuntimeError):
@@ -51,8 +51,7 @@ def run_cell(experiment: str, cell: Cell, run: RunDir, *, device: torch.device, 
         extra_sets = {**stored.get("extra_heldout", {}), **{extra.name: extra.to_dict() for extra in cell.run.extra_sets}}
         run.prepare({"model": spec.to_dict(), "dataset": dataset.name, "recipe": cell.run.recipe.to_dict(), **counts,
                      **({"extra_heldout": extra_sets} if extra_sets else {})})
-        regular = ([ModelJob("sources", seed) for seed in source_seeds(cell.run.sources)]
-                   + [ModelJob("heldout", seed) for seed in heldout_seeds(cell.run.heldout)])
+        regular = regular_jobs(cell.run.sources, cell.run.heldout)
         for recipe, jobs in [(cell.run.recipe, regular), *((extra.recipe, extra.jobs()) for extra in cell.run.extra_sets)]:
             _, failures = train_missing_models(run, spec, dataset, recipe, jobs, progress=progress, report=report)
             if failures:

@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from starfast.evaluation import EvaluationConfig, LoadedModel, load_models, load_stars, measure_pairs, summarise
+from starfast.evaluation import EvaluationConfig, LoadedModel, end_point_losses, load_models, load_stars, measure_pairs, summarise
 from starfast.files import bytes_digest, read_json, write_json
 from starfast.flat import ParamSpace
 from starfast.experiments.plan import Perturbation, Point
@@ -98,7 +98,8 @@ def measure_point(run: RunDir, dataset: Any, point: Point, star_set: str, *, dev
         curves = {kind: measure_pairs(items, store, skeleton, dataset, point.evaluation, bar=bar, progress=progress)
                   for kind, items in pairs.items()}
     heldout_labels = [model.label for model in heldout]
-    own = _own_losses(curves)
+    ends = end_point_losses(itertools.chain.from_iterable(curves.values()))
+    own = {label: dict(zip(SPLITS, losses)) for label, losses in ends.items()}
     return {
         **point.describe(),
         "star_set": star_set,
@@ -111,15 +112,6 @@ def measure_point(run: RunDir, dataset: Any, point: Point, star_set: str, *, dev
         "curves": curves,
         "measured_now": store.measured,
     }
-
-
-def _own_losses(curves: Dict[str, List[Dict[str, Any]]]) -> Dict[str, Dict[str, float]]:
-    """Each model's own train/test loss, read off the end points of the curves it ends."""
-    own: Dict[str, Dict[str, float]] = {}
-    for curve in itertools.chain.from_iterable(curves.values()):
-        for end, index in (("a", 0), ("b", -1)):
-            own[curve[end]] = {split: curve[f"{split}_loss"][index] for split in SPLITS}
-    return own
 
 
 def summarise_pairs(curves: Sequence[Dict[str, Any]], heldout: Sequence[str]) -> Dict[str, Any]:
