@@ -12,10 +12,10 @@ from starfast.flat import ParamSpace
 from starfast.lap import linear_assignment
 from starfast.matching import MatchResult, match_weights
 from starfast.ops import lerp_gather, permute
-from starfast.spec import Axis, Group, PermutationSpec, permute_model
+from starfast.spec import Axis, Group, PermutationSpec, Site, permute_model
 
 __all__ = [
     "Axis", "BarrierCurve", "Group", "MatchResult", "ParamSpace", "PermutationSpec", "barrier_curve",
-    "lerp_gather", "linear_assignment", "loss_barrier", "match_weights", "permute", "permute_model", "recompute_bn",
+    "lerp_gather", "linear_assignment", "loss_barrier", "match_weights", "permute", "permute_model", "recompute_bn", "Site",
 ]
 __version__ = "0.1.0"

@@ -4,7 +4,9 @@ A ``PermutationSpec`` is a list of ``Group``s — one per permutable hidden axis
 architecture (a layer's output units, a residual stream, a dense-block segment, an attention
 head's query/key dims…). Each group lists the ``Axis``es it acts on: a state-dict name
 (parameter or buffer), the axis of that tensor, and an ``offset`` for groups that own only a
-slice of the axis (DenseNet concatenations, fused projections).
+slice of the axis (DenseNet concatenations, fused projections). A group may also list ``Site``s:
+the submodule inputs or outputs where its units can be observed in a forward pass, which the
+data-based matchers and REPAIR read; weight matching needs only the axes.
 
 A permutation ``Perm`` maps every group name to a LongTensor ``[size]`` (or a batch ``[K, size]``).
 Semantics are gathers: on every axis of group ``g`` the new unit ``k`` is the old unit
@@ -36,13 +38,33 @@ class Axis:
     offset: int = 0
 
 
+SITE_PLACES = ("input", "output")
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where a group's units can be observed in a forward pass: the first positional input
+    (``where="input"``, a forward pre-hook) or the output (``"output"``, a forward hook) of the
+    submodule registered as ``module`` ("" is the model itself), units ``[offset, offset + size)``
+    along axis ``dim`` of that tensor (``1`` for ``[B, C, ...]`` maps and ``[B, F]`` features, ``-1``
+    for ``[B, tokens, F]``). Data-based matchers (activation matching, REPAIR) read activations
+    here; weight-based ones ignore sites."""
+
+    module: str
+    where: str
+    dim: int
+    offset: int = 0
+
+
 @dataclass(frozen=True)
 class Group:
-    """One permutable set of ``size`` units and every tensor axis that carries them."""
+    """One permutable set of ``size`` units and every tensor axis that carries them; ``sites``:
+    where the units can be observed (empty when the spec does not say)."""
 
     name: str
     size: int
     axes: Tuple[Axis, ...]
+    sites: Tuple[Site, ...] = ()
 
 
 class PermutationSpec:
@@ -63,6 +85,12 @@ class PermutationSpec:
             if not group.axes:
                 raise ValueError(f"PermutationSpec: group {group.name!r} acts on no axis")
             self._by_name[group.name] = group
+            for site in group.sites:
+                if not isinstance(site, Site) or site.where not in SITE_PLACES or site.offset < 0:
+                    raise ValueError(
+                        f"PermutationSpec: group {group.name!r} has site {site!r}; a site is a Site whose "
+                        f"where is one of {SITE_PLACES} and whose offset is non-negative"
+                    )
             for axis in group.axes:
                 if axis.axis < 0 or axis.offset < 0:
                     raise ValueError(
@@ -89,6 +117,11 @@ class PermutationSpec:
             return self._by_name[name]
         except KeyError:
             raise KeyError(f"PermutationSpec: no group named {name!r}") from None
+
+    @property
+    def has_sites(self) -> bool:
+        """True when every group says where its units can be observed (data-based matchers need it)."""
+        return all(group.sites for group in self.groups)
 
     def axes_of(self, name: str) -> List[Tuple[Axis, str]]:
         """The ``(Axis, group name)`` pairs acting on tensor ``name`` (empty if none)."""

@@ -490,3 +490,16 @@ def test_mlp_stacked_forward_equals_each_model(name, kwargs, rng):
     torch.testing.assert_close(nets[0].stacked_forward(stacked, per_model), want)
     shared = per_model[0]
     torch.testing.assert_close(nets[0].stacked_forward(stacked, shared, shared=True), torch.stack([net(shared) for net in nets]))
+
+
+def test_groups_carry_validated_sites():
+    from starfast.spec import Site
+
+    site = Site("hidden.1", "input", 1)
+    spec = PermutationSpec([Group("a", 3, (Axis("w", 0),), (site,)), Group("b", 2, (Axis("v", 0),))])
+    assert spec.group("a").sites == (site,) and spec.group("b").sites == ()
+    assert not spec.has_sites
+    assert PermutationSpec([Group("a", 3, (Axis("w", 0),), (site,))]).has_sites
+    for bad in (Site("m", "inside", 1), Site("m", "output", 1, offset=-1), ("m", "output", 1)):
+        with pytest.raises(ValueError, match="site"):
+            PermutationSpec([Group("a", 3, (Axis("w", 0),), (bad,))])
