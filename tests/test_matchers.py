@@ -1,5 +1,5 @@
 """The permutation finders behind ``--matcher`` / ``--eval-matcher``: planted permutations
-recovered exactly by ``wm`` and ``sinkhorn`` on every architecture of the zoo; Sinkhorn's
+recovered exactly by ``wm`` and ``sinkhorn`` (from one of three noise seeds) on every architecture of the zoo; Sinkhorn's
 straight-through gradient against autograd through dense permutation matrices; its answers are
 permutations that preserve the function; Sinkhorn against weight matching on independent models
 (printed, no winner asserted); ``none`` bit-identical to identity index maps in Starlight and the
