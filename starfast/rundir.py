@@ -359,7 +359,7 @@ class RunDir:
         """Write the star's weights, then its metadata JSON (with the weights' checksum; it marks the
         star finished)."""
         path = self.star_path(star_seed, star_set)
-        digest = save_state_dict(path, state_dict, {"role": "star", "seed": str(star_seed)})
+        digest = save_state_dict(path, state_dict, {"role": "star", "seed": str(star_seed), "set": star_set})
         write_json(path.with_suffix(".json"), {**metadata, DIGEST_KEY: digest})
         return path
 
@@ -367,7 +367,9 @@ class RunDir:
                   device: Union[str, torch.device] = "cpu") -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
         """``(state_dict, metadata)`` of a finished star, its checksum verified."""
         metadata = self.read_star_metadata(star_seed, star_set)
-        return _verified_load(self.star_path(star_seed, star_set), metadata, device), metadata
+        path = self.star_path(star_seed, star_set)
+        self._check_identity(path, metadata, {"star_seed": star_seed})
+        return _verified_load(path, metadata, device, {"role": "star", "seed": str(star_seed), "set": star_set}), metadata
 
     def read_star_metadata(self, star_seed: int, star_set: str = MAIN_STARS) -> Dict[str, Any]:
         return read_json(self.star_path(star_seed, star_set).with_suffix(".json"))
@@ -384,18 +386,33 @@ class RunDir:
         if not self.is_finished(role, seed):
             raise RunDirError(f"{path} (with its .json) does not exist; train it with python -m starfast.train --stage models")
         metadata = self.read_metadata(role, seed)
-        return _verified_load(path, metadata, device), metadata
+        self._check_identity(path, metadata, {"role": role, "seed": seed})
+        return _verified_load(path, metadata, device, {"role": role, "seed": str(seed)}), metadata
+
+    def _check_identity(self, path: Path, metadata: Mapping[str, Any], place: Mapping[str, Any]) -> None:
+        """Refuse a model whose sidecar says it is another model than its place (``place``: the role
+        and seed its path implies), or was made for another model or dataset than ``config.json``
+        says (a file copied in from elsewhere, or a hand-edited config). Keys a sidecar lacks
+        (written by an older starfast) are not checked."""
+        sidecar = path.with_suffix(".json")
+        for key, value in place.items():
+            if key in metadata and metadata[key] != value:
+                raise RunDirError(f"{sidecar} records {key} {metadata[key]!r} but lies where {key} {value!r} belongs (a "
+                                  "file copied or renamed from elsewhere); put it back, or delete it and its weights")
+        config = self.read_config() or {}
+        for key in ("model", "dataset"):
+            if key in metadata and key in config and _normalised(metadata[key]) != _normalised(config[key]):
+                raise RunDirError(
+                    f"{sidecar} was made for {key} {json.dumps(metadata[key])} but {self.config_path} says "
+                    f"{json.dumps(config[key])}; if config.json was edited, restore it (or use another --run-dir); "
+                    "if the model came from another run, delete it and its .json to train it again"
+                )
 
     def build_model(self, role: str, seed: int, device: Union[str, torch.device] = "cpu") -> nn.Module:
         """The stored model as a module (built from config.json's spec, weights and buffers loaded)."""
         spec = self.model_spec()
-        state_dict, metadata = self.load_model(role, seed, device)
+        state_dict, _ = self.load_model(role, seed, device)
         path = self.model_path(role, seed)
-        if _normalised(metadata.get("model")) != _normalised(spec.to_dict()):
-            raise RunDirError(
-                f"{path.with_suffix('.json')} describes model {metadata.get('model')} but {self.config_path} says "
-                f"{spec.to_dict()}; delete the model's files to train it again"
-            )
         module = spec.build().to(device)
         try:
             module.load_state_dict(state_dict)
@@ -404,11 +421,12 @@ class RunDir:
         return module
 
 
-def _verified_load(path: Path, metadata: Mapping[str, Any], device) -> Dict[str, torch.Tensor]:
+def _verified_load(path: Path, metadata: Mapping[str, Any], device, header: Mapping[str, str]) -> Dict[str, torch.Tensor]:
     """The weights at ``path``, checked against the checksum in ``metadata`` (files written before
-    checksums were recorded load with a warning)."""
+    checksums were recorded load with a warning) and against ``header``: what the file's own
+    metadata must say (its role and seed)."""
     digest = metadata.get(DIGEST_KEY)
     if digest is None:
         warnings.warn(f"{path.with_suffix('.json')} records no checksum (written by an older starfast): its weights "
                       "cannot be verified", RuntimeWarning, stacklevel=3)
-    return load_state_dict(path, device, digest=digest)
+    return load_state_dict(path, device, digest=digest, expected=header)

@@ -227,3 +227,51 @@ def test_a_run_directory_that_cannot_be_created_is_one_clear_error(tmp_path, cap
     assert main(["--run-dir", str(blocker / "run"), *SMALL]) == 1
     error = capsys.readouterr().err
     assert error.startswith(f"error: cannot write to the run directory {blocker / 'run'}") and "Traceback" not in error
+
+
+def copy_model(run_dir: Path, source: str, target: str, *, sidecar: bool = True) -> None:
+    """Copy ``source`` (e.g. ``sources/seed-0001``) over ``target``: the weights, and the sidecar too."""
+    import shutil
+
+    for suffix in (".safetensors", ".json") if sidecar else (".safetensors",):
+        shutil.copyfile(run_dir / f"{source}{suffix}", run_dir / f"{target}{suffix}")
+
+
+def test_a_model_under_another_models_name_is_refused(finished_run, tmp_path, capsys):
+    """A source copied (with its sidecar) over a held-out model would be measured as a held-out model
+    at barrier 0; its sidecar's role and seed differ from its place."""
+    run_dir = copy_of(finished_run, tmp_path)
+    copy_model(run_dir, "sources/seed-0001", "heldout/seed-1001")
+    assert evaluate_main([str(run_dir), "--quiet", "--ts", "3"]) == 1
+    error = capsys.readouterr().err
+    assert "heldout/seed-1001.json records role 'sources' but lies where role 'heldout' belongs" in error, error
+
+
+def test_a_renamed_model_with_a_forged_sidecar_is_refused_by_its_own_header(finished_run, tmp_path, capsys):
+    """The sidecar edited to match the place (and to record the copied file's checksum): the
+    weights file's own header still names the model it is."""
+    run_dir = copy_of(finished_run, tmp_path)
+    copy_model(run_dir, "sources/seed-0001", "heldout/seed-1001")
+    sidecar = run_dir / "heldout" / "seed-1001.json"
+    sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "role": "heldout", "seed": 1001}))
+    assert evaluate_main([str(run_dir), "--quiet", "--ts", "3"]) == 1
+    error = capsys.readouterr().err
+    assert "heldout/seed-1001.safetensors holds the model of role 'sources', not 'heldout'" in error, error
+
+
+def test_weights_copied_without_their_sidecar_fail_the_checksum_and_say_so(finished_run, tmp_path, capsys):
+    run_dir = copy_of(finished_run, tmp_path)
+    copy_model(run_dir, "sources/seed-0000", "sources/seed-0001", sidecar=False)
+    assert evaluate_main([str(run_dir), "--quiet", "--ts", "3"]) == 1
+    error = capsys.readouterr().err
+    assert "sources/seed-0001.safetensors does not match the checksum that its .json sidecar records" in error, error
+
+
+def test_a_sidecar_of_another_width_than_the_config_is_refused(finished_run, tmp_path, capsys):
+    run_dir = copy_of(finished_run, tmp_path)
+    config = json.loads((run_dir / "config.json").read_text())
+    config["model"]["kwargs"]["width"] = 16  # a hand-edited config: every model now disagrees with it
+    (run_dir / "config.json").write_text(json.dumps(config))
+    assert evaluate_main([str(run_dir), "--quiet", "--ts", "3"]) == 1
+    error = capsys.readouterr().err
+    assert "was made for model" in error and "if config.json was edited, restore it" in error, error
