@@ -30,7 +30,10 @@ from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple, Unio
 import torch
 
 PathLike = Union[str, os.PathLike]
-TEMP_SUFFIX = ".tmp"
+# Temporary files are named .starfast-<name>.<random>.tmp: the cleanup of killed writes
+# (RunDir.locked) removes only names starfast itself makes, never a user's own .tmp files.
+TEMP_PREFIX, TEMP_SUFFIX = ".starfast-", ".tmp"
+TEMP_PATTERN = f"{TEMP_PREFIX}*{TEMP_SUFFIX}"
 
 
 class StoredFileError(RuntimeError):
@@ -47,7 +50,7 @@ def _umask() -> int:
 def replaced_atomically(path: PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f"{TEMP_PREFIX}{path.name}.", suffix=TEMP_SUFFIX)
     os.close(handle)
     try:
         yield Path(temp)

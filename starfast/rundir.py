@@ -47,7 +47,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 import torch
 from torch import nn
 
-from starfast.files import TEMP_SUFFIX, StoredFileError, load_state_dict, read_json, save_state_dict, write_json
+from starfast.files import TEMP_PATTERN, StoredFileError, load_state_dict, read_json, save_state_dict, write_json
 from starfast.models import ModelSpec
 
 PathLike = Union[str, os.PathLike]
@@ -245,7 +245,7 @@ class RunDir:
         """Delete the temporary files of writes that a killed process never finished, and finish
         (or drop) a publication of results that was interrupted (see :meth:`publish_results`)."""
         nested = {lock.parent for lock in self.path.rglob(LOCK_NAME) if lock.parent != self.path}  # run dirs of their own
-        for path in self.path.rglob(f".*{TEMP_SUFFIX}"):
+        for path in self.path.rglob(TEMP_PATTERN):
             if path.is_file() and nested.isdisjoint(path.parents):
                 path.unlink()
         pending = self.results_folder / PENDING_NAME

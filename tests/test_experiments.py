@@ -21,7 +21,7 @@ from starfast.experiments.launch import InProcess, LauncherError, make_executor,
 from starfast.experiments.measure import StoredCurves, perturbed, summarise_pairs
 from starfast.experiments.output import verdict
 from starfast.experiments.plan import Perturbation, StarSet
-from starfast.files import TEMP_SUFFIX
+from starfast.files import TEMP_PREFIX, TEMP_SUFFIX
 from starfast.recipes import Recipe
 from starfast.rundir import LOCK_NAME, RunDir
 from starfast.starlight import StarlightOptions
@@ -216,16 +216,20 @@ def test_names_spell_the_settings_and_defaults_share_the_base_run():
     assert SETTINGS.run(sources=3, heldout=2, recipe={"optimizer": "adam", "lr": 1e-3}).slug(base) == "optimizer=adam_lr=0.001"
 
 
-def test_a_nested_run_directory_keeps_its_temporary_files(tmp_path):
+def test_cleanup_removes_only_starfasts_own_temporary_files_and_not_a_nested_runs(tmp_path):
     base = RunDir(tmp_path)
     variant = base.variant("width=12")
     variant.path.mkdir(parents=True)
     (variant.path / LOCK_NAME).write_text("pid 1\n")
-    ours, theirs = tmp_path / f".a{TEMP_SUFFIX}", variant.path / f".b{TEMP_SUFFIX}"
-    ours.write_text("x"), theirs.write_text("y")
+    ours, theirs = tmp_path / f"{TEMP_PREFIX}a{TEMP_SUFFIX}", variant.path / f"{TEMP_PREFIX}b{TEMP_SUFFIX}"
+    users = [tmp_path / f".notes{TEMP_SUFFIX}", tmp_path / "sources" / f".draft{TEMP_SUFFIX}"]  # not starfast's names
+    for path, text in ((ours, "x"), (theirs, "y"), *((user, "mine") for user in users)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
     with base.locked("test"):
         pass
     assert not ours.exists() and theirs.exists()
+    assert all(user.read_text() == "mine" for user in users), "cleanup removed a user's own .tmp file"
 
 
 def test_every_experiment_builds_its_cells_for_both_presets():
