@@ -239,7 +239,7 @@ def write_bma(run: RunDir, results: Mapping[str, Any]) -> Path:
         drawn = report.plot_bma(folder / "bma.png", results)
         return ["bma.json", "bma.md"] + (["bma.png"] if drawn else [])
 
-    return run.publish_results(write)
+    return run.publish(run.results_folder, write, owned=["bma.png"])
 
 
 def _ensemble_predictions(skeleton: nn.Module, space: ParamSpace, members: List[LoadedModel], data: Data) -> PerExample:

@@ -241,7 +241,7 @@ def write_results(run: RunDir, results: Mapping[str, Any]) -> Path:
         drawn = report.plot_curves(folder / "curves.png", results)
         return ["results.json", "table.md"] + (["curves.png"] if drawn else [])
 
-    folder = run.publish_results(write)
+    folder = run.publish(run.results_folder, write, owned=["curves.png"])
     (folder / PARTIAL_NAME).unlink(missing_ok=True)
     return folder
 

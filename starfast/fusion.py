@@ -202,7 +202,7 @@ def write_fusion(run: RunDir, results: Mapping[str, Any]) -> Path:
         report.write_text(folder / "fusion.md", report.format_fusion_table(results) + "\n")
         return ["fusion.json", "fusion.md"]
 
-    return run.publish_results(write)
+    return run.publish(run.results_folder, write)
 
 
 @torch.no_grad()

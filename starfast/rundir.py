@@ -14,9 +14,10 @@ Layout (every file is written atomically: a temp file in the same folder, then `
     RUN/checkpoints/<star set>/star-0000.pt  in-progress star training
     RUN/results/                           the evaluation's results.json, table.md, curves.png
     RUN/results/partial.json               curves of an evaluation in progress (removed once written)
-    RUN/results/.pending/                  results being published as a unit (see publish_results)
+    RUN/results/.pending/                  results being published as a unit (see publish; experiment folders too)
     RUN/stars/<name>/star-0000.*           an experiment's star set, named by its settings (z0010-e90-...)
-    RUN/experiments/NAME/                  an experiment's results.json, table.md, figure.png
+    RUN/experiments/NAME/                  an experiment's results.json, table.md, figure.png (complete runs only)
+    RUN/experiments/NAME/incomplete/       the same of the last run in which a cell failed
     RUN/experiments/curves/<key>.json      every barrier curve an experiment measured here (reused)
     RUN/variants/<slug>/                   a run directory of its own (another model or recipe of a sweep)
     RUN/.lock                              held by the one process working here (pid and command)
@@ -61,7 +62,7 @@ RESERVED_SET_NAMES = ("sources", "source", "heldout", "regular", "star")
 CONFIG_IDENTITY = ("model", "dataset", "recipe")
 DIGEST_KEY = "weights_sha256"  # in a model's or star's JSON: the checksum of its weights file
 LOCK_NAME = ".lock"
-PENDING_NAME, COMPLETE_NAME = ".pending", "complete.json"  # RUN/results/.pending: results being published
+PENDING_NAME, COMPLETE_NAME = ".pending", "complete.json"  # <folder>/.pending: outputs being published
 MAIN_STARS = "star"  # the main job's star set; fusion stars of N sources are "fusion/zNNNN/star"
 
 
@@ -243,16 +244,18 @@ class RunDir:
 
     def _remove_leftovers(self) -> None:
         """Delete the temporary files of writes that a killed process never finished, and finish
-        (or drop) a publication of results that was interrupted (see :meth:`publish_results`)."""
+        (or drop) a publication of outputs that was interrupted (see :meth:`publish`)."""
         nested = {lock.parent for lock in self.path.rglob(LOCK_NAME) if lock.parent != self.path}  # run dirs of their own
         for path in self.path.rglob(TEMP_PATTERN):
             if path.is_file() and nested.isdisjoint(path.parents):
                 path.unlink()
-        pending = self.results_folder / PENDING_NAME
-        if (pending / COMPLETE_NAME).exists():
-            self._move_into_place(pending)
-        elif pending.is_dir():
-            shutil.rmtree(pending)
+        for pending in list(self.path.rglob(PENDING_NAME)):
+            if not pending.is_dir() or not nested.isdisjoint(pending.parents):
+                continue
+            if (pending / COMPLETE_NAME).exists():
+                self._move_into_place(pending)
+            else:
+                shutil.rmtree(pending)
 
     # -- experiments --------------------------------------------------------------------------
 
@@ -272,25 +275,31 @@ class RunDir:
 
     # -- results ------------------------------------------------------------------------------
 
-    def publish_results(self, write: Callable[[Path], Sequence[str]]) -> Path:
-        """Results written as a unit: ``write(folder)`` writes its files into a pending folder and
-        returns their names, the folder is marked complete, then the files are moved into
-        ``RUN/results`` (the first name, e.g. ``results.json``, last). A process killed before the
-        mark leaves no trace of the new results; one killed after it has the move finished by the
-        next process that takes the lock, so files of two evaluations never stand side by side."""
-        pending = self.results_folder / PENDING_NAME
+    def publish(self, folder: Path, write: Callable[[Path], Sequence[str]], owned: Sequence[str] = ()) -> Path:
+        """Outputs written as a unit into ``folder`` (``RUN/results``, an experiment's folder):
+        ``write(pending)`` writes its files into ``folder/.pending`` and returns their names, the
+        pending folder is marked complete, then the files are moved into ``folder`` (the first
+        name, e.g. ``results.json``, last) and the ``owned`` names this unit did not write this time
+        (e.g. a figure with nothing to draw) are removed. A process killed before the mark leaves
+        no trace of the new outputs; one killed after it has the move finished by the next process
+        that takes the lock, so files of two runs never stand side by side. Returns ``folder``."""
+        pending = folder / PENDING_NAME
         if pending.exists():
             shutil.rmtree(pending)
         names = list(write(pending))
-        write_json(pending / COMPLETE_NAME, {"files": names})
+        write_json(pending / COMPLETE_NAME, {"files": names, "stale": [name for name in owned if name not in names]})
         self._move_into_place(pending)
-        return self.results_folder
+        return folder
 
-    def _move_into_place(self, pending: Path) -> None:
-        names = read_json(pending / COMPLETE_NAME)["files"]
+    @staticmethod
+    def _move_into_place(pending: Path) -> None:
+        marked, folder = read_json(pending / COMPLETE_NAME), pending.parent
+        for name in marked.get("stale", []):
+            (folder / name).unlink(missing_ok=True)
+        names = marked["files"]
         for name in [*names[1:], names[0]]:
             if (pending / name).exists():
-                os.replace(pending / name, self.results_folder / name)
+                os.replace(pending / name, folder / name)
         shutil.rmtree(pending)
 
     # -- models -------------------------------------------------------------------------------

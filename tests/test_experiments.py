@@ -289,3 +289,52 @@ def test_the_verdict_reads_the_trend_step_by_step():
     assert "at 1 of 1 points" in line and "control none (not the paper's claim): star–held-out 2.00× regular–regular, " \
                                           "star loss 1× the regular models'" in line
     assert line.endswith("the paper's trend holds here")
+
+
+def test_a_rerun_with_a_failed_cell_leaves_the_complete_results_as_they_were(tmp_path, capsys):
+    """A variant directory held by another process makes its cell fail: the rerun exits 1 and
+    writes its partial outputs to NAME/incomplete/, never over the complete ones; a complete rerun
+    then supersedes the incomplete folder."""
+    import fcntl
+
+    argv = ["activation", "--run-dir", str(tmp_path), "--epochs", "1", "--star-epochs", "1", "--arch-kw", "width=8",
+            "--values", "relu,elu", "--sources", "2", "--heldout", "2", "--star-seeds", "1", "--quiet"]
+    assert cli.main(argv) == 0
+    folder = tmp_path / "experiments" / "activation-epochs=1-star_epochs=1"
+    before = {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()}
+    assert set(before) >= {"results.json", "table.md"}
+    variant = RunDir(tmp_path).variant("activation=elu")
+    with open(variant.path / LOCK_NAME, "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another process at work there
+        assert cli.main(argv) == 1
+    error = capsys.readouterr().err
+    assert "is in use by another starfast process" in error and f"partial results are in {folder / 'incomplete'}" in error
+    assert {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()} == before
+    partial = json.loads((folder / "incomplete" / "results.json").read_text())
+    assert [point["label"] for point in partial["points"]] == ["relu"] and list(partial["failed"]) == ["activation=elu"]
+    assert cli.main(argv) == 0
+    assert not (folder / "incomplete").exists()
+    assert len(json.loads((folder / "results.json").read_text())["points"]) == 2
+
+
+def test_an_interrupted_publication_of_an_experiment_is_finished_or_dropped_as_a_unit(tmp_path):
+    """Killed after its mark: the next process moves the new files in and removes the old figure the
+    new run did not draw. Killed before it: the pending files are dropped, the old ones stay."""
+    run, folder = RunDir(tmp_path), tmp_path / "experiments" / "grid"
+    folder.mkdir(parents=True)
+    for name, text in (("results.json", "{}"), ("table.md", "old"), ("figure.png", "old figure")):
+        (folder / name).write_text(text)
+    pending = folder / ".pending"
+    pending.mkdir()
+    (pending / "half.md").write_text("half")
+    with run.locked("test"):
+        pass
+    assert not pending.exists() and (folder / "figure.png").read_text() == "old figure"
+    pending.mkdir()
+    (pending / "results.json").write_text('{"new": 1}')
+    (pending / "table.md").write_text("new")
+    (pending / "complete.json").write_text('{"files": ["results.json", "table.md"], "stale": ["figure.png"]}')
+    with run.locked("test"):
+        pass
+    assert sorted(path.name for path in folder.iterdir()) == ["results.json", "table.md"]
+    assert (folder / "table.md").read_text() == "new"

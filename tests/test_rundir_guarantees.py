@@ -121,7 +121,7 @@ def test_a_killed_evaluation_resumes_and_leaves_no_mixed_results(finished_run, t
         time.sleep(0.05)
     evaluation.send_signal(signal.SIGKILL)
     evaluation.wait()
-    (run_dir / "star" / ".star-0000.json.12345.tmp").write_text("{")  # what a write killed mid-way leaves
+    (run_dir / "star" / ".starfast-star-0000.json.12345.tmp").write_text("{")  # what a write killed mid-way leaves
     # the old results stand untouched and whole
     assert {name: (results / name).read_bytes() for name in before} == before
     done = cli("starfast.evaluate", str(run_dir), "--ts", "401", "--quiet")
