@@ -56,9 +56,12 @@ def replaced_atomically(path: PathLike) -> Iterator[Path]:
         yield Path(temp)
         os.chmod(temp, 0o666 & ~_umask())
         os.replace(temp, path)
-    except BaseException:
+    except BaseException as error:
         if os.path.exists(temp):
             os.unlink(temp)
+        if isinstance(error, OSError) and not isinstance(error, FileNotFoundError):  # a full disk, a quota, no permission
+            raise StoredFileError(f"cannot write {path} ({error.strerror or error}); free space or fix permissions there, "
+                                  "or use another --run-dir: finished work is kept") from error
         raise
 
 

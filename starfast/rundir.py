@@ -48,8 +48,10 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 import torch
 from torch import nn
 
+from starfast.flat import ParamSpace
 from starfast.files import TEMP_PATTERN, StoredFileError, load_state_dict, read_json, save_state_dict, write_json
-from starfast.models import ModelSpec
+from starfast import data
+from starfast.models import ModelSpec, canonical_name
 
 PathLike = Union[str, os.PathLike]
 
@@ -202,10 +204,23 @@ class RunDir:
         if config is None:
             raise RunDirError(f"{self.config_path} is missing; train the models first (python -m starfast.train --stage models)")
         try:
-            return ModelSpec.from_dict(config["model"])
+            spec = ModelSpec.from_dict(config["model"])
+            canonical_name(spec.arch)  # an unknown architecture is this file's fault, not the code's
+            return spec
         except (KeyError, TypeError, ValueError) as error:
             raise RunDirError(f"{self.config_path} has no valid 'model' entry ({type(error).__name__}: {error}); delete it "
                               "and run python -m starfast.train again with the settings of this run") from None
+
+    def dataset_name(self) -> str:
+        """The dataset ``config.json`` names (a known one, or :class:`RunDirError`)."""
+        config = self.read_config()
+        if config is None:
+            raise RunDirError(f"{self.config_path} is missing; train the models first (python -m starfast.train --stage models)")
+        try:
+            return data.canonical_name(config["dataset"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise RunDirError(f"{self.config_path} has no valid 'dataset' entry ({error}); restore it, or delete it and run "
+                              "python -m starfast.train again with the settings of this run") from None
 
     def holds_work(self) -> bool:
         """Whether anything was trained here: a finished model or star, or a checkpoint."""
@@ -220,11 +235,18 @@ class RunDir:
         """Hold the run directory's lock (an advisory ``flock`` on ``RUN/.lock``) while the block
         runs; a second process stops at once with a message naming the holder's pid and command.
         Inside the lock, temporary files left by killed writes are removed."""
+        lock = self.path / LOCK_NAME
+        if self.path.is_symlink() and not self.path.exists():
+            raise RunDirError(f"the run directory {self.path} is a symbolic link to {os.readlink(self.path)}, which does not "
+                              "exist; create that folder, or use another --run-dir")
+        if lock.is_dir():
+            raise RunDirError(f"{lock} is a folder, not starfast's lock file; remove it (rmdir {lock})")
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            handle = open(self.path / LOCK_NAME, "a+")
+            handle = open(lock, "a+")
         except OSError as error:
-            raise RunDirError(f"cannot write to the run directory {self.path} ({error.strerror}); use a writable --run-dir") from None
+            raise RunDirError(f"cannot write to the run directory {self.path} ({error.strerror}: {error.filename}); use a "
+                              "writable --run-dir") from None
         try:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -428,6 +450,19 @@ class RunDir:
         except RuntimeError as error:
             raise RunDirError(f"{path} does not fit architecture {spec.arch} ({error}); delete it (and its .json) to train it again") from error
         return module
+
+
+def checked_row(path: Path, state: Mapping[str, torch.Tensor], space: ParamSpace) -> torch.Tensor:
+    """The stored state dict ``state`` (read from ``path``) as a row of ``space``; a file of other
+    shapes or with NaN/infinite weights raises :class:`RunDirError` naming it."""
+    try:
+        row = space.flatten(state)
+    except (ValueError, KeyError) as error:
+        raise RunDirError(f"{path} does not fit this run's architecture ({error}); delete it (and its .json) to train it "
+                          "again") from None
+    if not bool(torch.isfinite(row).all()):
+        raise RunDirError(f"{path} holds NaN or infinite weights; delete it (and its .json) to train it again")
+    return row
 
 
 def _verified_load(path: Path, metadata: Mapping[str, Any], device, header: Mapping[str, str]) -> Dict[str, torch.Tensor]:

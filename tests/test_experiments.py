@@ -338,3 +338,47 @@ def test_an_interrupted_publication_of_an_experiment_is_finished_or_dropped_as_a
         pass
     assert sorted(path.name for path in folder.iterdir()) == ["results.json", "table.md"]
     assert (folder / "table.md").read_text() == "new"
+
+
+@pytest.mark.slow
+def test_workers_end_with_a_launcher_killed_by_sigterm(tmp_path):
+    """SIGTERM to ``--workers 2`` used to leave both workers and the resource tracker running."""
+    import os
+    import signal
+    import subprocess
+    import time
+    from pathlib import Path
+
+    def children(pid):
+        found = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(stat.parent.name))
+        return found
+
+    def alive(pid):
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # zombies have ended
+        except OSError:
+            return False
+
+    launcher = subprocess.Popen([sys.executable, "-m", "starfast.experiments", "activation", "--run-dir", str(tmp_path),
+                                 "--workers", "2", "--epochs", "400", "--arch-kw", "width=8", "--sources", "2",
+                                 "--heldout", "2", "--star-seeds", "1", "--quiet"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(children(launcher.pid)) < 3:  # two workers and the resource tracker
+        assert time.monotonic() < deadline and launcher.poll() is None, "the workers never started"
+        time.sleep(0.2)
+    spawned = children(launcher.pid)
+    launcher.send_signal(signal.SIGTERM)
+    launcher.wait(timeout=30)
+    # A worker still importing torch on a busy machine notices only once its initializer runs.
+    deadline = time.monotonic() + 120
+    while [pid for pid in spawned if alive(pid)]:
+        assert time.monotonic() < deadline, f"still running 120 s after the launcher ended: {[pid for pid in spawned if alive(pid)]}"
+        time.sleep(0.2)

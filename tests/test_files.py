@@ -72,3 +72,18 @@ def test_identical_tensors_give_identical_files_in_different_processes(tmp_path)
     assert torch.equal(loaded["c.bias"], torch.randn(7, generator=g).half())
     with safe_open(tmp_path / "0.safetensors", "pt") as stored:
         assert stored.metadata() == {"role": "sources", "seed": "7", "arch": "mlp", "set": "x"}
+
+
+def test_a_full_disk_names_the_file_and_leaves_nothing_behind(tmp_path):
+    import errno
+
+    from starfast.files import StoredFileError
+
+    def full(stream):
+        stream.write(b"part")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    target = tmp_path / "sources" / "seed-0000.json"
+    with pytest.raises(StoredFileError, match=f"cannot write {target} \\(No space left on device\\)"):
+        write_atomic(target, full)
+    assert list(target.parent.iterdir()) == []

@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from starfast import data, models
-from starfast.arguments import DATA_ERRORS, check_data_dir, name_parser, parse_arch_kw, parse_arguments
+from starfast.arguments import DATA_ERRORS, check_data_dir, name_parser, parse_arch_kw, parse_arguments, parse_device, run_command
 from starfast.experiments.catalog import EXPERIMENTS, PRESETS, Experiment
 from starfast.experiments.cells import cell_tasks
 from starfast.experiments.launch import LAUNCHERS, LauncherError, make_executor, run_cells
@@ -105,6 +105,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         values = _values(experiment, args.values, args.preset)
         cells = experiment.cells(settings, values, sizes)
         check_data_dir(args.data_dir)
+        parse_device(args.device)
         base = RunDir(args.run_dir or Path("runs") / f"experiments-{args.preset}")
         # Stars with the cross-entropy term (Table 11) or other epochs are written beside the preset's, not over them.
         output_name = "-".join([experiment.name, *(f"{flag}={spelled(getattr(args, flag))}"
@@ -169,4 +170,4 @@ def _as_value(value: Any) -> Any:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main, "python -m starfast.experiments " + " ".join(sys.argv[1:]))
