@@ -46,7 +46,7 @@ from torch import nn
 
 from starfast.flat import ParamSpace
 from starfast.lap import assignment_objective, linear_assignment
-from starfast.ops import permute
+from starfast.ops import permute, trusted_index_maps
 from starfast.spec import Group, Perm, PermutationSpec
 from starfast.warm_start import WarmStart, row_margins
 
@@ -134,8 +134,11 @@ def match_weights(
     perms = _initial_perms(spec, previous.perms if previous is not None else init, num_sources, target_row.device)
     if previous is not None:
         start = previous.permuted.to(bank.device)
+    elif init is not None:
+        with trusted_index_maps():  # index_map validates the perms it is given (check_perm)
+            start = permute(bank, spec.index_map(space, perms))
     else:
-        start = permute(bank, spec.index_map(space, perms)) if init is not None else bank
+        start = bank
     # The working rows, permuted in place as groups change; they are the result's ``permuted``.
     work = _working_rows(out, start)
     permuted = space.views(work)
