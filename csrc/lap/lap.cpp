@@ -1,11 +1,11 @@
 // Jonker–Volgenant linear assignment; see lap.hpp for the contract.
 #include "lap.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <stdexcept>
 #include <string>
-#include <type_traits>
 
 namespace starfast {
 namespace lap {
@@ -14,13 +14,14 @@ namespace {
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
 // The solver's prices and path lengths are differences of costs and of earlier prices; they grow
-// to a small multiple of the largest |cost| (e.g. reduced costs up to twice it, prices lowered by
-// them), so a float64 matrix with entries near DBL_MAX (~2^1024) overflows to inf - inf = NaN and
-// the augmenting-path search then runs off its arrays. Costs are therefore solved scaled by a
-// power of two (exact, and it changes no comparison) whenever their largest magnitude reaches
-// 2^kLargestSolvedExponent, which leaves 2^64 of headroom for that growth. Only float64 matrices
-// can get there: a float32 entry is below 2^128.
+// to a small multiple of the largest |cost| (reduced costs up to twice it, prices lowered by
+// them), so a float64 matrix with entries near DBL_MAX (~2^1024) overflows to inf - inf = NaN, and
+// the augmenting-path search then ran off its arrays. Such a matrix is solved scaled by a power
+// of two (exact, and it changes no comparison) so that its largest |entry| lies just below
+// 2^kLargestSolvedExponent, leaving 2^64 of headroom for that growth (a factor 2 sufficed in
+// every trial). A float32 matrix never needs it: its entries are below 2^128.
 constexpr int kLargestSolvedExponent = 1024 - 64;
+constexpr double kHeadroom = 0x1p64;  // 2^(1024 - kLargestSolvedExponent)
 
 // Reads entry (i, j) as a cost to minimise: maximisation negates on the fly, and with Scaled the
 // entry is multiplied by `scale` (a power of two), so no copy of the matrix is ever made.
@@ -36,6 +37,13 @@ struct CostView {
     return h;
   }
 };
+
+template <typename T>
+double largest_magnitude(int64_t n, const T* cost) {
+  double largest = 0.0;
+  for (int64_t k = 0; k < n * n; ++k) largest = std::max(largest, std::fabs(static_cast<double>(cost[k])));
+  return largest;
+}
 
 template <typename T>
 void throw_non_finite(int64_t n, const T* cost) {
@@ -63,30 +71,30 @@ bool solve_impl(const CostView<T, Maximize, Scaled>& c, int64_t* x, Workspace& w
   int64_t* argmin = ws.col_argmin.data();
 
   // Column reduction: v[j] = min_i c(i, j), computed row by row so memory is read in order.
-  // The same pass validates the input (h * 0 is NaN exactly when h is NaN or infinite) and, for
-  // an unscaled float64 matrix, finds its largest magnitude.
-  constexpr bool kMeasure = !Scaled && std::is_same<T, double>::value;
+  // The same pass screens the input: (h * 2^64) * 0 is NaN exactly when h is NaN, infinite or
+  // too large to solve unscaled (two multiplications per entry, cheaper than comparing |h|).
   for (int64_t j = 0; j < n; ++j) {
     v[j] = kInf;
     argmin[j] = 0;
   }
-  double poison = 0.0, largest = 0.0;
+  double poison = 0.0;
   for (int64_t i = 0; i < n; ++i) {
     const T* row = c.row(i);
     for (int64_t j = 0; j < n; ++j) {
       const double h = c.at(row, j);
-      poison += h * 0.0;
-      if constexpr (kMeasure) largest = std::fmax(largest, std::fabs(h));
+      poison += (h * kHeadroom) * 0.0;
       if (h < v[j]) {
         v[j] = h;
         argmin[j] = i;
       }
     }
   }
-  if (poison != 0.0) throw_non_finite(n, c.data);
-  if (kMeasure && largest >= std::ldexp(1.0, kLargestSolvedExponent)) {
-    *peak = largest;
-    return false;
+  if (poison != 0.0) {
+    throw_non_finite(n, c.data);
+    if (!Scaled) {  // finite, but too large (a scaled matrix never is)
+      *peak = largest_magnitude(n, c.data);
+      return false;
+    }
   }
   for (int64_t i = 0; i < n; ++i) {
     x[i] = -1;
