@@ -21,7 +21,7 @@ constexpr double kInf = std::numeric_limits<double>::infinity();
 // 2^kLargestSolvedExponent, leaving 2^64 of headroom for that growth (a factor 2 sufficed in
 // every trial). A float32 matrix never needs it: its entries are below 2^128.
 constexpr int kLargestSolvedExponent = 1024 - 64;
-constexpr double kHeadroom = 0x1p64;  // 2^(1024 - kLargestSolvedExponent)
+constexpr double kLargestSolved = 0x1p960;  // 2^kLargestSolvedExponent
 
 // Reads entry (i, j) as a cost to minimise: maximisation negates on the fly, and with Scaled the
 // entry is multiplied by `scale` (a power of two), so no copy of the matrix is ever made.
@@ -71,29 +71,33 @@ bool solve_impl(const CostView<T, Maximize, Scaled>& c, int64_t* x, Workspace& w
   int64_t* argmin = ws.col_argmin.data();
 
   // Column reduction: v[j] = min_i c(i, j), computed row by row so memory is read in order.
-  // The same pass screens the input: (h * 2^64) * 0 is NaN exactly when h is NaN, infinite or
-  // too large to solve unscaled (two multiplications per entry, cheaper than comparing |h|).
+  // The same pass screens the input: the sum of |h| is NaN or infinite when an entry is, and at
+  // least the largest |h|, so only when it reaches 2^kLargestSolvedExponent is a closer look (and
+  // perhaps scaling) needed.
   for (int64_t j = 0; j < n; ++j) {
     v[j] = kInf;
     argmin[j] = 0;
   }
-  double poison = 0.0;
+  double magnitudes = 0.0;
   for (int64_t i = 0; i < n; ++i) {
     const T* row = c.row(i);
     for (int64_t j = 0; j < n; ++j) {
       const double h = c.at(row, j);
-      poison += (h * kHeadroom) * 0.0;
+      magnitudes += std::fabs(h);
       if (h < v[j]) {
         v[j] = h;
         argmin[j] = i;
       }
     }
   }
-  if (poison != 0.0) {
+  if (!(magnitudes < kLargestSolved)) {  // rare: a NaN, infinite or huge entry, or many large ones
     throw_non_finite(n, c.data);
-    if (!Scaled) {  // finite, but too large (a scaled matrix never is)
-      *peak = largest_magnitude(n, c.data);
-      return false;
+    if (!Scaled) {  // (a scaled matrix is below kLargestSolved by construction)
+      const double largest = largest_magnitude(n, c.data);
+      if (largest >= kLargestSolved) {
+        *peak = largest;
+        return false;
+      }
     }
   }
   for (int64_t i = 0; i < n; ++i) {
