@@ -117,9 +117,10 @@ def match_weights(
         space = ParamSpace(target)
     target_row = _as_row(target, space, "target")
     bank, single = _as_bank(sources, space)
+    check_problem(spec, space, bank, "match_weights")
     bank = bank.to(device=target_row.device, dtype=target_row.dtype)
     num_sources = bank.shape[0]
-    groups = [group for group in spec.groups if any(axis.name in space for axis in group.axes)]
+    groups = list(spec.groups)
 
     target_views = space.views(target_row)
     warm_start = WarmStart(groups, space, space.views(bank))
@@ -199,6 +200,14 @@ def match_weights(
     if built is not None and all(torch.equal(perms[name], previous.perms[name].to(perms[name])) for name in perms):
         result.index_maps = built.to(bank.device)  # the permutations did not change: neither did their maps
     return _with_source_dim(result, 0) if single else result
+
+
+def check_problem(spec: PermutationSpec, space: ParamSpace, bank: torch.Tensor, caller: str) -> None:
+    """The checks every permutation finder makes before it starts: ``spec`` fits the rows of
+    ``space`` exactly (:meth:`~starfast.spec.PermutationSpec.check_space`), and ``bank`` holds at
+    least one row of that space (:meth:`~starfast.flat.ParamSpace.check_bank`)."""
+    spec.check_space(space, caller)
+    space.check_bank(bank, caller)
 
 
 def group_cost(group: Group, space: ParamSpace, target_views, permuted, rows: Optional[torch.Tensor]) -> torch.Tensor:
@@ -356,9 +365,7 @@ def _as_bank(sources, space: ParamSpace):
     if isinstance(sources, torch.Tensor):
         if sources.dim() == 1:
             return _as_row(sources, space, "source").unsqueeze(0), True
-        if sources.dim() != 2 or sources.shape[1] != space.size:
-            raise ValueError(f"match_weights: sources bank must be [N, {space.size}], got {tuple(sources.shape)}")
-        return sources.detach(), False
+        return sources.detach(), False  # its shape: check_problem
     if isinstance(sources, (nn.Module, Mapping)):
         return _as_row(sources, space, "source").unsqueeze(0), True
     rows = [_as_row(source, space, f"source {k}") for k, source in enumerate(sources)]

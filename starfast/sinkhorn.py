@@ -48,7 +48,7 @@ import torch
 
 from starfast.flat import ParamSpace
 from starfast.lap import linear_assignment
-from starfast.matching import group_cost
+from starfast.matching import check_problem, group_cost
 from starfast.ops import permute, trusted_index_maps
 from starfast.spec import Group, Perm, PermutationSpec
 
@@ -118,11 +118,10 @@ def sinkhorn_match(
         raise ValueError(f"sinkhorn_match: target must be one row [{space.size}], got {tuple(target.shape)}")
     single = sources.dim() == 1
     bank = (sources.unsqueeze(0) if single else sources).detach().to(device=target.device, dtype=target.dtype)
-    if bank.dim() != 2 or bank.shape[1] != space.size:
-        raise ValueError(f"sinkhorn_match: sources must be [N, {space.size}] rows, got {tuple(sources.shape)}")
+    check_problem(spec, space, bank, "sinkhorn_match")
     target = target.detach()
     count, device = bank.shape[0], bank.device
-    groups = [group for group in spec.groups if any(axis.name in space for axis in group.axes)]
+    groups = list(spec.groups)
     start = _start_perms(spec, init.perms if isinstance(init, SinkhornResult) else init, count, device)
     work = _working_rows(out, bank)
     index = torch.empty(count, space.size, dtype=torch.long, device=device)
