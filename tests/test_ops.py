@@ -361,3 +361,24 @@ def test_installed_package_dir_reads_the_distribution_record(tmp_path):
     assert extension.installed_package_dir([str(regular)]) == (regular / "starfast").resolve()
     assert extension.installed_package_dir([str(editable)]) is None
     assert extension.installed_package_dir([str(tmp_path / "empty")]) is None
+
+
+def test_the_no_extension_variable(monkeypatch):
+    """STARFAST_NO_EXTENSION=1 disables the extension without a warning (the fallback run of
+    `make test-fallback` relies on it); other values than 0 and 1 are ignored, with a warning."""
+    import warnings
+
+    if extension.disabled():  # this is the fallback run: the ops must be on their references
+        assert not ops.HAVE_EXTENSION and not ops._compiled_for(torch.zeros(1))
+    monkeypatch.setenv("STARFAST_NO_EXTENSION", "1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert extension.load() is None
+    for value in ("0", ""):
+        monkeypatch.setenv("STARFAST_NO_EXTENSION", value)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert not extension.disabled()
+    monkeypatch.setenv("STARFAST_NO_EXTENSION", "yes")
+    with pytest.warns(RuntimeWarning, match="STARFAST_NO_EXTENSION='yes' is ignored: set it to 1"):
+        assert not extension.disabled()
