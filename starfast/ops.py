@@ -27,6 +27,7 @@ first. On a GPU that report costs a device synchronisation per call, which
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from typing import Iterator, Optional, Tuple
 
@@ -204,6 +205,28 @@ def _run_kernel(op: str, cpu_kernel, cuda_kernel, args: tuple, data: torch.Tenso
 
 
 # ---------------------------------------------------------------------------------------------
+# Gradient formulas, shared by the ops' autograd kernels and the reference path
+
+
+def _lerp_gather_theta_grad(grad: torch.Tensor, t: float) -> torch.Tensor:
+    return grad * (1.0 - t)
+
+
+def _permute_adjoint(grad: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The adjoint of out[..., p] = rows[..., index[p]]: each output gradient is added back where
+    it was read from (a position the index repeats collects several)."""
+    grad_rows = torch.zeros_like(grad)
+    return grad_rows.scatter_add_(-1, index.long().expand_as(grad), grad)
+
+
+# The lean autograd kernels (below) use two private dispatcher pieces, present in torch 2.13 (which
+# uses them itself inside register_autograd); without either, or with STARFAST_PUBLIC_AUTOGRAD=1 (a
+# workaround should a torch release change them, and how the tests run that path), the ops take
+# the public torch.library.register_autograd.
+LEAN_AUTOGRAD = (os.environ.get("STARFAST_PUBLIC_AUTOGRAD", "") != "1" and hasattr(torch._C, "_after_autograd_keyset")
+                 and hasattr(torch._ops.OpOverload, "redispatch"))
+
+# ---------------------------------------------------------------------------------------------
 # Registration: schemas, per-backend kernels, fakes, autograd
 
 if HAVE_EXTENSION:
@@ -284,50 +307,65 @@ if HAVE_EXTENSION:
     def _linear_assignment_fake(cost, maximize):
         return cost.new_empty(cost.shape[:-1], dtype=torch.long)
 
-    # -- autograd: one lean Autograd kernel per op, measured faster per call than the generic one
-    # of torch.library.register_autograd (benchmarks/RESULTS.md, "Ops"), which matters on small
-    # rows: Starlight calls lerp_gather every step. Both ops are differentiable in their first
-    # argument only; the kernel hands the call below autograd unless that argument needs a
-    # gradient, and otherwise records an autograd.Function node around that same call.
+    # -- autograd: both ops are differentiable in their first argument only. Where torch has the
+    # private dispatcher pieces it needs (LEAN_AUTOGRAD), one lean Autograd kernel per op, measured
+    # faster per call than the generic one of torch.library.register_autograd (benchmarks/
+    # RESULTS.md, "Ops"), which matters on small rows: Starlight calls lerp_gather every step. It
+    # hands the call below autograd unless that argument needs a gradient, and otherwise records
+    # an autograd.Function node around that same call. Elsewhere the public register_autograd with
+    # the same formulas.
 
-    class _LerpGatherBackward(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, keyset, theta, bank, n, index, t):
-            ctx.t = t
-            return torch.ops.starfast.lerp_gather.default.redispatch(keyset, theta, bank, n, index, t)
+    if LEAN_AUTOGRAD:
 
-        @staticmethod
-        def backward(ctx, grad):
-            return None, grad * (1.0 - ctx.t), None, None, None, None
+        class _LerpGatherBackward(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, keyset, theta, bank, n, index, t):
+                ctx.t = t
+                return torch.ops.starfast.lerp_gather.default.redispatch(keyset, theta, bank, n, index, t)
 
-    class _PermuteBackward(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, keyset, rows, index):
-            ctx.save_for_backward(index)
-            return torch.ops.starfast.permute.default.redispatch(keyset, rows, index)
+            @staticmethod
+            def backward(ctx, grad):
+                return None, _lerp_gather_theta_grad(grad, ctx.t), None, None, None, None
 
-        @staticmethod
-        def backward(ctx, grad):
-            (index,) = ctx.saved_tensors
-            # The adjoint of out[..., p] = rows[..., index[p]]: each output gradient is added back
-            # where it was read from (a position the index repeats collects several).
-            grad_rows = torch.zeros_like(grad)
-            grad_rows.scatter_add_(-1, index.long().expand_as(grad), grad)
-            return None, grad_rows, None
+        class _PermuteBackward(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, keyset, rows, index):
+                ctx.save_for_backward(index)
+                return torch.ops.starfast.permute.default.redispatch(keyset, rows, index)
 
-    def _autograd_kernel(name: str, function: type):
-        op = getattr(torch.ops.starfast, name).default
+            @staticmethod
+            def backward(ctx, grad):
+                return None, _permute_adjoint(grad, *ctx.saved_tensors), None
 
-        def kernel(keyset, first, *rest):
-            keyset = keyset & torch._C._after_autograd_keyset
-            if first.requires_grad and torch.is_grad_enabled():
-                return function.apply(keyset, first, *rest)
-            return op.redispatch(keyset, first, *rest)
+        def _autograd_kernel(name: str, function: type):
+            op = getattr(torch.ops.starfast, name).default
 
-        _library.impl(name, kernel, "Autograd", with_keyset=True)
+            def kernel(keyset, first, *rest):
+                keyset = keyset & torch._C._after_autograd_keyset
+                if first.requires_grad and torch.is_grad_enabled():
+                    return function.apply(keyset, first, *rest)
+                return op.redispatch(keyset, first, *rest)
 
-    _autograd_kernel("lerp_gather", _LerpGatherBackward)
-    _autograd_kernel("permute", _PermuteBackward)
+            _library.impl(name, kernel, "Autograd", with_keyset=True)
+
+        _autograd_kernel("lerp_gather", _LerpGatherBackward)
+        _autograd_kernel("permute", _PermuteBackward)
+    else:
+
+        def _lerp_gather_setup(ctx, inputs, output):
+            ctx.t = inputs[4]
+
+        def _lerp_gather_backward(ctx, grad):
+            return _lerp_gather_theta_grad(grad, ctx.t), None, None, None, None
+
+        def _permute_setup(ctx, inputs, output):
+            ctx.save_for_backward(inputs[1])
+
+        def _permute_backward(ctx, grad):
+            return _permute_adjoint(grad, *ctx.saved_tensors), None
+
+        torch.library.register_autograd("starfast::lerp_gather", _lerp_gather_backward, setup_context=_lerp_gather_setup)
+        torch.library.register_autograd("starfast::permute", _permute_backward, setup_context=_permute_setup)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -380,7 +418,7 @@ class _LerpGatherReference(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return grad * (1.0 - ctx.t), None, None, None, None
+        return _lerp_gather_theta_grad(grad, ctx.t), None, None, None, None
 
 
 def linear_assignment_op(cost: torch.Tensor, maximize: bool) -> torch.Tensor:

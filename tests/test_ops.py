@@ -382,3 +382,40 @@ def test_the_no_extension_variable(monkeypatch):
     monkeypatch.setenv("STARFAST_NO_EXTENSION", "yes")
     with pytest.warns(RuntimeWarning, match="STARFAST_NO_EXTENSION='yes' is ignored: set it to 1"):
         assert not extension.disabled()
+
+
+PUBLIC_AUTOGRAD_PROGRAM = """
+import torch
+from starfast import ops
+assert ops.HAVE_EXTENSION and not ops.LEAN_AUTOGRAD
+generator = torch.Generator().manual_seed(SEED)
+theta = torch.randn(30, generator=generator, dtype=torch.float64, requires_grad=True)
+rows = torch.randn(3, 30, generator=generator, dtype=torch.float64, requires_grad=True)
+bank = torch.randn(2, 30, generator=generator, dtype=torch.float64)
+index = torch.randperm(30, generator=generator)
+repeated = torch.randint(0, 30, (30,), generator=generator)
+assert torch.autograd.gradcheck(lambda th: ops.lerp_gather(th, bank, 1, index, 0.37), (theta,))
+assert torch.autograd.gradcheck(lambda r: ops.permute(r, repeated), (rows,))
+out = ops.lerp_gather(theta, bank, 0, index, 0.25)
+out.sum().backward()
+assert torch.equal(theta.grad, torch.full_like(theta, 0.75))
+print("ok")
+"""
+
+
+@needs_extension
+def test_autograd_without_the_private_dispatcher_pieces(rng):
+    """ops.py's lean autograd kernels use torch._C._after_autograd_keyset and OpOverload.redispatch,
+    which are private; without them (or with STARFAST_PUBLIC_AUTOGRAD=1, as here, in a subprocess:
+    the choice is made at import) it registers the public torch.library.register_autograd with
+    the same formulas."""
+    import os
+    import subprocess
+    import sys
+
+    seed = int(torch.randint(0, 2**31, (1,), generator=rng))
+    program = PUBLIC_AUTOGRAD_PROGRAM.replace("SEED", str(seed))
+    environment = {**os.environ, "STARFAST_PUBLIC_AUTOGRAD": "1"}
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=environment)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+    assert ops.LEAN_AUTOGRAD  # this process (torch 2.13) takes the lean path, which the other tests cover
