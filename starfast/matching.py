@@ -108,6 +108,8 @@ def match_weights(
     the warm start then updates those rows in place, which saves a copy of the bank in time and
     memory but leaves that previous result unusable. It may also be the bank itself.
     Returns a :class:`MatchResult`; with a single (non-bank) source its tensors have no N dim.
+    Raises ``ValueError`` when ``spec`` does not fit ``space`` exactly (e.g. the spec of a narrower
+    or wider model) or the bank is empty or of another width (:func:`check_problem`).
     """
     if max_iter < 1:
         raise ValueError(f"match_weights: max_iter must be >= 1, got {max_iter}")

@@ -112,7 +112,8 @@ def sinkhorn_match(
     module docstring). ``init``: the start (identity when ``None``), permutations (group ->
     ``[N, size]`` or ``[size]``) or a previous result for the same sources. ``seed`` draws the
     initial noise of the logits. ``out``: a contiguous ``[N, P]`` tensor (not the sources) that
-    becomes the result's ``permuted``, e.g. the previous result's rows (updated in place)."""
+    becomes the result's ``permuted``, e.g. the previous result's rows (updated in place). The spec
+    and the bank are checked as weight matching checks them (:func:`~starfast.matching.check_problem`)."""
     check_options(lr, steps, temperature, iterations)
     if target.dim() != 1 or target.shape[0] != space.size:
         raise ValueError(f"sinkhorn_match: target must be one row [{space.size}], got {tuple(target.shape)}")
