@@ -377,7 +377,9 @@ def permute(rows: torch.Tensor, index: torch.Tensor, out: Optional[torch.Tensor]
 
     ``rows`` is ``[..., P]``; ``index`` is ``[P]`` (applied to every row) or ``[K, P]`` with
     ``rows`` ``[K, P]``. With ``out`` (contiguous, same shape, not overlapping ``rows``) the result
-    is written in place there, e.g. into a model bank; that form is not differentiable.
+    is written in place there, e.g. into a model bank; that form is not differentiable. An index
+    value outside ``[0, P)`` raises ``IndexError`` naming the first one (nothing outside ``rows``
+    is read; ``out`` may then hold partial results).
     """
     if not _compiled_for(rows):  # the kernels' checks, then the values (which the kernels check as they read)
         _permute_operands(rows, index, out)
@@ -398,7 +400,8 @@ def lerp_gather(theta: torch.Tensor, bank: torch.Tensor, n: int, index: Optional
 
     ``theta`` is ``[P]``, ``bank`` ``[N, P]``, ``index`` ``[P]`` or ``None`` (no permutation), ``n``
     an int and ``t`` a float. The result equals ``torch.lerp(theta, bank[n][index], t)`` bit for
-    bit. Differentiable in ``theta`` (the bank receives no gradient).
+    bit. Differentiable in ``theta`` (the bank receives no gradient). An index value outside
+    ``[0, P)`` raises ``IndexError`` naming the first one; nothing outside the bank is read.
     """
     if _compiled_for(theta):
         return torch.ops.starfast.lerp_gather.default(theta, bank, int(n), index, float(t))
