@@ -95,8 +95,9 @@ def _out_of_range(op: str, index: torch.Tensor, position: int, length: int) -> I
 
 
 def _check_index_values(index: torch.Tensor, length: int, op: str) -> None:
-    """The reference path's bounds check: one min/max pass (the kernels check as they gather)."""
-    if index.numel() == 0:
+    """The reference path's bounds check: one min/max pass (the kernels check as they gather).
+    A ``meta`` index has no values (and its data, also on ``meta``, none to read)."""
+    if index.numel() == 0 or index.is_meta:
         return
     low, high = torch.aminmax(index)
     if int(low) < 0 or int(high) >= length:

@@ -305,6 +305,9 @@ def test_index_or_data_on_another_device_is_refused(path, where, rng):
             ops.permute(bank, moved["index"], out=torch.empty_like(bank))
         with pytest.raises(ValueError, match="permute: index is on cpu, rows on meta"):
             ops.permute(bank.to("meta"), index)
+        # All on meta: shapes only, on both paths.
+        assert ops.permute(bank.to("meta"), moved["index"]).shape == bank.shape
+        assert ops.lerp_gather(theta.to("meta"), bank.to("meta"), 1, moved["index"], 0.5).shape == theta.shape
 
 
 @needs_extension
