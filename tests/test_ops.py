@@ -422,3 +422,18 @@ def test_autograd_without_the_private_dispatcher_pieces(rng):
     done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=environment)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
     assert ops.LEAN_AUTOGRAD  # this process (torch 2.13) takes the lean path, which the other tests cover
+
+
+@needs_extension
+@pytest.mark.skipif(not ops.HAVE_CUDA_KERNELS, reason="the extension was built without nvcc: no CUDA bindings")
+def test_cuda_bindings_accept_what_ops_passes():
+    """Rehearsed without a GPU: the CUDA bindings parse the arguments ops.py builds for them (the
+    kernels' operands, then the bad-position slot, device and stream); an empty launch returns
+    before any CUDA call."""
+    rows = torch.empty(0, 5)
+    permute_args = ops._permute_core_args(*ops._permute_operands(rows, torch.arange(5), rows.clone()), rows)
+    assert ops._core.permute_cuda(*permute_args, 0, 0, 0) is None
+    theta, source, index = ops._lerp_gather_operands(torch.empty(0), torch.empty(1, 0), 0, torch.arange(0))
+    assert ops._core.lerp_gather_cuda(*ops._lerp_gather_core_args(theta, source, index, theta, 0.5), 0, 0, 0) is None
+    with pytest.raises(TypeError):  # the slot is not optional: a call without it is refused, not misread
+        ops._core.permute_cuda(*permute_args, 0, 0)
