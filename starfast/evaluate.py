@@ -21,7 +21,8 @@ from starfast import bma, data, fusion, report
 from starfast.allocator import keep_freed_memory
 from starfast.arguments import DATA_ERRORS, check_data_dir, parse_arguments
 from starfast.evaluation import EvaluationConfig, evaluate_run, write_results
-from starfast.matchers import MATCHERS, SINKHORN_FIELDS
+from starfast.activation_matching import DEFAULT_MATCH_EXAMPLES
+from starfast.matchers import DATA_MATCHERS, MATCHERS, SINKHORN_FIELDS
 from starfast.report import format_table, verdict
 from starfast.files import StoredFileError
 from starfast.rundir import RunDir, RunDirError
@@ -41,7 +42,9 @@ def add_evaluation_flags(parser: argparse.ArgumentParser) -> None:
                        help="weight-matching start: identity (Git Re-Basin) or sorted (default: identity)")
     group.add_argument("--eval-matcher", choices=MATCHERS, default="wm",
                        help="permutation finder aligning each measured pair: wm = weight matching, sinkhorn = Sinkhorn "
-                            "re-basin, none = no permutation (default: wm)")
+                            "re-basin, am = activation matching, none = no permutation (default: wm)")
+    group.add_argument("--match-examples", type=int, metavar="N",
+                       help=f"training examples activation matching (am) observes (default: {DEFAULT_MATCH_EXAMPLES})")
     finders = parser.add_argument_group("Sinkhorn re-basin options (used where a matcher is sinkhorn)")
     finders.add_argument("--sinkhorn-lr", type=float, metavar="LR",
                          help=f"Adam learning rate on the logits (default: {DEFAULT_LR:g}; the paper searched "
@@ -64,14 +67,27 @@ def sinkhorn_flags(args: argparse.Namespace) -> Dict[str, Any]:
     return given
 
 
+def data_matcher_flags(args: argparse.Namespace) -> Dict[str, Any]:
+    """``--match-examples`` as a :class:`~starfast.matchers.MatcherChoice` field when given; refused
+    unless a matcher of the command line is data-based (``am``)."""
+    if args.match_examples is None:
+        return {}
+    if not set(DATA_MATCHERS) & {args.eval_matcher, getattr(args, "matcher", None)}:
+        where = "--eval-matcher am" + (" or --matcher am" if hasattr(args, "matcher") else "")
+        raise ValueError(f"--match-examples only applies to the am matcher; add {where}")
+    return {"match_examples": args.match_examples}
+
+
 def evaluation_config(args: argparse.Namespace) -> EvaluationConfig:
     """The evaluation flags as a (validated) :class:`EvaluationConfig`."""
     sinkhorn = sinkhorn_flags(args)  # refused here when no matcher of the command line is sinkhorn
+    examples = data_matcher_flags(args)
     return EvaluationConfig(
         heldout_pairs=args.heldout_pairs, heldout_source_pairs=args.heldout_source_pairs, star_sources=args.star_sources,
         ts=args.ts, bn_batches=args.bn_batches, batch_size=args.eval_batch_size,
         match_init=None if args.match_init == "identity" else args.match_init,
         matcher=args.eval_matcher, **(sinkhorn if args.eval_matcher == "sinkhorn" else {}),
+        **(examples if args.eval_matcher in DATA_MATCHERS else {}),
     )
 
 

@@ -2,7 +2,7 @@
 
 ``evaluate_run(run, dataset)`` loads the source, held-out and star models of a run, aligns every
 pair it measures with the configured permutation finder (``config.matcher``: weight matching by
-default, Sinkhorn re-basin, or ``none`` to interpolate the models as they are; B permuted onto A,
+default, Sinkhorn re-basin, activation matching on ``match_examples`` training inputs, or ``none`` to interpolate the models as they are; B permuted onto A,
 A is the star whenever one is involved, and B's BatchNorm statistics are permuted with it),
 computes each pair's barrier curve with batched BatchNorm recomputation
 (:func:`starfast.barrier.barrier_curve`) and aggregates three kinds:
@@ -45,6 +45,7 @@ from starfast import models
 from starfast.barrier import barrier_curve
 from starfast.bn import has_batchnorm
 from starfast.flat import ParamSpace
+from starfast.activation_matching import ActivationProbe
 from starfast.matchers import MatcherChoice, find_permutations
 from starfast.progress import progress_bar
 from starfast.files import file_digest, read_json, write_json
@@ -208,10 +209,13 @@ def measure_pairs(
     train_data = lambda: dataset.eval_batches("train", config.batch_size)  # noqa: E731
     test_data = lambda: dataset.eval_batches("test", config.batch_size)  # noqa: E731
     batches_per_pair = _batches_per_pair(skeleton, dataset, config)
+    grouped = list(_grouped_by_anchor(list(pairs)))
+    needs_matching = any(store.get(anchor, partner) is None for anchor, partners in grouped for partner in partners)
+    probe = config.probe(skeleton, dataset) if needs_matching else None
     curves: List[Dict[str, Any]] = []
-    for anchor, partners in _grouped_by_anchor(list(pairs)):
+    for anchor, partners in grouped:
         todo = [partner for partner in partners if store.get(anchor, partner) is None]
-        matched = dict(zip((id(partner) for partner in todo), _match(anchor, todo, spec, space, config))) if todo else {}
+        matched = dict(zip((id(partner) for partner in todo), _match(anchor, todo, spec, space, config, probe))) if todo else {}
         for partner in partners:
             curve = store.get(anchor, partner)
             if curve is None:
@@ -390,15 +394,17 @@ def _grouped_by_anchor(items: List[Tuple[LoadedModel, LoadedModel]]):
         yield group[0][0], [partner for _, partner in group]
 
 
-def _match(anchor: LoadedModel, partners: List[LoadedModel], spec, space: ParamSpace, config: EvaluationConfig):
+def _match(anchor: LoadedModel, partners: List[LoadedModel], spec, space: ParamSpace, config: EvaluationConfig,
+           probe: Optional[ActivationProbe] = None):
     """Each partner aligned with the anchor by ``config.matcher``: ``[(permuted buffers, permuted
     row)]`` (the rows come permuted from the finder; only the BatchNorm statistics are permuted
-    here). With ``none`` the partners are returned as they are, and nothing is matched."""
+    here). With ``none`` the partners are returned as they are, and nothing is matched. ``probe``:
+    the data of a data-based finder (``config.probe(skeleton, dataset)``)."""
     if not config.permutes:
         return [(partner.buffers, partner.row) for partner in partners]
     bank = torch.stack([partner.row for partner in partners])
     result = find_permutations(config.matcher, anchor.row, bank, spec, space=space, init=config.match_init,
-                               **config.matcher_options())
+                               probe=probe, **config.matcher_options())
     matched = []
     for k, partner in enumerate(partners):
         perm = {name: index[k] for name, index in result.perms.items()}

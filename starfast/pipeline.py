@@ -48,6 +48,7 @@ STAR_FLAGS = {
     "sinkhorn_steps": "--sinkhorn-steps",
     "sinkhorn_temperature": "--sinkhorn-temperature",
     "sinkhorn_iterations": "--sinkhorn-iterations",
+    "match_examples": "--match-examples",
     "recipe": "--star-epochs, --star-optimizer/--star-lr/--star-momentum/--star-weight-decay and the recipe flags",
 }
 
