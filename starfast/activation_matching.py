@@ -198,7 +198,7 @@ def _site_moments(
             seen: Dict[SiteKey, torch.Tensor] = {}
 
             def keep(key: SiteKey, columns: torch.Tensor) -> None:
-                seen[key] = columns.double()
+                seen[key] = columns.to(torch.float64, copy=True)  # a later in-place activation may overwrite a view
 
             with observing(model, sites, keep):
                 functional_call(model, space.views(target), (x,))

@@ -43,6 +43,9 @@ def add_evaluation_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--eval-matcher", choices=MATCHERS, default="wm",
                        help="permutation finder aligning each measured pair: wm = weight matching, sinkhorn = Sinkhorn "
                             "re-basin, am = activation matching, none = no permutation (default: wm)")
+    group.add_argument("--repair", action="store_true",
+                       help="REPAIR every interpolated point: its per-channel pre-activation mean and std set to the "
+                            "interpolation of the end points' (on BatchNorm networks the usual recomputation, RESET)")
     group.add_argument("--match-examples", type=int, metavar="N",
                        help=f"training examples activation matching (am) observes (default: {DEFAULT_MATCH_EXAMPLES})")
     finders = parser.add_argument_group("Sinkhorn re-basin options (used where a matcher is sinkhorn)")
@@ -85,7 +88,7 @@ def evaluation_config(args: argparse.Namespace) -> EvaluationConfig:
     return EvaluationConfig(
         heldout_pairs=args.heldout_pairs, heldout_source_pairs=args.heldout_source_pairs, star_sources=args.star_sources,
         ts=args.ts, bn_batches=args.bn_batches, batch_size=args.eval_batch_size,
-        match_init=None if args.match_init == "identity" else args.match_init,
+        match_init=None if args.match_init == "identity" else args.match_init, repair=args.repair,
         matcher=args.eval_matcher, **(sinkhorn if args.eval_matcher == "sinkhorn" else {}),
         **(examples if args.eval_matcher in DATA_MATCHERS else {}),
     )
@@ -152,6 +155,8 @@ def check_application_flags(args: argparse.Namespace) -> None:
             raise ValueError(f"--{given[0].replace('_', '-')} needs --{flag}")
     if (args.bma or args.fusion) and args.eval_matcher != "wm":
         raise ValueError(f"--bma and --fusion align with weight matching; drop --eval-matcher {args.eval_matcher}")
+    if (args.bma or args.fusion) and args.repair:
+        raise ValueError("--repair applies to the barriers, which --bma and --fusion do not measure; drop --repair")
     defaults = {"bma_samples": 19, "bma_seed": 0, "fusion_sizes": [2, 5, 50], "fusion_ce_weight": 1.0, "fusion_star_seeds": 3}
     for name, value in defaults.items():
         if getattr(args, name) is None:

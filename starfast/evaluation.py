@@ -21,9 +21,10 @@ Each curve in ``curves[KIND]`` names its two models (``"a"``, the anchor, and ``
 ``"star star-0000"`` and ``"heldout seed 1000"``), so per-model summaries can be read off.
 
 The result is a JSON-ready dict ``{"dataset", "model", "regular_loss", "star_loss", "regular_test_loss",
-"star_test_loss", "barriers", "accuracy_barriers", "curves", "counts", "extra_heldout", "star_matchers", "config",
-"seconds"}`` (losses summarise each distinct model's own train/test loss; ``star_matchers`` names the
-matcher each star was trained with, ``config["matcher"]`` the one the evaluation used) where
+"star_test_loss", "barriers", "accuracy_barriers", "curves", "counts", "extra_heldout", "star_matchers", "repair",
+"config", "seconds"}`` (losses summarise each distinct model's own train/test loss; ``star_matchers`` names the
+matcher each star was trained with, ``config["matcher"]`` the one the evaluation used; ``repair`` is
+``off``, ``repair`` or ``reset`` (``config.repair`` on a BatchNorm network), :mod:`starfast.repair`) where
 ``barriers[KIND][SPLIT]`` holds ``mean, std, min, max, values`` of the loss barriers on ``train`` and ``test``, and ``extra_heldout[NAME]`` the set's
 ``recipe``, ``count``, own ``loss``/``test_loss`` and its two ``kinds``. :func:`write_results` stores it as
 ``RUN/results/results.json`` next to the table and plot made by :mod:`starfast.report`.
@@ -44,6 +45,7 @@ from torch import nn
 from starfast import models
 from starfast.barrier import barrier_curve
 from starfast.bn import has_batchnorm
+from starfast.repair import repair_kind
 from starfast.flat import ParamSpace
 from starfast.activation_matching import ActivationProbe
 from starfast.matchers import MatcherChoice, find_permutations
@@ -75,6 +77,7 @@ class EvaluationConfig(MatcherChoice):
     batch_size: int = 500
     match_max_iter: int = 100
     match_init: Optional[str] = None  # None (identity, Git Re-Basin) or "sorted"
+    repair: bool = False  # REPAIR every interior point of a path (starfast.repair)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -175,6 +178,7 @@ def evaluate_run(
                    **{kind: len(curves[kind]) for kind in curves}},
         "extra_heldout": {name: _extra_set_summary(run, name, members, curves) for name, members in extra.items()},
         "star_matchers": {star.label: star.matcher for star in stars},
+        "repair": repair_kind(skeleton, config.repair),
         "config": asdict(config),
         "seconds": time.perf_counter() - started,
     }
@@ -225,7 +229,7 @@ def measure_pairs(
                     measured = barrier_curve(
                         skeleton, anchor.row, partner_row, _counted(train_data, pair_bar), _counted(test_data, pair_bar),
                         config.ts, buffers_a=anchor.buffers or None, buffers_b=partner_buffers,
-                        bn_batches=config.bn_batches, space=space,
+                        bn_batches=config.bn_batches, space=space, repair=config.repair, spec=spec,
                     )
                 curve = {"a": anchor.label, "b": partner.label, **measured.to_dict()}
                 store.add(anchor, partner, curve)

@@ -3,7 +3,7 @@
 ``format_table(results)`` renders the paper-style summary (regular and star loss; train and test
 loss barriers of regular–regular, star–held-out and star–source pairs as mean ± std [min, max];
 each extra held-out set NAME adds its loss and its star–NAME and NAME–NAME barriers; a line
-below names the permutation finders the stars were trained and the pairs aligned with);
+below names the permutation finders the stars were trained and the pairs aligned with, and REPAIR);
 ``verdict(results)`` is the one-line answer to the paper's claim (see its docstring for the three
 conditions); ``write_table`` saves the table and the verdict as ``table.md``; ``plot_curves`` draws
 loss and accuracy along t with ±1 std bands, star–held-out against regular–regular (the paper's
@@ -57,12 +57,21 @@ def format_table(results: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n\n" + matchers_line(results)
 
 
+REPAIR_WORDS = {
+    "off": "no REPAIR",
+    "repair": "REPAIR (interior points' pre-activation statistics renormalised to the end points' interpolation)",
+    "reset": "REPAIR = RESET here (BatchNorm statistics recomputed, as always)",
+}
+
+
 def matchers_line(results: Mapping[str, Any]) -> str:
     """Which permutation finders the results rest on: the stars' (Starlight's re-matching) and the
-    evaluation's (aligning each measured pair); results from before the choice existed used wm."""
+    evaluation's (aligning each measured pair), and whether the path was REPAIRed; results from
+    before the choices existed used wm and no REPAIR."""
     star_matchers = sorted(set((results.get("star_matchers") or {}).values())) or ["—"]
     evaluation = (results.get("config") or {}).get("matcher", "wm")
-    return f"permutations: stars trained with {', '.join(star_matchers)}; pairs aligned with {evaluation}"
+    repair = REPAIR_WORDS[results.get("repair", "off")]
+    return f"permutations: stars trained with {', '.join(star_matchers)}; pairs aligned with {evaluation}; {repair}"
 
 
 # The star-domain claim, as :func:`verdict` tests it on the train-split loss barriers.
