@@ -265,15 +265,15 @@ def format_fusion_table(results: Mapping[str, Any]) -> str:
         f"Model fusion on {results['dataset']} ({results['arch']}): stars trained with ce-weight λ = "
         f"{results['ce_weight']:g} for {results['star_epochs']} epochs; test accuracy in %",
         "",
-        "| #models | regular | best of n | ensemble | star | best star |",
-        "|---|---|---|---|---|---|",
+        "| #models | regular | best of n | ensemble | star | best star | MergeMany |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in results["rows"]:
         stars = row["star"]
         lines.append(
             f"| {row['size']} | {_percent(row['regular'])} | {_percent(row['regular'], 'max')} | "
             f"{100 * row['ensemble']['accuracy']:.2f} | {_percent(stars)} (n={len(stars['values']) if stars else 0}) | "
-            f"{_percent(stars, 'max')} |"
+            f"{_percent(stars, 'max')} | {_mergemany(row)} |"
         )
     clock = results["rows"][0]["cost"]["regular"].get("clock", "wall time") if results["rows"] else "wall time"
     lines += [
@@ -282,13 +282,21 @@ def format_fusion_table(results: Mapping[str, Any]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for row in results["rows"]:
-        for method in ("regular", "ensemble", "star"):
+        for method in [method for method in ("regular", "ensemble", "star", "mergemany") if method in row["cost"]]:
             cost = row["cost"][method]
             lines.append(
                 f"| {row['size']} | {method} | {cost['flops_per_example']:,.0f} | {_bytes(cost['parameter_bytes'])} | "
                 f"{1000 * cost['seconds_per_batch']:.3f} | {cost['seconds_per_batch'] / row['cost']['regular']['seconds_per_batch']:.2f}× |"
             )
     return "\n".join(lines)
+
+
+def _mergemany(row: Mapping[str, Any]) -> str:
+    """MergeMany's accuracy and rounds (fusion results from before it existed have none)."""
+    merged = row.get("mergemany")
+    if merged is None:
+        return "—"
+    return f"{100 * merged['accuracy']:.2f} ({merged['rounds']} rounds{'' if merged['converged'] else ', not converged'})"
 
 
 def _bytes(count: float) -> str:
