@@ -56,16 +56,23 @@ MODELS_PER_CALL = 8
 
 @dataclass
 class ActivationProbe:
-    """What data-based matchers observe: a module of the architecture (``skeleton``, not changed)
-    and input batches ``inputs`` (``[B, ...]`` each)."""
+    """What data-based matchers observe: a module of the architecture (``skeleton``, not changed),
+    input batches ``inputs`` (``[B, ...]`` each) and, for a finder that needs a loss (``ste``),
+    their ``labels`` (``[B]`` each) and whether the task is ``binary`` (one logit, BCE)."""
 
     skeleton: nn.Module
     inputs: Tuple[torch.Tensor, ...]
+    labels: Optional[Tuple[torch.Tensor, ...]] = None
+    binary: bool = False
 
     def __post_init__(self) -> None:
         self.inputs = tuple(self.inputs)
         if not self.inputs or not all(isinstance(x, torch.Tensor) and x.dim() >= 1 and len(x) for x in self.inputs):
             raise ValueError("ActivationProbe: inputs must be one or more non-empty [B, ...] tensors")
+        if self.labels is not None:
+            self.labels = tuple(self.labels)
+            if [len(y) for y in self.labels] != [len(x) for x in self.inputs]:
+                raise ValueError("ActivationProbe: labels must be one [B] tensor per input batch, of the same sizes")
 
     @classmethod
     def from_dataset(cls, skeleton: nn.Module, dataset: Any, examples: int = DEFAULT_MATCH_EXAMPLES,
@@ -74,13 +81,14 @@ class ActivationProbe:
         un-augmented, in batches of ``batch_size``."""
         if isinstance(examples, bool) or not isinstance(examples, int) or examples < 2:
             raise ValueError(f"--match-examples must be an int >= 2 (correlations need two examples), got {examples!r}")
-        batches, taken = [], 0
-        for x, _ in dataset.eval_batches("train", batch_size):
+        batches, labels, taken = [], [], 0
+        for x, y in dataset.eval_batches("train", batch_size):
             batches.append(x[: examples - taken])
+            labels.append(y[: examples - taken])
             taken += len(batches[-1])
             if taken >= examples:
                 break
-        return cls(skeleton, tuple(batches))
+        return cls(skeleton, tuple(batches), tuple(labels), bool(dataset.binary))
 
     @property
     def examples(self) -> int:

@@ -49,6 +49,8 @@ STAR_FLAGS = {
     "sinkhorn_temperature": "--sinkhorn-temperature",
     "sinkhorn_iterations": "--sinkhorn-iterations",
     "match_examples": "--match-examples",
+    "ste_lr": "--ste-lr",
+    "ste_steps": "--ste-steps",
     "recipe": "--star-epochs, --star-optimizer/--star-lr/--star-momentum/--star-weight-decay and the recipe flags",
 }
 

@@ -167,6 +167,6 @@ def test_the_am_flags_reach_the_options_and_are_refused_elsewhere(tmp_path, caps
     assert built.evaluation.matcher == "am" and built.evaluation.match_examples == 500
     with pytest.raises(SystemExit):
         context(["--match-examples", "500"], tmp_path)
-    assert "--match-examples only applies to the am matcher" in capsys.readouterr().err
+    assert "--match-examples only applies to the data-based matchers (am, ste)" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--match-examples must be an int >= 2"):
         MatcherChoice(matcher="am", match_examples=1)

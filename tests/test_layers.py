@@ -12,7 +12,7 @@ LAYERS = [
               "starfast.testing"]),
     ("algorithm support", ["starfast.training_common", "starfast.bank", "starfast.bn", "starfast.warm_start",
                            "starfast.calibration", "starfast.sites"]),
-    ("algorithms", ["starfast.matching", "starfast.sinkhorn", "starfast.activation_matching", "starfast.repair", "starfast.merge_many", "starfast.matchers", "starfast.barrier", "starfast.training", "starfast.starlight", "starfast.theory"]),
+    ("algorithms", ["starfast.matching", "starfast.sinkhorn", "starfast.activation_matching", "starfast.ste_matching", "starfast.repair", "starfast.merge_many", "starfast.matchers", "starfast.barrier", "starfast.training", "starfast.starlight", "starfast.theory"]),
     ("run directory", ["starfast.rundir"]),
     ("pipeline", ["starfast.pipeline", "starfast.evaluation", "starfast.bma", "starfast.fusion", "starfast.report",
                   "starfast.experiments"]),
