@@ -23,7 +23,8 @@ so rows without running statistics (Starlight's θ) are observed like trained mo
 off. Data: the probe's input batches (:class:`ActivationProbe`, by default the first
 :data:`DEFAULT_MATCH_EXAMPLES` training examples, un-augmented). Each batch runs the target once and
 every source once (``models_per_call`` sources per ``torch.func.vmap``); per source only
-first and second moments and the ``[n, n]`` cross products with the target are kept (float64).
+first and second moments and the ``[n, n]`` cross products with the target are kept, summed in
+float64 (each batch's cross products are computed in the models' dtype: the one large product).
 
 A unit that is constant on the probe (a dead ReLU) has no correlation: its row and column are 0,
 so it is matched by the other units' leftovers; a larger probe is the remedy.
@@ -49,7 +50,7 @@ from starfast.sites import SiteKey, batch_statistics_copy, observing
 from starfast.spec import Perm, PermutationSpec, Site
 
 DEFAULT_MATCH_EXAMPLES = 2048
-PROBE_BATCH_SIZE = 256
+PROBE_BATCH_SIZE = 128
 # Sources per vmapped call where vmap pays (not for convolutions on the CPU, see starfast.bank).
 MODELS_PER_CALL = 8
 
@@ -193,7 +194,7 @@ def _site_moments(
 
         def record(key: SiteKey, columns: torch.Tensor) -> None:
             b = columns.double()
-            found[key] = (b.sum(0), (b * b).sum(0), seen[key].T @ b)
+            found[key] = (b.sum(0), (b * b).sum(0), (seen[key].T @ columns).double())
 
         with observing(model, sites, record):
             functional_call(model, params, (x,))
@@ -206,7 +207,7 @@ def _site_moments(
             seen: Dict[SiteKey, torch.Tensor] = {}
 
             def keep(key: SiteKey, columns: torch.Tensor) -> None:
-                seen[key] = columns.to(torch.float64, copy=True)  # a later in-place activation may overwrite a view
+                seen[key] = columns.clone()  # a later in-place activation may overwrite a view
 
             with observing(model, sites, keep):
                 functional_call(model, space.views(target), (x,))
@@ -219,7 +220,7 @@ def _site_moments(
                 else:
                     chunks.append(batched(space.views(rows), x, seen))
             for index, key in enumerate(keys):
-                a = seen[key]
+                a = seen[key].double()
                 parts = [torch.cat([chunk[index][p] for chunk in chunks]) for p in range(3)]
                 batch = [a.sum(0), (a * a).sum(0), *parts, len(a)]
                 totals[key] = batch if key not in totals else [old + new for old, new in zip(totals[key], batch)]

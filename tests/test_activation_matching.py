@@ -22,6 +22,10 @@ from test_matchers import ARCHS, IDS, build, context, planted
 from test_starlight import toy_dataset
 
 
+# Correlations from float32 cross products of a few hundred rows: within ~1e-6 of exact.
+CORRELATION_TOLERANCE = 1e-4
+
+
 def probe_for(model, shape, rng, batches=2, size=64, dtype=torch.float32):
     """Random inputs, scaled up: a random deep MLP's units are mostly dead on N(0, 1) inputs (its
     biases dominate), far fewer on N(0, 16)."""
@@ -29,10 +33,11 @@ def probe_for(model, shape, rng, batches=2, size=64, dtype=torch.float32):
 
 
 def is_live(model, spec, space, probe):
-    """No unit of the model is constant on the probe: its self-correlation is 1 in every group."""
+    """No unit of the model is constant on the probe: its self-correlation is 1 in every group (a
+    constant unit costs 1/size of it; float32 cross products cost ~1e-6)."""
     row = space.flatten(model)
     itself = activation_match(row, row.unsqueeze(0), spec, space=space, probe=probe)
-    return all(abs(float(value[0]) - 1) < 1e-9 for value in itself.correlation.values())
+    return all(abs(float(value[0]) - 1) < CORRELATION_TOLERANCE for value in itself.correlation.values())
 
 
 def live_plant(name, kw, shape, rng, draws=20):
@@ -56,7 +61,7 @@ def test_am_recovers_a_planted_permutation(name, kw, shape, rng):
     for k in range(len(bank)):
         assert torch.equal(result.permuted[k], row), (name, k, {g: float(c[k]) for g, c in result.correlation.items()})
         for group, correlation in result.correlation.items():
-            assert abs(float(correlation[k]) - 1) < 1e-6, (group, float(correlation[k]))
+            assert abs(float(correlation[k]) - 1) < CORRELATION_TOLERANCE, (group, float(correlation[k]))
     assert torch.equal(permute(bank, result.index_maps), result.permuted)
 
 
