@@ -55,6 +55,12 @@ PROBE_BATCH_SIZE = 128
 MODELS_PER_CALL = 8
 
 
+def check_match_examples(examples: int) -> None:
+    """The error names the command-line flag."""
+    if isinstance(examples, bool) or not isinstance(examples, int) or examples < 2:
+        raise ValueError(f"--match-examples must be an int >= 2 (correlations need two examples), got {examples!r}")
+
+
 @dataclass
 class ActivationProbe:
     """What data-based matchers observe: a module of the architecture (``skeleton``, not changed),
@@ -80,8 +86,7 @@ class ActivationProbe:
                      batch_size: int = PROBE_BATCH_SIZE) -> "ActivationProbe":
         """The first ``examples`` training examples of ``dataset`` (all of them when it has fewer),
         un-augmented, in batches of ``batch_size``."""
-        if isinstance(examples, bool) or not isinstance(examples, int) or examples < 2:
-            raise ValueError(f"--match-examples must be an int >= 2 (correlations need two examples), got {examples!r}")
+        check_match_examples(examples)
         batches, labels, taken = [], [], 0
         for x, y in dataset.eval_batches("train", batch_size):
             batches.append(x[: examples - taken])

@@ -2,8 +2,10 @@
 
 ``evaluate_run(run, dataset)`` loads the source, held-out and star models of a run, aligns every
 pair it measures with the configured permutation finder (``config.matcher``: weight matching by
-default, Sinkhorn re-basin, activation matching on ``match_examples`` training inputs, or ``none`` to interpolate the models as they are; B permuted onto A,
-A is the star whenever one is involved, and B's BatchNorm statistics are permuted with it),
+default, Sinkhorn re-basin, activation or straight-through matching on ``match_examples``
+training examples, or ``none`` to interpolate the models as they are; B permuted onto A, A is the
+star whenever one is involved, and B's BatchNorm statistics are permuted with it), REPAIRs the
+paths when ``config.repair`` (:mod:`starfast.repair`),
 computes each pair's barrier curve with batched BatchNorm recomputation
 (:func:`starfast.barrier.barrier_curve`) and aggregates three kinds:
 

@@ -25,7 +25,9 @@ from typing import Any, ClassVar, Dict, Optional, Union
 
 import torch
 
-from starfast.activation_matching import DEFAULT_MATCH_EXAMPLES, ActivationMatchResult, ActivationProbe, activation_match
+from starfast.activation_matching import (
+    DEFAULT_MATCH_EXAMPLES, ActivationMatchResult, ActivationProbe, activation_match, check_match_examples,
+)
 from starfast.flat import ParamSpace
 from starfast.matching import MatchResult, match_weights
 from starfast.sinkhorn import (
@@ -72,7 +74,7 @@ def find_permutations(
     ``bank`` ``[N, P]`` with ``target`` ``[P]``. ``init``: a previous result of the same finder for
     the same sources, or permutations (group -> ``[N, size]``); ``seed``: the finder's randomness;
     ``out``: where the permuted rows go (see the finders); ``probe``: the data of a data-based finder
-    (``am``; ignored by the others); ``options``: the finder's own keywords (``max_iter`` for ``wm``;
+    (``am``, ``ste``; ignored by the others); ``options``: the finder's own keywords (``max_iter`` for ``wm``;
     ``lr``, ``steps``, ``temperature``, ``iterations`` for ``sinkhorn``; ``models_per_call`` for ``am``;
     ``lr``, ``steps``, ``max_iter`` for ``ste``).
     ``am`` is one-shot: it ignores ``init`` and ``seed``."""
@@ -121,9 +123,7 @@ class MatcherChoice:
         if self.matcher not in MATCHERS:
             raise ValueError(f"{self.MATCHER_FLAG} must be one of {', '.join(MATCHERS)}, got {self.matcher!r}")
         check_options(self.sinkhorn_lr, self.sinkhorn_steps, self.sinkhorn_temperature, self.sinkhorn_iterations)
-        examples = self.match_examples
-        if isinstance(examples, bool) or not isinstance(examples, int) or examples < 2:
-            raise ValueError(f"--match-examples must be an int >= 2 (correlations need two examples), got {examples!r}")
+        check_match_examples(self.match_examples)
         check_ste_options(self.ste_lr, self.ste_steps)
         object.__setattr__(self, "ste_lr", float(self.ste_lr))
         object.__setattr__(self, "sinkhorn_lr", float(self.sinkhorn_lr))

@@ -67,3 +67,19 @@ def test_the_ste_flags(tmp_path, capsys):
         MatcherChoice(matcher="ste", ste_lr=0.0)
     with pytest.raises(ValueError, match="pass probe="):
         find_permutations("ste", torch.zeros(3), torch.zeros(1, 3), None, space=None)
+
+
+def test_a_star_trains_with_ste_rematches(rng):
+    from starfast.recipes import Recipe
+    from starfast.starlight import StarlightOptions, train_star
+    from test_starlight import toy_dataset
+
+    skeleton = models.build("mlp", 4, 3, (3, 8, 8), width=8)
+    space, spec = ParamSpace(skeleton), models.permutation_spec(skeleton)
+    bank = 0.2 * torch.randn(3, space.size, generator=rng)
+    options = StarlightOptions(matcher="ste", ste_steps=2, match_examples=32)
+    result = train_star(skeleton, bank, spec, toy_dataset(rng), Recipe(lr=0.05, weight_decay=0.0, epochs=2, batch_size=16),
+                        options, seed=2, quiet=True)
+    assert spec.check_perm(result.perms) == 3 and result.metrics["rematches"] == 2
+    assert torch.equal(result.index_maps.long(), spec.index_map(space, result.perms))
+    assert result.settings["matcher"] == "ste" and result.settings["ste_steps"] == 2
