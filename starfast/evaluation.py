@@ -2,8 +2,10 @@
 
 ``evaluate_run(run, dataset)`` loads the source, held-out and star models of a run, aligns every
 pair it measures with the configured permutation finder (``config.matcher``: weight matching by
-default, Sinkhorn re-basin, or ``none`` to interpolate the models as they are; B permuted onto A,
-A is the star whenever one is involved, and B's BatchNorm statistics are permuted with it),
+default, Sinkhorn re-basin, activation or straight-through matching on ``match_examples``
+training examples, or ``none`` to interpolate the models as they are; B permuted onto A, A is the
+star whenever one is involved, and B's BatchNorm statistics are permuted with it), REPAIRs the
+paths when ``config.repair`` (:mod:`starfast.repair`),
 computes each pair's barrier curve with batched BatchNorm recomputation
 (:func:`starfast.barrier.barrier_curve`) and aggregates three kinds:
 
@@ -21,9 +23,10 @@ Each curve in ``curves[KIND]`` names its two models (``"a"``, the anchor, and ``
 ``"star star-0000"`` and ``"heldout seed 1000"``), so per-model summaries can be read off.
 
 The result is a JSON-ready dict ``{"dataset", "model", "regular_loss", "star_loss", "regular_test_loss",
-"star_test_loss", "barriers", "accuracy_barriers", "curves", "counts", "extra_heldout", "star_matchers", "config",
-"seconds"}`` (losses summarise each distinct model's own train/test loss; ``star_matchers`` names the
-matcher each star was trained with, ``config["matcher"]`` the one the evaluation used) where
+"star_test_loss", "barriers", "accuracy_barriers", "curves", "counts", "extra_heldout", "star_matchers", "repair",
+"config", "seconds"}`` (losses summarise each distinct model's own train/test loss; ``star_matchers`` names the
+matcher each star was trained with, ``config["matcher"]`` the one the evaluation used; ``repair`` is
+``off``, ``repair`` or ``reset`` (``config.repair`` on a BatchNorm network), :mod:`starfast.repair`) where
 ``barriers[KIND][SPLIT]`` holds ``mean, std, min, max, values`` of the loss barriers on ``train`` and ``test``, and ``extra_heldout[NAME]`` the set's
 ``recipe``, ``count``, own ``loss``/``test_loss`` and its two ``kinds``. :func:`write_results` stores it as
 ``RUN/results/results.json`` next to the table and plot made by :mod:`starfast.report`.
@@ -44,7 +47,9 @@ from torch import nn
 from starfast import models
 from starfast.barrier import barrier_curve
 from starfast.bn import has_batchnorm
+from starfast.repair import repair_kind
 from starfast.flat import ParamSpace
+from starfast.activation_matching import ActivationProbe
 from starfast.matchers import MatcherChoice, find_permutations
 from starfast.progress import progress_bar
 from starfast.files import file_digest, read_json, write_json
@@ -74,6 +79,7 @@ class EvaluationConfig(MatcherChoice):
     batch_size: int = 500
     match_max_iter: int = 100
     match_init: Optional[str] = None  # None (identity, Git Re-Basin) or "sorted"
+    repair: bool = False  # REPAIR every interior point of a path (starfast.repair)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -175,6 +181,7 @@ def evaluate_run(
                    **{kind: len(curves[kind]) for kind in curves}},
         "extra_heldout": {name: _extra_set_summary(run, name, members, curves) for name, members in extra.items()},
         "star_matchers": {star.label: star.matcher for star in stars},
+        "repair": repair_kind(skeleton, config.repair),
         "config": asdict(config),
         "seconds": time.perf_counter() - started,
     }
@@ -209,10 +216,13 @@ def measure_pairs(
     train_data = lambda: dataset.eval_batches("train", config.batch_size)  # noqa: E731
     test_data = lambda: dataset.eval_batches("test", config.batch_size)  # noqa: E731
     batches_per_pair = _batches_per_pair(skeleton, dataset, config)
+    grouped = list(_grouped_by_anchor(list(pairs)))
+    needs_matching = any(store.get(anchor, partner) is None for anchor, partners in grouped for partner in partners)
+    probe = config.probe(skeleton, dataset) if needs_matching else None
     curves: List[Dict[str, Any]] = []
-    for anchor, partners in _grouped_by_anchor(list(pairs)):
+    for anchor, partners in grouped:
         todo = [partner for partner in partners if store.get(anchor, partner) is None]
-        matched = dict(zip((id(partner) for partner in todo), _match(anchor, todo, spec, space, config))) if todo else {}
+        matched = dict(zip((id(partner) for partner in todo), _match(anchor, todo, spec, space, config, probe))) if todo else {}
         for partner in partners:
             curve = store.get(anchor, partner)
             if curve is None:
@@ -222,7 +232,7 @@ def measure_pairs(
                     measured = barrier_curve(
                         skeleton, anchor.row, partner_row, _counted(train_data, pair_bar), _counted(test_data, pair_bar),
                         config.ts, buffers_a=anchor.buffers or None, buffers_b=partner_buffers,
-                        bn_batches=config.bn_batches, space=space,
+                        bn_batches=config.bn_batches, space=space, repair=config.repair, spec=spec,
                     )
                 curve = {"a": anchor.label, "b": partner.label, **measured.to_dict()}
                 store.add(anchor, partner, curve)
@@ -412,15 +422,17 @@ def _grouped_by_anchor(items: List[Tuple[LoadedModel, LoadedModel]]):
         yield group[0][0], [partner for _, partner in group]
 
 
-def _match(anchor: LoadedModel, partners: List[LoadedModel], spec, space: ParamSpace, config: EvaluationConfig):
+def _match(anchor: LoadedModel, partners: List[LoadedModel], spec, space: ParamSpace, config: EvaluationConfig,
+           probe: Optional[ActivationProbe] = None):
     """Each partner aligned with the anchor by ``config.matcher``: ``[(permuted buffers, permuted
     row)]`` (the rows come permuted from the finder; only the BatchNorm statistics are permuted
-    here). With ``none`` the partners are returned as they are, and nothing is matched."""
+    here). With ``none`` the partners are returned as they are, and nothing is matched. ``probe``:
+    the data of a data-based finder (``config.probe(skeleton, dataset)``)."""
     if not config.permutes:
         return [(partner.buffers, partner.row) for partner in partners]
     bank = torch.stack([partner.row for partner in partners])
     result = find_permutations(config.matcher, anchor.row, bank, spec, space=space, init=config.match_init,
-                               **config.matcher_options())
+                               probe=probe, **config.matcher_options())
     matched = []
     for k, partner in enumerate(partners):
         perm = {name: index[k] for name, index in result.perms.items()}

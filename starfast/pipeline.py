@@ -48,6 +48,9 @@ STAR_FLAGS = {
     "sinkhorn_steps": "--sinkhorn-steps",
     "sinkhorn_temperature": "--sinkhorn-temperature",
     "sinkhorn_iterations": "--sinkhorn-iterations",
+    "match_examples": "--match-examples",
+    "ste_lr": "--ste-lr",
+    "ste_steps": "--ste-steps",
     "recipe": "--star-epochs, --star-optimizer/--star-lr/--star-momentum/--star-weight-decay and the recipe flags",
 }
 

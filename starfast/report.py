@@ -3,7 +3,7 @@
 ``format_table(results)`` renders the paper-style summary (regular and star loss; train and test
 loss barriers of regular–regular, star–held-out and star–source pairs as mean ± std [min, max];
 each extra held-out set NAME adds its loss and its star–NAME and NAME–NAME barriers; a line
-below names the permutation finders the stars were trained and the pairs aligned with);
+below names the permutation finders the stars were trained and the pairs aligned with, and REPAIR);
 ``verdict(results)`` is the one-line answer to the paper's claim (see its docstring for the three
 conditions); ``write_table`` saves the table and the verdict as ``table.md``; ``plot_curves`` draws
 loss and accuracy along t with ±1 std bands, star–held-out against regular–regular (the paper's
@@ -57,12 +57,21 @@ def format_table(results: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n\n" + matchers_line(results)
 
 
+REPAIR_WORDS = {
+    "off": "no REPAIR",
+    "repair": "REPAIR (interior points' pre-activation statistics renormalised to the end points' interpolation)",
+    "reset": "REPAIR = RESET here (BatchNorm statistics recomputed, as always)",
+}
+
+
 def matchers_line(results: Mapping[str, Any]) -> str:
     """Which permutation finders the results rest on: the stars' (Starlight's re-matching) and the
-    evaluation's (aligning each measured pair); results from before the choice existed used wm."""
+    evaluation's (aligning each measured pair), and whether the path was REPAIRed; results from
+    before the choices existed used wm and no REPAIR."""
     star_matchers = sorted(set((results.get("star_matchers") or {}).values())) or ["—"]
     evaluation = (results.get("config") or {}).get("matcher", "wm")
-    return f"permutations: stars trained with {', '.join(star_matchers)}; pairs aligned with {evaluation}"
+    repair = REPAIR_WORDS[results.get("repair", "off")]
+    return f"permutations: stars trained with {', '.join(star_matchers)}; pairs aligned with {evaluation}; {repair}"
 
 
 # The star-domain claim, as :func:`verdict` tests it on the train-split loss barriers.
@@ -256,15 +265,15 @@ def format_fusion_table(results: Mapping[str, Any]) -> str:
         f"Model fusion on {results['dataset']} ({results['arch']}): stars trained with ce-weight λ = "
         f"{results['ce_weight']:g} for {results['star_epochs']} epochs; test accuracy in %",
         "",
-        "| #models | regular | best of n | ensemble | star | best star |",
-        "|---|---|---|---|---|---|",
+        "| #models | regular | best of n | ensemble | star | best star | MergeMany |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in results["rows"]:
         stars = row["star"]
         lines.append(
             f"| {row['size']} | {_percent(row['regular'])} | {_percent(row['regular'], 'max')} | "
             f"{100 * row['ensemble']['accuracy']:.2f} | {_percent(stars)} (n={len(stars['values']) if stars else 0}) | "
-            f"{_percent(stars, 'max')} |"
+            f"{_percent(stars, 'max')} | {_mergemany(row)} |"
         )
     clock = results["rows"][0]["cost"]["regular"].get("clock", "wall time") if results["rows"] else "wall time"
     lines += [
@@ -273,13 +282,21 @@ def format_fusion_table(results: Mapping[str, Any]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for row in results["rows"]:
-        for method in ("regular", "ensemble", "star"):
+        for method in [method for method in ("regular", "ensemble", "star", "mergemany") if method in row["cost"]]:
             cost = row["cost"][method]
             lines.append(
                 f"| {row['size']} | {method} | {cost['flops_per_example']:,.0f} | {_bytes(cost['parameter_bytes'])} | "
                 f"{1000 * cost['seconds_per_batch']:.3f} | {cost['seconds_per_batch'] / row['cost']['regular']['seconds_per_batch']:.2f}× |"
             )
     return "\n".join(lines)
+
+
+def _mergemany(row: Mapping[str, Any]) -> str:
+    """MergeMany's accuracy and rounds (fusion results from before it existed have none)."""
+    merged = row.get("mergemany")
+    if merged is None:
+        return "—"
+    return f"{100 * merged['accuracy']:.2f} ({merged['rounds']} rounds{'' if merged['converged'] else ', not converged'})"
 
 
 def _bytes(count: float) -> str:

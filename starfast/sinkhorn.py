@@ -124,7 +124,7 @@ def sinkhorn_match(
     count, device = bank.shape[0], bank.device
     groups = list(spec.groups)
     start = _start_perms(spec, init.perms if isinstance(init, SinkhornResult) else init, count, device)
-    work = _working_rows(out, bank)
+    work = working_rows(out, bank)
     index = torch.empty(count, space.size, dtype=torch.long, device=device)
     logits = _Logits(groups, start, seed, target.dtype, device)
     optimizer = torch.optim.Adam(logits.leaves(), lr=lr)
@@ -242,17 +242,18 @@ def _start_perms(spec: PermutationSpec, init: Optional[Perm], count: int, device
     return perms
 
 
-def _working_rows(out: Optional[torch.Tensor], bank: torch.Tensor) -> torch.Tensor:
-    """Where the permuted rows go: ``out`` (checked) or a new tensor."""
+def working_rows(out: Optional[torch.Tensor], bank: torch.Tensor, caller: str = "sinkhorn_match") -> torch.Tensor:
+    """Where a finder that permutes the sources afresh writes its rows: ``out`` (checked; the
+    error names ``caller``) or a new tensor."""
     if out is None:
         return torch.empty_like(bank)
     rows = out.view(1, -1) if out.dim() == 1 else out
     layout = (tuple(rows.shape), rows.dtype, rows.device)
     if layout != (tuple(bank.shape), bank.dtype, bank.device) or not rows.is_contiguous():
-        raise ValueError(f"sinkhorn_match: out must be a contiguous tensor laid out as the sources "
+        raise ValueError(f"{caller}: out must be a contiguous tensor laid out as the sources "
                          f"{(tuple(bank.shape), bank.dtype, bank.device)}, got {layout}")
     if rows.data_ptr() == bank.data_ptr():
-        raise ValueError("sinkhorn_match: out must not be the sources themselves (every step permutes them afresh)")
+        raise ValueError(f"{caller}: out must not be the sources themselves (they are permuted afresh into it)")
     return rows
 
 

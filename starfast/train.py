@@ -38,7 +38,7 @@ from starfast.arguments import (
     DATA_ERRORS, check_data_dir, name_parser, parse_arch_kw, parse_arguments, parse_device, parse_extra_heldout,
     parse_milestones, run_command, auto_or_count,
 )
-from starfast.evaluate import add_evaluation_flags, evaluation_config, run_evaluation, sinkhorn_flags
+from starfast.evaluate import add_evaluation_flags, evaluation_config, matcher_fields, run_evaluation
 from starfast.evaluation import EvaluationConfig
 from starfast.files import StoredFileError, write_json
 from starfast.matchers import MATCHERS
@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     star.add_argument("--rematch-async", action="store_true", help="re-match in a background thread while training")
     star.add_argument("--matcher", choices=MATCHERS, default="wm",
                       help="permutation finder of Starlight's re-matching: wm = weight matching, sinkhorn = Sinkhorn "
-                           "re-basin (options --sinkhorn-*), none = no permutation (default: wm)")
+                           "re-basin (options --sinkhorn-*), am = activation matching (--match-examples), ste = "
+                           "straight-through matching (--ste-*, --match-examples), none = no permutation (default: wm)")
     add_evaluation_flags(parser)
 
     speed = parser.add_argument_group("speed")
@@ -316,7 +317,7 @@ def build_context(args: argparse.Namespace, parser: argparse.ArgumentParser, dis
         star_options = StarlightOptions(
             t_sampling=args.t_sampling, rematch_every=args.rematch_every, ce_weight=args.ce_weight,
             samples_per_step=args.samples_per_step, rematch_async=args.rematch_async, matcher=args.matcher,
-            **(sinkhorn_flags(args) if args.matcher == "sinkhorn" else {}),
+            **matcher_fields(args, args.matcher),
         )
         speed = SpeedOptions(precision=args.precision)
         source_seeds(args.sources), heldout_seeds(args.heldout)
