@@ -13,11 +13,12 @@ from starfast.lap import linear_assignment
 from starfast.matching import MatchResult, match_weights
 from starfast.ops import lerp_gather, permute
 from starfast.spec import Axis, Group, PermutationSpec, Site, permute_model
+from starfast.spec_check import SpecCheck, check_spec
 from starfast.tracing import TraceError, TracedSpec, trace_spec
 
 __all__ = [
     "Axis", "BarrierCurve", "Group", "MatchResult", "ParamSpace", "PermutationSpec", "barrier_curve",
     "lerp_gather", "linear_assignment", "loss_barrier", "match_weights", "permute", "permute_model", "recompute_bn", "Site",
-    "TraceError", "TracedSpec", "trace_spec",
+    "SpecCheck", "TraceError", "TracedSpec", "check_spec", "trace_spec",
 ]
 __version__ = "0.1.0"

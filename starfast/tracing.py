@@ -557,7 +557,23 @@ class _Tracer:
     def _op_select(self, node, value):
         labels = list(self._arg(node, 0))
         dim = node.args[1] % len(labels)
-        self._pin_label(labels[dim], node.name, "one unit of it is selected")
+        index = node.args[2] % node.args[0].meta["val"].shape[dim]
+        return self._take(labels, dim, index, node.name)
+
+    def _take(self, labels: List[Label], dim: int, index: int, node: str) -> List[Label]:
+        """Labels after selecting position ``index`` of ``dim``. Selecting one head of a head split
+        (a fused q/k/v projection split into 3 "heads", as ``nn.MultiheadAttention`` does) leaves
+        that head's part of the units; any other selection of units pins them."""
+        label = labels[dim]
+        if len(label) == 1 and label[0][0] == "S":
+            head = self.spaces.find(label[0][1])
+            within = {factor[1] for other in labels for factor in other
+                      if factor[0] == "W" and self.spaces.find(self.heads[factor[1]][0]) == head}
+            if within:
+                chosen = {record: ("S", self.heads[record][1][index]) for record in within}
+                rest = labels[:dim] + labels[dim + 1:]
+                return [tuple(chosen.get(f[1], f) if f[0] == "W" else f for f in other) for other in rest]
+        self._pin_label(label, node, "one unit of it is selected")
         return labels[:dim] + labels[dim + 1:]
 
     def _pin_label(self, label: Label, node: str, reason: str) -> None:
@@ -605,8 +621,7 @@ class _Tracer:
     def _op_unbind(self, node, value):
         labels = list(self._arg(node, 0))
         dim = (node.args[1] if len(node.args) > 1 else 0) % len(labels)
-        self._pin_label(labels[dim], node.name, "its units are taken apart one by one")
-        return tuple(labels[:dim] + labels[dim + 1:] for _ in value)
+        return tuple(self._take(labels, dim, index, node.name) for index in range(len(value)))
 
     def _op_cat(self, node, value):
         tensors = [arg for arg in node.args[0] if self._is_tensor(arg) and arg.meta["val"].numel() > 0]
@@ -931,7 +946,7 @@ def _distinct(sites: List[Site]) -> List[Site]:
 
 def _group_name(axes: Sequence[Axis], size: int, taken: set) -> str:
     producer = next((axis for axis in axes if axis.axis == 0), axes[0])
-    module = producer.name.rsplit(".", 1)[0] if "." in producer.name else producer.name
+    module = producer.name.rsplit(".", 1)[0] if producer.name.endswith((".weight", ".bias")) else producer.name
     name = module if producer.offset == 0 else f"{module}[{producer.offset}:{producer.offset + size}]"
     if producer.axis != 0:
         name = f"{name}:{producer.axis}"
