@@ -1,0 +1,76 @@
+"""Models no one here wrote: Hugging Face ResNet, ViT and ConvNeXt image classifiers and a BERT
+text classifier, built from small configs with random weights (no download), trace with nothing
+left out, pass check_spec within float32 rounding, and weight matching recovers a planted
+permutation of each exactly."""
+import pytest
+import torch
+
+from starfast import ParamSpace, check_spec, match_weights, permute, trace_spec
+
+transformers = pytest.importorskip("transformers")
+
+
+def resnet():
+    config = transformers.ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 2],
+                                       layer_type="bottleneck", num_labels=3)
+    return transformers.ResNetForImageClassification(config), lambda g: torch.randn(4, 3, 32, 32, generator=g)
+
+
+def vit():
+    config = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=2,
+                                    num_attention_heads=2, intermediate_size=32, num_labels=3)
+    return transformers.ViTForImageClassification(config), lambda g: torch.randn(2, 3, 8, 8, generator=g)
+
+
+def convnext():
+    config = transformers.ConvNextConfig(num_channels=3, hidden_sizes=[8, 16], depths=[1, 2], num_stages=2,
+                                         patch_size=2, num_labels=3)
+    return transformers.ConvNextForImageClassification(config), lambda g: torch.randn(2, 3, 16, 16, generator=g)
+
+
+def bert():
+    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=16, num_labels=3)
+
+    def inputs(g):
+        ids = torch.randint(0, 50, (2, 7), generator=g)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+
+    return transformers.BertForSequenceClassification(config), inputs
+
+
+# (builder, the number of groups the model has, the tensors its first group — the stem or stream — must reach)
+MODELS = {
+    # ResNet: stem/stage-1 stream, stage-2 stream (a projection shortcut), 2 inner groups per bottleneck.
+    "resnet": (resnet, 2 + 2 * 3, ["resnet.embedder.embedder.convolution.weight", "resnet.encoder.stages.0.layers.0.layer.2.normalization.running_var"]),
+    # ViT: the stream, per layer 2 query/key heads, 2 value heads and the MLP.
+    "vit": (vit, 1 + 2 * 5, ["vit.embeddings.cls_token", "vit.embeddings.position_embeddings", "classifier.weight"]),
+    # ConvNeXt: two streams (a downsampling conv between them), one MLP group per layer.
+    "convnext": (convnext, 2 + 3, ["convnext.embeddings.patch_embeddings.weight", "convnext.encoder.stages.0.layers.0.dwconv.weight"]),
+    # BERT: the stream (word, position and token-type embeddings), per layer 2 + 2 heads and the MLP, the pooler.
+    "bert": (bert, 1 + 2 * 5 + 1, ["bert.embeddings.word_embeddings.weight", "bert.embeddings.token_type_embeddings.weight", "bert.pooler.dense.weight"]),
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_transformers_model_traces_checks_and_recovers_a_planted_permutation(name, rng):
+    builder, group_count, stream_tensors = MODELS[name]
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=rng)))
+    model, make_input = builder()
+    model.eval()
+    example = make_input(rng)
+    spec = trace_spec(model, example, strict=True)
+    assert len(spec.groups) == group_count, [(g.name, g.size) for g in spec.groups]
+    first = spec.groups[0]
+    assert set(stream_tensors) <= {axis.name for axis in first.axes}, first.axes
+    assert spec.has_sites
+
+    report = check_spec(model, spec, example)
+    assert report.passed and report.worst.largest <= report.tolerance, str(report)
+
+    space = ParamSpace(model)
+    row = space.flatten(model)
+    planted = permute(row, spec.index_map(space, spec.random(rng)))
+    assert not torch.equal(planted, row)
+    result = match_weights(row, planted, spec, space=space, init="sorted")
+    assert torch.equal(result.permuted, row), f"largest difference {float((result.permuted - row).abs().max()):.3g}"
