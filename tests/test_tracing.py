@@ -219,3 +219,16 @@ def test_tracing_leaves_the_model_mode_and_weights_alone(rng):
     trace_spec(model, torch.randn(2, 3, 8, 8, generator=rng))
     assert model.training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_the_readme_tracing_example_runs(capsys):
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = [part.split("```", 1)[0] for part in text.split("```python\n")[1:]]
+    block = next(block for block in blocks if "trace_spec" in block)
+    namespace = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    spec = namespace["spec"]
+    assert sorted(group.size for group in spec.groups) == [16, 32] and spec.left_out == ()
+    assert "all groups at once" in capsys.readouterr().out
