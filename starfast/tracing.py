@@ -127,7 +127,6 @@ def example_arguments(example_input) -> Tuple[tuple, dict]:
 #   ("S", space)       permutable units (a union-find space)
 #   ("W", record)      within-head units of a head split (record index into _Tracer.heads)
 
-BOUNDARY = None
 Factor = tuple
 Label = Tuple[Factor, ...]
 
@@ -212,9 +211,6 @@ class _Spaces:
         for leaf in self.leaves(space):
             self.pins.setdefault(leaf, []).append((node, reason, boundary))
 
-    def pinned(self, leaf: int) -> bool:
-        return bool(self.pins.get(self.find(leaf)))
-
 
 def _offsets(spaces: _Spaces, space: int) -> List[int]:
     offsets, offset = [], 0
@@ -234,17 +230,18 @@ def _aten_name(target) -> str:
 _UNARY = {
     "relu", "relu_", "gelu", "gelu_", "silu", "silu_", "elu", "elu_", "selu", "celu", "sigmoid", "sigmoid_",
     "tanh", "tanh_", "hardtanh", "hardtanh_", "leaky_relu", "leaky_relu_", "hardswish", "hardswish_",
-    "hardsigmoid", "mish", "softplus", "glu_", "dropout", "dropout_", "feature_dropout", "alpha_dropout",
+    "hardsigmoid", "mish", "softplus", "dropout", "dropout_", "feature_dropout", "alpha_dropout",
     "clone", "contiguous", "detach", "alias", "_to_copy", "to", "lift_fresh_copy", "abs", "neg", "exp", "log",
-    "sqrt", "rsqrt", "erf", "reciprocal", "square", "sin", "cos", "clamp", "clamp_", "clamp_min", "clamp_max",
-    "softmax", "_softmax", "log_softmax", "_log_softmax", "_safe_softmax", "pow", "sign", "logical_not",
-    "ones_like", "zeros_like", "full_like", "empty_like", "fill", "fill_", "type_as", "scale_", "bitwise_not",
+    "sqrt", "rsqrt", "erf", "reciprocal", "square", "sin", "cos", "softmax", "_softmax", "log_softmax",
+    "_log_softmax", "_safe_softmax", "sign", "logical_not", "ones_like", "zeros_like", "full_like", "empty_like",
+    "type_as", "bitwise_not",
 }
 # Elementwise over broadcast tensor operands (scalars ignored).
 _ELEMENTWISE = {
     "add", "add_", "sub", "sub_", "rsub", "mul", "mul_", "div", "div_", "where", "maximum", "minimum",
     "eq", "ne", "gt", "ge", "lt", "le", "masked_fill", "masked_fill_", "logical_and", "logical_or", "addcmul",
     "addcdiv", "lerp", "bitwise_and", "bitwise_or", "copy_", "floor_divide", "remainder", "atan2", "hypot",
+    "pow", "clamp", "clamp_", "clamp_min", "clamp_max", "fill", "fill_",  # their tensor operands broadcast
 }
 _RESHAPES = {"view", "reshape", "_unsafe_view", "flatten", "unflatten", "squeeze", "squeeze_", "unsqueeze",
              "unsqueeze_", "view_as", "reshape_as"}
@@ -257,7 +254,7 @@ _POOLS = {
 }
 _BATCH_NORMS = {"batch_norm", "_native_batch_norm_legit_no_training", "_native_batch_norm_legit_functional",
                 "native_batch_norm", "_native_batch_norm_legit", "instance_norm"}
-_CONVS = {"conv1d": 1, "conv2d": 2, "conv3d": 3, "convolution": None, "_convolution": None}
+_CONVS = {"conv1d", "conv2d", "conv3d", "convolution", "_convolution"}
 _SHAPE_ONLY = {"sym_size", "sym_numel", "sym_stride", "sym_storage_offset", "_assert_tensor_metadata", "dim",
                "_assert_scalar", "sym_constrain_range_for_size", "_assert_async", "size"}
 _CREATORS = {"arange", "zeros", "ones", "full", "empty", "scalar_tensor", "tensor", "new_ones", "new_zeros",
@@ -340,7 +337,6 @@ class _Tracer:
             return None
         if name in _CREATORS:
             return self._fixed(value, f"{node.name} is made inside forward")
-        handler = getattr(self, f"_op_{name.lstrip('_')}", None)
         if name in _UNARY:
             return self._arg(node, 0)
         if name in _ELEMENTWISE:
@@ -355,6 +351,7 @@ class _Tracer:
             return self._batch_norm(node, value)
         if name in _CONVS:
             return self._conv(node, value)
+        handler = getattr(self, f"_op_{name}", None)
         if handler is not None:
             return handler(node, value)
         return self._unknown(node, value, f"the tracer does not know {name}")
@@ -656,13 +653,10 @@ class _Tracer:
         fixed = (("F", len(tensors), None),) if len(tensors) > 1 else ()
         return list(labels[0][:dim]) + [fixed] + list(labels[0][dim:])
 
-    def _along_dim(self, node, value, dim: int, reason: str):
-        labels = self._arg(node, 0)
-        self._pin_label(labels[dim % len(labels)], node.name, reason)
-        return labels
-
     def _op_cumsum(self, node, value):
-        return self._along_dim(node, value, node.args[1], "a running sum along it")
+        labels = self._arg(node, 0)
+        self._pin_label(labels[node.args[1] % len(labels)], node.name, "a running sum along it")
+        return labels
 
     def _op_flip(self, node, value):
         labels = self._arg(node, 0)
@@ -705,9 +699,6 @@ class _Tracer:
         return []
 
     _op_min = _op_max
-
-    def _op_argmax(self, node, value):
-        return self._unknown(node, value, "an argmax depends on the order of units")
 
     def _pool(self, node, value):
         labels = self._arg(node, 0)
@@ -768,7 +759,8 @@ class _Tracer:
         else:
             self._pin_label(channels, node.name, "the input of a grouped convolution")
             self._pin_label(weight[1], node.name, "the input of a grouped convolution")
-        self.spaces.split(weight[0][0][1], groups)
+        if weight[0]:
+            self.spaces.split(weight[0][0][1], groups)
 
     def _batch_norm(self, node, value):
         x = self._arg(node, 0)
@@ -796,8 +788,7 @@ class _Tracer:
 
     _op_native_layer_norm = _op_layer_norm
 
-    def _op_rms_norm(self, node, value):
-        return self._op_layer_norm(node, value)
+    _op_rms_norm = _op_layer_norm
 
     def _op_group_norm(self, node, value):
         x = self._arg(node, 0)
@@ -851,7 +842,7 @@ class _Tracer:
     def _op_addmm(self, node, value):
         out = self._matmul(node, self._arg(node, 1), self._arg(node, 2), node.args[1].meta["val"].shape, node.args[2].meta["val"].shape, value)
         bias = node.args[0]
-        fake = _Labelled(out, tuple(value.shape))
+        fake = _Labelled(tuple(value.shape))
         self.labels[fake] = out
         return self._broadcast(node, [fake, bias], value)
 
@@ -865,7 +856,7 @@ class _Tracer:
         out = self._matmul(node, scores, v, tuple(shapes[0][:-1]) + (shapes[1][-2],), shapes[2], value)
         mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
         if mask is not None and self._is_tensor(mask):
-            fake = _Labelled(scores, tuple(shapes[0][:-1]) + (shapes[1][-2],))
+            fake = _Labelled(tuple(shapes[0][:-1]) + (shapes[1][-2],))
             self.labels[fake] = scores
             self._broadcast(node, [fake, mask], fake.meta["val"])
         return out
@@ -964,9 +955,8 @@ class _Untracked(Exception):
 class _Labelled:
     """A stand-in node for an intermediate result (``addmm``'s product, attention scores)."""
 
-    def __init__(self, labels, shape):
+    def __init__(self, shape):
         self.meta = {"val": torch.empty(shape, device="meta")}
-        self.labels = labels
 
 
 def _is_label_list(value) -> bool:
