@@ -44,14 +44,25 @@ def build(name, kw, shape, dtype=torch.float32):
     return models.build(name, num_classes=5, in_channels=shape[0], input_shape=shape, **kw).to(dtype)
 
 
+_TRACED = {}
+
+
+def traced(name, kw, shape, rng):
+    """The strict traced spec of a zoo model (traced once per test session: export is the slow part)."""
+    key = (name, tuple(sorted(kw.items())), shape)
+    if key not in _TRACED:
+        _TRACED[key] = trace_spec(build(name, kw, shape), torch.randn(2, *shape, generator=rng), strict=True)
+    return _TRACED[key]
+
+
 @pytest.mark.parametrize("name, kw, shape", ZOO, ids=IDS)
 def test_traced_spec_is_the_hand_written_spec(name, kw, shape, rng):
     model = build(name, kw, shape)
-    traced = trace_spec(model, torch.randn(2, *shape, generator=rng), strict=True)
+    traced_spec = traced(name, kw, shape, rng)
     hand = models.permutation_spec(model)
-    traced_only, hand_only = partition(traced) - partition(hand), partition(hand) - partition(traced)
+    traced_only, hand_only = partition(traced_spec) - partition(hand), partition(hand) - partition(traced_spec)
     assert not traced_only and not hand_only, f"traced only: {sorted(map(str, traced_only))[:3]}; hand only: {sorted(map(str, hand_only))[:3]}"
-    assert traced.left_out == () and traced.has_sites
+    assert traced_spec.left_out == () and traced_spec.has_sites
 
 
 def observe(model, sites, x, state=None):
@@ -76,7 +87,7 @@ def test_sites_show_the_group_units_permuted(name, kw, shape, rng):
     # At every site of a group, permuting that group alone permutes exactly the units the site names.
     model = build(name, kw, shape, torch.float64).eval()
     x = torch.randn(3, *shape, generator=rng, dtype=torch.float64)
-    spec = trace_spec(model, x)
+    spec = traced(name, kw, shape, rng)
     before = observe(model, {site for group in spec.groups for site in group.sites}, x)
     for group in spec.groups:
         perm = spec.identity()
