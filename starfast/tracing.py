@@ -34,8 +34,10 @@ modules consuming them, else the output of the last module producing them.
 """
 from __future__ import annotations
 
+import linecache
 import math
 import operator
+import re
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -96,16 +98,27 @@ def export_graph(model: nn.Module, example_input) -> "torch.export.ExportedProgr
     try:
         return torch.export.export(model, args, kwargs, strict=False)
     except Exception as error:  # export raises many types; all mean "this model cannot be traced"
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        construct = lines[0][:400] if lines else type(error).__name__
         raise TraceError(
-            f"trace_spec: torch.export could not trace {type(model).__name__} ({type(error).__name__}: {construct}). "
+            f"trace_spec: torch.export could not trace {type(model).__name__} ({_construct(error)}). "
             "Make forward traceable at that construct (no Python branching on tensor values, no .item()/.tolist() "
             "feeding control flow), or give the model a hand-written spec: a permutation_spec() method returning a "
             "starfast.PermutationSpec"
         ) from error
     finally:
         model.train(was_training)
+
+
+def _construct(error: Exception) -> str:
+    """Export's complaint in one line, with the user's source line it stopped at when it says."""
+    text = str(error)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    complaint = f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
+    frames = [m for m in re.finditer(r'File "([^"]+)", line (\d+), in (\w+)', text) if "site-packages" not in m.group(1)]
+    if not frames:
+        return complaint
+    path, line, function = frames[-1].groups()
+    code = linecache.getline(path, int(line)).strip()
+    return f"{complaint} at {path}:{line} in {function}" + (f": `{code}`" if code else "")
 
 
 def example_arguments(example_input) -> Tuple[tuple, dict]:

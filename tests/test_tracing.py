@@ -218,8 +218,9 @@ class DataDependent(nn.Module):
 
 
 def test_untraceable_model_is_one_clear_error(rng):
-    with pytest.raises(TraceError, match=r"could not trace DataDependent .*permutation_spec\(\)"):
+    with pytest.raises(TraceError, match=r"could not trace DataDependent .*permutation_spec\(\)") as error:
         trace_spec(DataDependent(), torch.randn(2, 3, generator=rng))
+    assert "test_tracing.py" in str(error.value) and "if x.sum() > 0:" in str(error.value), str(error.value)
     with pytest.raises(TypeError, match="example_input"):
         trace_spec(DataDependent(), 3)
 
@@ -243,3 +244,21 @@ def test_the_readme_tracing_example_runs(capsys):
     spec = namespace["spec"]
     assert sorted(group.size for group in spec.groups) == [16, 32] and spec.left_out == ()
     assert "all groups at once" in capsys.readouterr().out
+
+
+class ReturnsHidden(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first, self.second, self.head = nn.Linear(3, 6), nn.Linear(6, 5), nn.Linear(5, 2)
+
+    def forward(self, x):
+        hidden = torch.relu(self.first(x))
+        return self.head(torch.relu(self.second(hidden))), hidden
+
+
+def test_model_outputs_are_never_permuted(rng):
+    # The first layer's units are an output of the model: fixed (at the boundary, so not "left out").
+    model, x = ReturnsHidden(), torch.randn(4, 3, generator=rng)
+    spec = trace_spec(model, x, strict=True)
+    assert [(group.name, group.size) for group in spec.groups] == [("second", 5)] and spec.left_out == ()
+    check_spec(model, spec, x)
