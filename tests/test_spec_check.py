@@ -63,7 +63,7 @@ def test_a_broken_group_is_named_with_its_difference(rng):
 
 
 def test_reported_difference_matches_a_plain_reference(rng):
-    # The same permutation applied by permute_model and a forward pass: max |difference| / max |output|.
+    # The same permutation applied by permute_model and a float64 forward pass: max |difference| / max |output|.
     model = build("mlp", dict(depth=2, width=8), (5,)).eval()
     x = torch.randn(4, 5, generator=rng)
     spec = without(models.permutation_spec(model), "hidden.1", {"output.weight"})
@@ -72,9 +72,10 @@ def test_reported_difference_matches_a_plain_reference(rng):
     from starfast.spec_check import _moving  # the permutations check_spec draws, in its order
     generator = torch.Generator().manual_seed(3)
     perms = [_moving(spec, [group], generator) for group in spec.groups]
+    model64, x64 = model.double(), x.double()  # check_spec runs in float64
     with torch.no_grad():
-        reference = model(x).double()
-        moved = permute_model(model, spec, perms[1])(x).double()
+        reference = model64(x64)
+        moved = permute_model(model64, spec, perms[1])(x64)
     expected = float((moved - reference).abs().max() / reference.abs().max())
     line = next(line for line in str(error.value).splitlines() if line.strip().startswith("hidden.1 "))
     assert f"eval {expected:.1e}" in line, (line, expected)

@@ -1,4 +1,4 @@
-"""Models no one here wrote: Hugging Face ResNet, ViT and ConvNeXt image classifiers and a BERT
+"""Models no one here wrote: Hugging Face ResNet, ViT, ConvNeXt and MobileNetV2 image classifiers and a BERT
 text classifier, built from small configs with random weights (no download), trace with nothing
 left out, pass check_spec within float32 rounding, and weight matching recovers a planted
 permutation of each exactly."""
@@ -39,6 +39,11 @@ def bert():
     return transformers.BertForSequenceClassification(config), inputs
 
 
+def mobilenet():
+    config = transformers.MobileNetV2Config(image_size=32, depth_multiplier=0.25, num_labels=3)
+    return transformers.MobileNetV2ForImageClassification(config), lambda g: torch.randn(2, 3, 32, 32, generator=g)
+
+
 # (builder, the number of groups the model has, the tensors its first group — the stem or stream — must reach)
 MODELS = {
     # ResNet: stem/stage-1 stream, stage-2 stream (a projection shortcut), 2 inner groups per bottleneck.
@@ -47,6 +52,8 @@ MODELS = {
     "vit": (vit, 1 + 2 * 5, ["vit.embeddings.cls_token", "vit.embeddings.position_embeddings", "classifier.weight"]),
     # ConvNeXt: two streams (a downsampling conv between them), one MLP group per layer.
     "convnext": (convnext, 2 + 3, ["convnext.embeddings.patch_embeddings.weight", "convnext.encoder.stages.0.layers.0.dwconv.weight"]),
+    # MobileNetV2 (depthwise convs tie their channels; ReLU6; batch statistics of 2 examples at 1x1 pixels).
+    "mobilenet": (mobilenet, 25, ["mobilenet_v2.conv_stem.first_conv.convolution.weight", "mobilenet_v2.conv_stem.conv_3x3.convolution.weight"]),
     # BERT: the stream (word, position and token-type embeddings), per layer 2 + 2 heads and the MLP, the pooler.
     "bert": (bert, 1 + 2 * 5 + 1, ["bert.embeddings.word_embeddings.weight", "bert.embeddings.token_type_embeddings.weight", "bert.pooler.dense.weight"]),
 }
