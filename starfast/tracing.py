@@ -340,8 +340,20 @@ class _Tracer:
         return labels
 
     def _call(self, node):
-        name = _aten_name(node.target)
+        """The labels of an op's output. A handler that fails, or whose labels do not fit the
+        output, falls back to the unknown-op rule: the unions it made only tie groups together and
+        the pins only remove groups, so what it did before failing is still safe."""
         value = node.meta.get("val")
+        try:
+            labels = self._dispatch(node, value)
+            if isinstance(value, torch.Tensor) and (not isinstance(labels, list) or len(labels) != value.dim()):
+                raise _Untracked
+            return labels
+        except Exception as error:  # a tracer bug must cost groups, never the trace
+            return self._unknown(node, value, f"the tracer failed on {_aten_name(node.target)} ({type(error).__name__})")
+
+    def _dispatch(self, node, value):
+        name = _aten_name(node.target)
         if node.target is operator.getitem:
             source = self.labels.get(node.args[0])
             return source[node.args[1]] if isinstance(source, (list, tuple)) and not _is_label_list(source) else None
