@@ -284,7 +284,7 @@ class _Tracer:
         self.program = program
         self.spaces = _Spaces()
         self.heads: List[Tuple[int, List[int]]] = []  # within-head records: (head-axis space, parts)
-        self.labels: Dict[Any, Any] = {}  # node -> list of labels (a tensor), a list of those (tuples), or None
+        self.labels: Dict[Any, Any] = {}  # node -> a list of labels (a tensor), a tuple of those (several outputs), or None
         self.tensor_axes: List[Tuple[str, int, int]] = []  # (state name, dim, space) in graph order
         self.used: Dict[int, bool] = {}
         self.modules: Dict[str, nn.Module] = dict(model.named_modules())
@@ -356,7 +356,7 @@ class _Tracer:
         name = _aten_name(node.target)
         if node.target is operator.getitem:
             source = self.labels.get(node.args[0])
-            return source[node.args[1]] if isinstance(source, (list, tuple)) and not _is_label_list(source) else None
+            return source[node.args[1]] if isinstance(source, tuple) else None
         self._mark_used(node)
         if name in _SHAPE_ONLY:
             return None
@@ -384,7 +384,7 @@ class _Tracer:
     # -- helpers --------------------------------------------------------------------------------
 
     def _is_tensor(self, arg) -> bool:
-        return hasattr(arg, "meta") and isinstance(self.labels.get(arg), list) and _is_label_list(self.labels[arg])
+        return hasattr(arg, "meta") and isinstance(self.labels.get(arg), list)
 
     def _arg(self, node, index: int):
         return self.labels.get(node.args[index])
@@ -392,7 +392,7 @@ class _Tracer:
     def _mark_used(self, node) -> None:
         for arg in _flat_args(node):
             labels = self.labels.get(arg) if hasattr(arg, "meta") else None
-            if isinstance(labels, list) and _is_label_list(labels):
+            if isinstance(labels, list):
                 for label in labels:
                     for factor in label:
                         if factor[0] == "S":
@@ -416,7 +416,7 @@ class _Tracer:
                 self.spaces.pin(part, node, reason, boundary)
 
     def _pin_all(self, labels, node: str, reason: str, boundary: bool = False) -> None:
-        if isinstance(labels, tuple) and not _is_label_list(labels):
+        if isinstance(labels, tuple):
             for item in labels:
                 self._pin_all(item, node, reason, boundary)
         elif isinstance(labels, list):
@@ -982,10 +982,6 @@ class _Labelled:
 
     def __init__(self, shape):
         self.meta = {"val": torch.empty(shape, device="meta")}
-
-
-def _is_label_list(value) -> bool:
-    return isinstance(value, list)
 
 
 def _flat_args(node):
