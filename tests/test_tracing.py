@@ -40,8 +40,9 @@ def partition(spec):
 
 
 def build(name, kw, shape, dtype=torch.float32):
-    torch.manual_seed(0)
-    return models.build(name, num_classes=5, in_channels=shape[0], input_shape=shape, **kw).to(dtype)
+    with torch.random.fork_rng():  # a fixed model, and the global generator left as it was
+        torch.manual_seed(0)
+        return models.build(name, num_classes=5, in_channels=shape[0], input_shape=shape, **kw).to(dtype)
 
 
 _TRACED = {}
@@ -261,4 +262,27 @@ def test_model_outputs_are_never_permuted(rng):
     model, x = ReturnsHidden(), torch.randn(4, 3, generator=rng)
     spec = trace_spec(model, x, strict=True)
     assert [(group.name, group.size) for group in spec.groups] == [("second", 5)] and spec.left_out == ()
+    check_spec(model, spec, x)
+
+
+class TokensFlattened(nn.Module):
+    """Per-token features flattened token-major into one Linear: each token's block of the
+    consumer's input axis carries the same units."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Linear(3, 4), nn.Linear(5 * 4, 2)
+
+    def forward(self, x):  # x: [batch, 5 tokens, 3]
+        return self.head(torch.tanh(self.embed(x)).flatten(1))
+
+
+def test_tokens_flattened_with_features_tile_the_consumer_axis(rng):
+    model, x = TokensFlattened(), torch.randn(3, 5, 3, generator=rng)
+    spec = trace_spec(model, x, strict=True)
+    (group,) = spec.groups
+    assert group.size == 4
+    assert {(a.name, a.axis, a.offset) for a in group.axes} == {
+        ("embed.weight", 0, 0), ("embed.bias", 0, 0), *(("head.weight", 1, 4 * token) for token in range(5)),
+    }
     check_spec(model, spec, x)
