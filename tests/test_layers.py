@@ -7,8 +7,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "starfast"
 
 # Lowest first. A module's layer is that of its longest listed prefix.
 LAYERS = [
-    ("core", ["starfast._C", "starfast.extension", "starfast.allocator", "starfast.names", "starfast.progress", "starfast.files", "starfast.flat",
-              "starfast.spec", "starfast.ops", "starfast.lap", "starfast.models", "starfast.data", "starfast.recipes",
+    ("core", ["starfast._C", "starfast.extension", "starfast.allocator", "starfast.workload", "starfast.names", "starfast.progress", "starfast.files", "starfast.flat",
+              "starfast.spec", "starfast.tracing", "starfast.spec_check", "starfast.ops", "starfast.lap", "starfast.models", "starfast.data", "starfast.recipes",
               "starfast.testing"]),
     ("algorithm support", ["starfast.training_common", "starfast.bank", "starfast.bn", "starfast.warm_start",
                            "starfast.calibration", "starfast.sites"]),
