@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from starfast.files import TEMP_SUFFIX, StoredFileError, load_state_dict, read_json, save_state_dict, write_json
-from starfast.models import ModelSpec
+from starfast.models import ModelSpec, describe_change
 
 PathLike = Union[str, os.PathLike]
 
@@ -183,6 +183,10 @@ class RunDir:
             difference = _first_difference(stored.get(key), wanted[key], key)
             if difference:
                 where, old, new = difference
+                if where.startswith("model.source"):  # a user architecture whose file or spec changed
+                    change = describe_change(wanted["model"]["arch"], stored["model"]["source"], wanted["model"]["source"])
+                    raise RunDirError(f"run directory {self.path} was made before this change: {change}; use another "
+                                      "--run-dir, or restore the file")
                 raise RunDirError(
                     f"run directory {self.path} was created with {where} = {json.dumps(old)} but this run asks for "
                     f"{json.dumps(new)} ({_flag_for(where)}); use another --run-dir, or the same settings as before"

@@ -70,9 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--stage", choices=sorted(STAGES), default="all", help="what to run (default: all)")
     parser.add_argument("--run-dir", type=Path, help="run directory (default: runs/<dataset>-<arch>)")
-    parser.add_argument("--arch", type=name_parser(models.canonical_name), default="mlp", metavar="NAME",
+    parser.add_argument("--arch", type=name_parser(models.canonical_arch), default="mlp", metavar="NAME",
                         help=f"architecture: {', '.join(models.names())}; family names "
-                             f"{', '.join(models.ALIASES)} also work (default: mlp)")
+                             f"{', '.join(models.ALIASES)} also work; or your own network: package.module:factory or "
+                             "path/to/file.py:factory, a function given the --arch-kw values and whichever of "
+                             "num_classes, in_channels, input_shape it names (default: mlp)")
     parser.add_argument("--arch-kw", type=parse_arch_kw, action="append", default=[], metavar="KEY=VALUE",
                         help="architecture option, repeatable (e.g. --arch-kw width=64); default: none, except "
                              f"{ARCH_KW_DEFAULTS_HELP} (replaced as a whole by any --arch-kw)")
@@ -374,7 +376,7 @@ def build_context(args: argparse.Namespace, parser: argparse.ArgumentParser, dis
         spec.build()
     except (TypeError, ValueError) as error:
         parser.error(f"--arch {args.arch} with --arch-kw {arch_kw}: {error}")
-    run = RunDir(args.run_dir or Path("runs") / f"{args.dataset}-{args.arch}")
+    run = RunDir(args.run_dir or Path("runs") / f"{args.dataset}-{models.run_label(args.arch)}")
     return RunContext(
         run, device, dataset, spec, recipe, star_recipe, extra_sets, imports, star_options, evaluation, speed,
         sources=sources, heldout=heldout, star_seeds=args.star_seeds, parallel_seeds=args.parallel_seeds, progress=not args.quiet,

@@ -7,7 +7,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "starfast"
 
 # Lowest first. A module's layer is that of its longest listed prefix.
 LAYERS = [
-    ("core", ["starfast._C", "starfast.extension", "starfast.allocator", "starfast.names", "starfast.progress", "starfast.files", "starfast.flat",
+    ("core", ["starfast._C", "starfast.extension", "starfast.allocator", "starfast.names", "starfast.progress", "starfast.files", "starfast.checkpoint_import", "starfast.flat",
               "starfast.spec", "starfast.ops", "starfast.lap", "starfast.models", "starfast.data", "starfast.recipes",
               "starfast.testing"]),
     ("algorithm support", ["starfast.training_common", "starfast.bank", "starfast.bn", "starfast.warm_start",

@@ -40,13 +40,16 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 from torch import nn
 
 from starfast.models.densenet import build_densenet40
-from starfast.models.factory import build_user_model, describe_change, is_factory_reference, recorded_spec, source_record
+from starfast.models.factory import (
+    build_user_model, carried_spec, describe_change, is_factory_reference, normalised_reference, recorded_spec, run_name, source_record,
+)
 from starfast.models.mlp import build_linear2, build_mlp
 from starfast.models.options import positive_int
-from starfast.models.resnet import build_resnet18, build_resnet18_imagenet, build_resnet20, resnet_spec
+from starfast.models.resnet import build_resnet18, build_resnet18_imagenet, build_resnet20
 from starfast.models.vgg import build_vgg11, build_vgg19
 from starfast.models.vit import build_vit
 from starfast.models.wrn import build_wrn
+from starfast.files import StoredFileError
 from starfast.names import resolve_name
 from starfast.spec import PermutationSpec
 
@@ -81,6 +84,17 @@ def names() -> List[str]:
 def canonical_name(name: str) -> str:
     """The architecture ``name`` means (an alias resolved); ``ValueError`` with a suggestion otherwise."""
     return resolve_name("architecture", name, names(), ALIASES)
+
+
+def canonical_arch(arch: str) -> str:
+    """What ``--arch`` means: a zoo name (:func:`canonical_name`) or a factory reference (a file
+    made absolute, :func:`.factory.normalised_reference`)."""
+    return normalised_reference(arch) if is_factory_reference(arch) else canonical_name(arch)
+
+
+def run_label(arch: str) -> str:
+    """``arch`` as a folder name (a factory reference becomes ``file-factory``)."""
+    return run_name(arch) if is_factory_reference(arch) else arch
 
 
 def options(name: str) -> Dict[str, object]:
@@ -156,7 +170,7 @@ class ModelSpec:
         if self.source is not None:
             record = source_record(self.arch, model)
             if record != self.source:
-                raise ValueError(f"{describe_change(self.arch, self.source, record)} since the models were made; restore it, "
+                raise StoredFileError(f"{describe_change(self.arch, self.source, record)} since the models were made; restore it, "
                                  "or use another --run-dir")
         return model
 
@@ -177,19 +191,17 @@ class ModelSpec:
 
 def permutation_spec(model: nn.Module) -> PermutationSpec:
     """The permutation spec of a model built by :func:`build`, by :class:`ModelSpec` from a user
-    factory (the spec recorded then), or any torchvision ResNet."""
-    recorded = recorded_spec(model)
-    if recorded is not None:
-        return recorded
-    method = getattr(model, "permutation_spec", None)
-    if callable(method):
-        return method()
-    if type(model).__module__.startswith("torchvision.models.resnet"):
-        return resnet_spec(model)
-    raise TypeError(
-        f"no permutation spec is known for {type(model).__name__}; build models with starfast.models.build "
-        f"({', '.join(names())}) or give the model a permutation_spec() method"
-    )
+    factory (the spec recorded then), any model with a ``permutation_spec()`` method, or any
+    torchvision ResNet."""
+    spec = recorded_spec(model)
+    if spec is None:
+        spec = carried_spec(model)
+    if spec is None:
+        raise TypeError(
+            f"no permutation spec is known for {type(model).__name__}; build models with starfast.models.build "
+            f"({', '.join(names())}) or give the model a permutation_spec() method"
+        )
+    return spec
 
 
 def _builder(name: str) -> Callable[..., nn.Module]:

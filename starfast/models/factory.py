@@ -7,9 +7,10 @@ This module owns
 - :func:`build_user_model`: the factory called with the ``--arch-kw`` values and whichever of
   ``num_classes``, ``in_channels`` and ``input_shape`` its signature names; its module (or file)
   is imported once per content;
-- :func:`spec_for_user_model`: the permutation spec of a model the zoo did not build, and
-  :func:`recorded_spec`, the spec recorded for a model :func:`build_user_model` built (what
-  :func:`starfast.models.permutation_spec` answers for it);
+- :func:`spec_for_user_model`: the permutation spec of a model the zoo did not build;
+  :func:`carried_spec`, the spec a model carries itself (a ``permutation_spec()`` method);
+  :func:`recorded_spec`, the spec recorded for a model :func:`build_user_model` built (both are
+  what :func:`starfast.models.permutation_spec` answers);
 - :func:`source_record`: what a run directory records of a user architecture (the factory's
   source file, its SHA-256, the spec's fingerprint and group sizes), and :func:`describe_change`,
   the sentence naming what changed between two records.
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 
 from starfast.files import file_digest
+from starfast.models.resnet import resnet_spec
 from starfast.spec import PermutationSpec
 
 SHAPE_ARGUMENTS = ("num_classes", "in_channels", "input_shape")
@@ -132,21 +134,29 @@ def example_input(input_shape: Sequence[int]) -> torch.Tensor:
 
 
 def spec_for_user_model(model: nn.Module, example_input: torch.Tensor) -> PermutationSpec:
-    """The permutation spec of ``model``, a network the zoo did not build: the one it carries (a
-    ``permutation_spec()`` method, or a torchvision ResNet), validated against its tensors.
+    """The permutation spec of ``model``, a network the zoo did not build: the one it carries
+    (:func:`carried_spec`), validated against its tensors.
 
     ``example_input`` is what derives and checks the spec once the graph tracer is merged: the
     ``raise`` below becomes ``spec = trace_spec(model, example_input)`` and the line after the
     validation ``check_spec(model, spec, example_input)``."""
-    from starfast import models
-
-    try:
-        spec = models.permutation_spec(model)
-    except TypeError:
+    spec = carried_spec(model)
+    if spec is None:
         raise ValueError(f"no permutation spec is known for {type(model).__name__} and models cannot be traced yet: give "
-                         "it a permutation_spec() method returning a starfast.PermutationSpec") from None
+                         "it a permutation_spec() method returning a starfast.PermutationSpec")
     spec.validate(model)
     return spec
+
+
+def carried_spec(model: nn.Module) -> Optional[PermutationSpec]:
+    """The spec a model carries: its ``permutation_spec()`` method (every zoo model has one), or
+    the spec of a torchvision ResNet; ``None`` for any other model."""
+    method = getattr(model, "permutation_spec", None)
+    if callable(method):
+        return method()
+    if type(model).__module__.startswith("torchvision.models.resnet"):
+        return resnet_spec(model)
+    return None
 
 
 def recorded_spec(model: nn.Module) -> Optional[PermutationSpec]:
