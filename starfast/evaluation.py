@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from starfast import models
-from starfast.barrier import barrier_curve
+from starfast.barrier import BarrierCurve, barrier_curve
 from starfast.bn import has_batchnorm
 from starfast.flat import ParamSpace
 from starfast.matchers import MatcherChoice, find_permutations
@@ -110,6 +110,14 @@ class LoadedModel:
     seed: Optional[int] = None
     sources: Optional[List[int]] = None  # a star's: the source seeds it was trained against
     matcher: Optional[str] = None  # a star's: the permutation finder Starlight used
+
+    @classmethod
+    def from_state(cls, label: str, state: Mapping[str, torch.Tensor], space: ParamSpace, digest: str,
+                   seed: Optional[int] = None) -> "LoadedModel":
+        """A model's state dict split into its row (``space``'s parameters) and its buffers."""
+        parameters = set(space.names)
+        buffers = {name: tensor for name, tensor in state.items() if name not in parameters}
+        return cls(label, space.flatten(state), buffers, digest, seed=seed)
 
     def state_dict(self, space: ParamSpace) -> Dict[str, torch.Tensor]:
         """Parameters (views of the row) and buffers, loadable into a module of ``space``."""
@@ -211,18 +219,15 @@ def measure_pairs(
     curves: List[Dict[str, Any]] = []
     for anchor, partners in _grouped_by_anchor(list(pairs)):
         todo = [partner for partner in partners if store.get(anchor, partner) is None]
-        matched = dict(zip((id(partner) for partner in todo), _match(anchor, todo, spec, space, config))) if todo else {}
+        matched = dict(zip((id(partner) for partner in todo), align(anchor, todo, spec, space, config))) if todo else {}
         for partner in partners:
             curve = store.get(anchor, partner)
             if curve is None:
                 partner_buffers, partner_row = matched[id(partner)]
                 with progress_bar(total=batches_per_pair, desc=f"{anchor.label} ~ {partner.label}, {config.ts} points",
                                   unit="batch", enabled=progress, nested=True) as pair_bar:
-                    measured = barrier_curve(
-                        skeleton, anchor.row, partner_row, _counted(train_data, pair_bar), _counted(test_data, pair_bar),
-                        config.ts, buffers_a=anchor.buffers or None, buffers_b=partner_buffers,
-                        bn_batches=config.bn_batches, space=space,
-                    )
+                    measured = pair_curve(skeleton, space, anchor, partner_row, partner_buffers,
+                                          _counted(train_data, pair_bar), _counted(test_data, pair_bar), config)
                 curve = {"a": anchor.label, "b": partner.label, **measured.to_dict()}
                 store.add(anchor, partner, curve)
             curves.append(curve)
@@ -369,14 +374,12 @@ def own_sources(star: LoadedModel, sources: List[LoadedModel]) -> List[LoadedMod
 
 def _loaded(path: Path, label: str, state: Dict[str, torch.Tensor], space: ParamSpace, seed: int) -> LoadedModel:
     try:
-        row = space.flatten(state)
+        model = LoadedModel.from_state(label, state, space, file_digest(path), seed=seed)
     except ValueError as error:
         raise RunDirError(f"{path}: {error}; delete it to train it again") from None
-    if not bool(torch.isfinite(row).all()):
+    if not bool(torch.isfinite(model.row).all()):
         raise RunDirError(f"{path} holds NaN or infinite weights; delete it (and its .json) to train it again")
-    parameters = set(space.names)
-    buffers = {name: tensor for name, tensor in state.items() if name not in parameters}
-    return LoadedModel(label, row, buffers, file_digest(path), seed=seed)
+    return model
 
 
 def _limit(items: Sequence, count: Optional[int]) -> List:
@@ -390,7 +393,17 @@ def _grouped_by_anchor(items: List[Tuple[LoadedModel, LoadedModel]]):
         yield group[0][0], [partner for _, partner in group]
 
 
-def _match(anchor: LoadedModel, partners: List[LoadedModel], spec, space: ParamSpace, config: EvaluationConfig):
+def pair_curve(skeleton: nn.Module, space: ParamSpace, anchor: LoadedModel, partner_row: torch.Tensor,
+               partner_buffers: Mapping[str, torch.Tensor], train_data, test_data, config: EvaluationConfig) -> BarrierCurve:
+    """The barrier curve from ``anchor`` to an aligned partner (its row and buffers, from
+    :func:`align`) on ``config.ts`` points. An anchor without buffers gets its BatchNorm statistics
+    recomputed like the interior points."""
+    return barrier_curve(skeleton, anchor.row, partner_row, train_data, test_data, config.ts,
+                         buffers_a=anchor.buffers or None, buffers_b=partner_buffers, bn_batches=config.bn_batches,
+                         space=space)
+
+
+def align(anchor: LoadedModel, partners: List[LoadedModel], spec, space: ParamSpace, config: EvaluationConfig):
     """Each partner aligned with the anchor by ``config.matcher``: ``[(permuted buffers, permuted
     row)]`` (the rows come permuted from the finder; only the BatchNorm statistics are permuted
     here). With ``none`` the partners are returned as they are, and nothing is matched."""

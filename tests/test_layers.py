@@ -14,7 +14,7 @@ LAYERS = [
                            "starfast.calibration"]),
     ("algorithms", ["starfast.matching", "starfast.sinkhorn", "starfast.matchers", "starfast.barrier", "starfast.training", "starfast.starlight", "starfast.theory"]),
     ("run directory", ["starfast.rundir"]),
-    ("pipeline", ["starfast.pipeline", "starfast.evaluation", "starfast.bma", "starfast.fusion", "starfast.report",
+    ("pipeline", ["starfast.pipeline", "starfast.in_memory", "starfast.evaluation", "starfast.bma", "starfast.fusion", "starfast.report",
                   "starfast.experiments"]),
     ("cli", ["starfast.arguments", "starfast.train", "starfast.evaluate", "starfast.theory.cli", "starfast.theory.__main__",
              "starfast.experiments.__main__"]),

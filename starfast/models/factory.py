@@ -9,8 +9,9 @@ This module owns
   is imported once per content;
 - :func:`spec_for_user_model`: the permutation spec of a model the zoo did not build;
   :func:`carried_spec`, the spec a model carries itself (a ``permutation_spec()`` method);
-  :func:`recorded_spec`, the spec recorded for a model :func:`build_user_model` built (both are
-  what :func:`starfast.models.permutation_spec` answers);
+  :func:`record_spec` and :func:`recorded_spec`, the spec recorded for a model (by
+  :func:`build_user_model`, or by the in-memory API); the recorded and the carried spec are what
+  :func:`starfast.models.permutation_spec` answers;
 - :func:`source_record`: what a run directory records of a user architecture (the factory's
   source file, its SHA-256, the spec's fingerprint and group sizes), and :func:`describe_change`,
   the sentence naming what changed between two records.
@@ -124,7 +125,7 @@ def build_user_model(reference: str, num_classes: int, in_channels: int, input_s
                       dict(kwargs)], sort_keys=True, default=str)
     if key not in _specs:
         _specs[key] = spec_for_user_model(model, example_input(input_shape))
-    _specs_of_built[model] = _specs[key]
+    record_spec(model, _specs[key])
     return model
 
 
@@ -159,8 +160,14 @@ def carried_spec(model: nn.Module) -> Optional[PermutationSpec]:
     return None
 
 
+def record_spec(model: nn.Module, spec: PermutationSpec) -> None:
+    """Make ``spec`` the one :func:`starfast.models.permutation_spec` answers for ``model`` (kept as
+    long as the model lives)."""
+    _specs_of_built[model] = spec
+
+
 def recorded_spec(model: nn.Module) -> Optional[PermutationSpec]:
-    """The spec :func:`build_user_model` recorded for ``model`` (``None`` for any other model)."""
+    """The spec recorded for ``model`` (by :func:`build_user_model` or :func:`record_spec`), or ``None``."""
     return _specs_of_built.get(model)
 
 
