@@ -24,6 +24,7 @@ def train(seed: int, digits, epochs: int, channels: int):
     torch.manual_seed(seed)
     model = nn.DataParallel(make_net(num_classes=digits.num_classes, in_channels=digits.in_channels, channels=channels))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)
     inputs, labels = digits.tensors("train")
     for _ in range(epochs):
         model.train()
@@ -32,6 +33,7 @@ def train(seed: int, digits, epochs: int, channels: int):
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+        schedule.step()
     return model, optimizer
 
 
@@ -40,7 +42,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--sources", type=int, default=5)
     parser.add_argument("--heldout", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--channels", type=int, default=16)
     args = parser.parse_args()
     digits = data.load("digits")

@@ -13,6 +13,7 @@ from starfast.checkpoint_import import CheckpointImportError, find_checkpoints, 
 from starfast.models import ModelSpec
 from starfast.recipes import resolve
 from starfast.rundir import RunDir
+from starfast.evaluate import main as evaluate_main
 from starfast.train import main
 from starfast.training import train_model
 
@@ -171,6 +172,11 @@ def test_imported_models_go_through_starlight_and_the_evaluation_and_are_reused(
     results = json.loads((run_dir / "results" / "results.json").read_text())
     assert results["counts"]["sources"] == 2 and results["counts"]["heldout"] == 2 and results["counts"]["stars"] == 1
     assert json.loads((run_dir / "config.json").read_text())["sources"] == 2
+    applications = ["--bma", "--bma-samples", "2", "--fusion", "--fusion-sizes", "2", "--fusion-star-seeds", "1",
+                    "--fusion-star-epochs", "1", "--quiet"]
+    assert evaluate_main([str(run_dir), *applications]) == 0, capsys.readouterr().err
+    assert (run_dir / "results" / "bma.json").exists() and (run_dir / "results" / "fusion.json").exists()
+    capsys.readouterr()
 
     # A rerun reuses everything; a checkpoint whose bytes changed is refused by name.
     stamps = {path: path.stat().st_mtime_ns for path in run_dir.rglob("seed-*.safetensors")}
