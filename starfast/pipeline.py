@@ -35,7 +35,7 @@ from starfast.flat import ParamSpace
 from starfast.models import ModelSpec
 from starfast.progress import progress_bar
 from starfast.recipes import Recipe
-from starfast.rundir import MAIN_STARS, RunDir, RunDirError, extra_role, extra_seeds, heldout_seeds, source_seeds
+from starfast.rundir import MAIN_STARS, RunDir, RunDirError, checked_row, extra_role, extra_seeds, heldout_seeds, source_seeds
 from starfast.starlight import StarlightOptions, StarResult, train_star
 from starfast.training import (
     SpeedOptions, TrainedModel, TrainingDiverged, TrainingMetrics, evaluate, init_model, train_model, train_models_parallel,
@@ -363,7 +363,7 @@ def train_missing_stars(
         return []
     skeleton = spec.build()
     space, permutation_spec = ParamSpace(skeleton), models.permutation_spec(skeleton)
-    bank = space.stack([run.load_model("sources", seed)[0] for seed in sources])
+    bank = torch.stack([checked_row(run.model_path("sources", seed), run.load_model("sources", seed)[0], space) for seed in sources])
     for star_seed in todo:
         checkpoint = run.star_checkpoint_path(star_seed, star_set)
         seed = STAR_SEED_START + star_seed

@@ -37,7 +37,8 @@ from tqdm.auto import tqdm
 from starfast import data, models
 from starfast.allocator import keep_freed_memory
 from starfast.arguments import (
-    DATA_ERRORS, check_data_dir, name_parser, parse_arch_kw, parse_arguments, parse_extra_heldout, parse_milestones,
+    DATA_ERRORS, check_data_dir, name_parser, parse_arch_kw, parse_arguments, parse_device, parse_extra_heldout,
+    parse_milestones, run_command,
 )
 from starfast.evaluate import add_evaluation_flags, evaluation_config, run_evaluation, sinkhorn_flags
 from starfast.evaluation import EvaluationConfig
@@ -192,6 +193,7 @@ class RunContext:
             "recipe": self.recipe.to_dict(),
             "sources": self.sources,
             "heldout": self.heldout,
+            "star_seeds": self.star_seeds,
         }
         if self.extra_sets:
             config["extra_heldout"] = {extra.name: extra.to_dict() for extra in self.extra_sets}
@@ -279,19 +281,6 @@ STAGES: Dict[str, Sequence[Stage]] = {
 }
 
 
-def _device(requested: str, distributed: Distributed, parser: argparse.ArgumentParser) -> torch.device:
-    try:
-        device = torch.device(requested)
-    except RuntimeError:
-        parser.error(f"--device {requested!r} is not a device; use cpu or cuda")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            parser.error("--device cuda was asked for but torch sees no GPU; use --device cpu")
-        if distributed.active:
-            device = torch.device("cuda", distributed.local_rank)
-    return device
-
-
 def recipe_flags(args: argparse.Namespace) -> Dict[str, Any]:
     """The recipe overrides the regular flags give (``None`` where a flag is absent)."""
     return {name: getattr(args, name) for name in RECIPE_FLAGS}
@@ -329,7 +318,10 @@ def model_count(args: argparse.Namespace, role: str, default: int, imports: Mapp
 
 def build_context(args: argparse.Namespace, parser: argparse.ArgumentParser, distributed: Distributed) -> RunContext:
     """Every flag checked and turned into options before anything is loaded or written."""
-    device = _device(args.device, distributed, parser)
+    try:
+        device = parse_device(args.device, distributed.local_rank if distributed.active else None)
+    except ValueError as error:
+        parser.error(str(error))
     if args.parallel_seeds < 1:
         parser.error(f"--parallel-seeds must be >= 1, got {args.parallel_seeds}")
     for flag in ("star_seeds", "star_epochs"):
@@ -414,4 +406,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main, "python -m starfast.train " + " ".join(sys.argv[1:]))
