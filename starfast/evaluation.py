@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from starfast import models
-from starfast.barrier import barrier_curve
+from starfast.barrier import BarrierCurve, barrier_curve
 from starfast.bn import has_batchnorm
 from starfast.repair import repair_kind
 from starfast.flat import ParamSpace
@@ -116,6 +116,12 @@ class LoadedModel:
     seed: Optional[int] = None
     sources: Optional[List[int]] = None  # a star's: the source seeds it was trained against
     matcher: Optional[str] = None  # a star's: the permutation finder Starlight used
+
+    @classmethod
+    def from_state(cls, label: str, state: Mapping[str, torch.Tensor], space: ParamSpace, digest: str,
+                   seed: Optional[int] = None) -> "LoadedModel":
+        """A model's state dict split into its row (``space``'s parameters) and its buffers."""
+        return cls(label, space.flatten(state), _buffers(state, space), digest, seed=seed)
 
     def state_dict(self, space: ParamSpace) -> Dict[str, torch.Tensor]:
         """Parameters (views of the row) and buffers, loadable into a module of ``space``."""
@@ -222,18 +228,15 @@ def measure_pairs(
     curves: List[Dict[str, Any]] = []
     for anchor, partners in grouped:
         todo = [partner for partner in partners if store.get(anchor, partner) is None]
-        matched = dict(zip((id(partner) for partner in todo), _match(anchor, todo, spec, space, config, probe))) if todo else {}
+        matched = dict(zip((id(partner) for partner in todo), align(anchor, todo, spec, space, config, probe))) if todo else {}
         for partner in partners:
             curve = store.get(anchor, partner)
             if curve is None:
                 partner_buffers, partner_row = matched[id(partner)]
                 with progress_bar(total=batches_per_pair, desc=f"{anchor.label} ~ {partner.label}, {config.ts} points",
                                   unit="batch", enabled=progress, nested=True) as pair_bar:
-                    measured = barrier_curve(
-                        skeleton, anchor.row, partner_row, _counted(train_data, pair_bar), _counted(test_data, pair_bar),
-                        config.ts, buffers_a=anchor.buffers or None, buffers_b=partner_buffers,
-                        bn_batches=config.bn_batches, space=space, repair=config.repair, spec=spec,
-                    )
+                    measured = pair_curve(skeleton, space, anchor, partner_row, partner_buffers,
+                                          _counted(train_data, pair_bar), _counted(test_data, pair_bar), config, spec)
                 curve = {"a": anchor.label, "b": partner.label, **measured.to_dict()}
                 store.add(anchor, partner, curve)
             curves.append(curve)
@@ -405,10 +408,13 @@ def own_sources(star: LoadedModel, sources: List[LoadedModel]) -> List[LoadedMod
 
 
 def _loaded(path: Path, label: str, state: Dict[str, torch.Tensor], space: ParamSpace, seed: int) -> LoadedModel:
-    row = checked_row(path, state, space)
+    return LoadedModel(label, checked_row(path, state, space), _buffers(state, space), file_digest(path), seed=seed)
+
+
+def _buffers(state: Mapping[str, torch.Tensor], space: ParamSpace) -> Dict[str, torch.Tensor]:
+    """The entries of a state dict that are not ``space``'s parameters (BatchNorm statistics)."""
     parameters = set(space.names)
-    buffers = {name: tensor for name, tensor in state.items() if name not in parameters}
-    return LoadedModel(label, row, buffers, file_digest(path), seed=seed)
+    return {name: tensor for name, tensor in state.items() if name not in parameters}
 
 
 def _limit(items: Sequence, count: Optional[int]) -> List:
@@ -422,8 +428,20 @@ def _grouped_by_anchor(items: List[Tuple[LoadedModel, LoadedModel]]):
         yield group[0][0], [partner for _, partner in group]
 
 
-def _match(anchor: LoadedModel, partners: List[LoadedModel], spec, space: ParamSpace, config: EvaluationConfig,
-           probe: Optional[ActivationProbe] = None):
+def pair_curve(skeleton: nn.Module, space: ParamSpace, anchor: LoadedModel, partner_row: torch.Tensor,
+               partner_buffers: Mapping[str, torch.Tensor], train_data, test_data, config: EvaluationConfig,
+               spec=None) -> BarrierCurve:
+    """The barrier curve from ``anchor`` to an aligned partner (its row and buffers, from
+    :func:`align`) on ``config.ts`` points. An anchor without buffers gets its BatchNorm statistics
+    recomputed like the interior points. ``spec``: the permutation spec, which ``config.repair``
+    needs (REPAIR observes the groups' sites)."""
+    return barrier_curve(skeleton, anchor.row, partner_row, train_data, test_data, config.ts,
+                         buffers_a=anchor.buffers or None, buffers_b=partner_buffers, bn_batches=config.bn_batches,
+                         space=space, repair=config.repair, spec=spec)
+
+
+def align(anchor: LoadedModel, partners: List[LoadedModel], spec, space: ParamSpace, config: EvaluationConfig,
+          probe: Optional[ActivationProbe] = None):
     """Each partner aligned with the anchor by ``config.matcher``: ``[(permuted buffers, permuted
     row)]`` (the rows come permuted from the finder; only the BatchNorm statistics are permuted
     here). With ``none`` the partners are returned as they are, and nothing is matched. ``probe``:
