@@ -58,7 +58,8 @@ def find_permutations(
     ``bank`` ``[N, P]`` with ``target`` ``[P]``. ``init``: a previous result of the same finder for
     the same sources, or permutations (group -> ``[N, size]``); ``seed``: the finder's randomness;
     ``out``: where the permuted rows go (see the finders); ``options``: the finder's own keywords
-    (``max_iter`` for ``wm``; ``lr``, ``steps``, ``temperature``, ``iterations`` for ``sinkhorn``)."""
+    (``max_iter`` for ``wm``; ``lr``, ``steps``, ``temperature``, ``iterations`` for ``sinkhorn``;
+    ``restarts`` for both: starts batched per source, the best kept)."""
     if name == "wm":
         return match_weights(target, bank, spec, space=space, init=init, seed=seed, out=out, **options)
     if name == "sinkhorn":
@@ -78,19 +79,26 @@ def find_permutations(
 class MatcherChoice:
     """A permutation finder and its options, as fields of an options object (see the module
     docstring). ``MATCHER_FLAG`` is the command-line flag that sets ``matcher`` (a subclass names
-    its own); the Sinkhorn options (``--sinkhorn-*``) only apply to ``sinkhorn``."""
+    its own); the Sinkhorn options (``--sinkhorn-*``) only apply to ``sinkhorn``. ``match_restarts``:
+    the finder's restarts per source (weight matching's starts and group orders, Sinkhorn's noise
+    draws), batched, the best kept; ``RESTARTS_FLAG`` names its flag."""
 
     MATCHER_FLAG: ClassVar[str] = "--matcher"
+    RESTARTS_FLAG: ClassVar[str] = "match_restarts"
 
     matcher: str = "wm"
     sinkhorn_lr: float = DEFAULT_LR
     sinkhorn_steps: int = DEFAULT_STEPS
     sinkhorn_temperature: float = DEFAULT_TEMPERATURE
     sinkhorn_iterations: int = DEFAULT_ITERATIONS
+    match_restarts: int = 1
 
     def __post_init__(self) -> None:
         if self.matcher not in MATCHERS:
             raise ValueError(f"{self.MATCHER_FLAG} must be one of {', '.join(MATCHERS)}, got {self.matcher!r}")
+        restarts = self.match_restarts
+        if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
+            raise ValueError(f"{self.RESTARTS_FLAG} must be a positive int, got {restarts!r}")
         check_options(self.sinkhorn_lr, self.sinkhorn_steps, self.sinkhorn_temperature, self.sinkhorn_iterations)
         object.__setattr__(self, "sinkhorn_lr", float(self.sinkhorn_lr))
         object.__setattr__(self, "sinkhorn_temperature", float(self.sinkhorn_temperature))
@@ -101,8 +109,11 @@ class MatcherChoice:
         return self.matcher != "none"
 
     def matcher_options(self) -> Dict[str, Any]:
-        """The chosen finder's keywords for :func:`find_permutations`."""
-        if self.matcher != "sinkhorn":
-            return {}
-        return {"lr": self.sinkhorn_lr, "steps": self.sinkhorn_steps, "temperature": self.sinkhorn_temperature,
-                "iterations": self.sinkhorn_iterations}
+        """The chosen finder's keywords for :func:`find_permutations` (``restarts`` only when not 1)."""
+        options: Dict[str, Any] = {}
+        if self.matcher == "sinkhorn":
+            options = {"lr": self.sinkhorn_lr, "steps": self.sinkhorn_steps, "temperature": self.sinkhorn_temperature,
+                       "iterations": self.sinkhorn_iterations}
+        if self.permutes and self.match_restarts != 1:
+            options["restarts"] = self.match_restarts
+        return options

@@ -44,6 +44,7 @@ STAR_FLAGS = {
     "samples_per_step": "--samples-per-step",
     "rematch_async": "--rematch-async",
     "matcher": "--matcher",
+    "match_restarts": "--star-match-restarts",
     "sinkhorn_lr": "--sinkhorn-lr",
     "sinkhorn_steps": "--sinkhorn-steps",
     "sinkhorn_temperature": "--sinkhorn-temperature",

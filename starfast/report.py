@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from starfast.files import replaced_atomically
+from starfast.uncertainty import compare, noise_interval
 
 ROWS = (
     ("regular_regular", "regular–regular barrier"),
@@ -31,7 +32,25 @@ ROWS = (
 def _cell(summary: Optional[Mapping[str, Any]], digits: int = 4) -> str:
     if not summary:
         return "—"
-    return f"{summary['mean']:.{digits}f} ± {summary['std']:.{digits}f} [{summary['min']:.{digits}f}, {summary['max']:.{digits}f}]"
+    return (f"{summary['mean']:.{digits}f} ± {summary['std']:.{digits}f} [{summary['min']:.{digits}f}, "
+            f"{summary['max']:.{digits}f}]{uncertainty_text(summary, digits)}")
+
+
+def uncertainty_text(summary: Mapping[str, Any], digits: int = 4) -> str:
+    """``"; 95% CI a–b; matching c–d"``: the mean's bootstrap interval and its range over the
+    matching's optima, where the summary has them (:mod:`starfast.uncertainty`); empty otherwise."""
+    parts = []
+    if summary.get("ci"):
+        ci = summary["ci"]
+        parts.append(f"{100 * ci['level']:.0f}% CI {ci['low']:.{digits}f}–{ci['high']:.{digits}f}")
+    if summary.get("matching"):
+        parts.append(f"matching {summary['matching']['low']:.{digits}f}–{summary['matching']['high']:.{digits}f}")
+    return "".join(f"; {part}" for part in parts)
+
+
+def noise_interval_of(summary: Mapping[str, Any]) -> Tuple[float, float]:
+    """The summary's mean with its uncertainty (:func:`starfast.uncertainty.noise_interval`)."""
+    return noise_interval(summary["mean"], summary.get("ci"), summary.get("matching"))
 
 
 def format_table(results: Mapping[str, Any]) -> str:
@@ -90,7 +109,11 @@ def verdict(results: Mapping[str, Any]) -> str:
       minimum over all models, sources included, is reported beside it in
       docs/evidence/default-sweep.md);
     - **the star is trained as well**: mean star train loss <= ``CLAIM_LOSS_FACTOR`` × mean
-      regular train loss (an under-trained star has low barriers for the wrong reason).
+      regular train loss (an under-trained star has low barriers for the wrong reason);
+    - **beyond noise**: the star–held-out mean's interval (its bootstrap interval over the models,
+      widened by its range over the matching's optima, :mod:`starfast.uncertainty`) lies below the
+      regular–regular mean's, or they overlap and the difference is "within noise" (checked
+      where the results carry intervals; older results do not).
 
     Results without a star (or without regular pairs) get a line saying the claim was not tested.
     """
@@ -117,16 +140,25 @@ def verdict(results: Mapping[str, Any]) -> str:
     else:
         overlap = (f"per-model means overlap: largest held-out mean to the stars {worst_star:.3g}, "
                    f"smallest to the regular models {best_regular:.3g}")
+    star_interval, regular_interval = noise_interval_of(star), noise_interval_of(regular)
+    noise = compare(star_interval, regular_interval)
+    measured_noise = any(summary.get(part) for summary in (star, regular) for part in ("ci", "matching"))
     failures = [
         reason for failed, reason in (
+            (measured_noise and noise == "within noise", "the difference is within noise"),
             (ratio > CLAIM_RATIO, f"ratio above {CLAIM_RATIO:g}×"),
             (not separated, "per-model means overlap" if checked else "per-model means not checked"),
             (loss_factor > CLAIM_LOSS_FACTOR, f"star under-trained, loss above {CLAIM_LOSS_FACTOR:g}×"),
         ) if failed
     ]
     outcome = "the star-domain claim holds here" if not failures else f"the star-domain claim does not hold here ({'; '.join(failures)})"
+    intervals = ""
+    if measured_noise:
+        intervals = (f"; with their uncertainty {star_interval[0]:.3g}–{star_interval[1]:.3g} vs "
+                     f"{regular_interval[0]:.3g}–{regular_interval[1]:.3g}: "
+                     f"{'below, beyond noise' if noise == 'below' else noise}")
     return (f"verdict: star–held-out barrier {star['mean']:.3g} vs regular–regular {regular['mean']:.3g} "
-            f"({ratio:.2f}×, {overlap}); star train loss {star_loss:.3g} vs regular {regular_loss:.3g} "
+            f"({ratio:.2f}×, {overlap}{intervals}); star train loss {star_loss:.3g} vs regular {regular_loss:.3g} "
             f"({loss_factor:.1f}×): {outcome}")
 
 
