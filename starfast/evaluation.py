@@ -26,7 +26,7 @@ The result is a JSON-ready dict ``{"dataset", "model", "regular_loss", "star_los
 matcher each star was trained with, ``config["matcher"]`` the one the evaluation used) where
 ``barriers[KIND][SPLIT]`` holds ``mean, std, min, max, values`` of the loss barriers on ``train`` and ``test``, and ``extra_heldout[NAME]`` the set's
 ``recipe``, ``count``, own ``loss``/``test_loss`` and its two ``kinds``. Each barrier summary also
-holds ``ci``, the mean's 95% bootstrap interval over the models, and ``matching``, the mean's range
+holds ``ci``, the mean's 95% bootstrap interval over the models and the matching's kept optima, and ``matching``, the mean's range
 over the next best optima of the matching (each curve's ``matching``: the restarts' objective and
 the barriers at up to ``matching_optima - 1`` other distinct optima), see :mod:`starfast.uncertainty`. :func:`write_results` stores it as
 ``RUN/results/results.json`` next to the table and plot made by :mod:`starfast.report`.
@@ -50,7 +50,7 @@ from starfast.bn import has_batchnorm
 from starfast.flat import ParamSpace
 from starfast.matchers import MatcherChoice, find_permutations
 from starfast.ops import permute
-from starfast.uncertainty import bootstrap_interval, matching_range
+from starfast.uncertainty import bootstrap_interval, matching_range, pair_values
 from starfast.progress import progress_bar
 from starfast.files import file_digest, read_json, write_json
 from starfast.rundir import MAIN_STARS, RunDir, RunDirError, extra_role, extra_seeds, heldout_seeds, source_seeds
@@ -492,7 +492,7 @@ def summarise(values: Sequence) -> Optional[Dict[str, Any]]:
 
 def _barrier_table(curves: List[Dict[str, Any]], key: str) -> Dict[str, Optional[Dict[str, Any]]]:
     """Per split: the barriers' :func:`summarise`, with the mean's bootstrap interval over the
-    models (``ci``) and its range over the matching's optima (``matching``), see
+    models and the matching's optima (``ci``) and its range over those optima (``matching``), see
     :mod:`starfast.uncertainty`."""
     table: Dict[str, Optional[Dict[str, Any]]] = {}
     for split in SPLITS:
@@ -500,7 +500,7 @@ def _barrier_table(curves: List[Dict[str, Any]], key: str) -> Dict[str, Optional
         summary = summarise([curve[key][split] for curve in measured])
         if summary is not None:
             ends = [(curve["a"], curve["b"]) for curve in measured] if all("a" in curve for curve in measured) else None
-            summary["ci"] = bootstrap_interval(summary["values"], ends) if ends else None
+            summary["ci"] = bootstrap_interval(pair_values(measured, key, split), ends) if ends else None
             summary["matching"] = matching_range(measured, key, split)
         table[split] = summary
     return table

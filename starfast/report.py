@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from starfast.files import replaced_atomically
-from starfast.uncertainty import compare, noise_interval
+from starfast.uncertainty import difference_side, pair_values
 
 ROWS = (
     ("regular_regular", "regular–regular barrier"),
@@ -48,9 +48,10 @@ def uncertainty_text(summary: Mapping[str, Any], digits: int = 4) -> str:
     return "".join(f"; {part}" for part in parts)
 
 
-def noise_interval_of(summary: Mapping[str, Any]) -> Tuple[float, float]:
-    """The summary's mean with its uncertainty (:func:`starfast.uncertainty.noise_interval`)."""
-    return noise_interval(summary["mean"], summary.get("ci"), summary.get("matching"))
+def pairs_of(curves) -> Tuple[List[List[float]], List[Tuple[str, str]]]:
+    """The train loss barriers of ``curves`` at each optimum their matching kept, and the two models
+    of each (for the bootstrap, :mod:`starfast.uncertainty`)."""
+    return pair_values(curves, "loss_barrier", "train"), [(curve["a"], curve["b"]) for curve in curves]
 
 
 def format_table(results: Mapping[str, Any]) -> str:
@@ -110,10 +111,11 @@ def verdict(results: Mapping[str, Any]) -> str:
       docs/evidence/default-sweep.md);
     - **the star is trained as well**: mean star train loss <= ``CLAIM_LOSS_FACTOR`` × mean
       regular train loss (an under-trained star has low barriers for the wrong reason);
-    - **beyond noise**: the star–held-out mean's interval (its bootstrap interval over the models,
-      widened by its range over the matching's optima, :mod:`starfast.uncertainty`) lies below the
-      regular–regular mean's, or they overlap and the difference is "within noise" (checked
-      where the results carry intervals; older results do not).
+    - **beyond noise**: the difference star–held-out − regular–regular is below 0 beyond its
+      uncertainty: its 95% bootstrap interval over the models and the matching's kept optima (both
+      means on the same draws, :func:`starfast.uncertainty.difference_side`) lies below 0;
+      otherwise it is "within noise" (checked where the results carry intervals; older results
+      do not).
 
     Results without a star (or without regular pairs) get a line saying the claim was not tested.
     """
@@ -140,9 +142,11 @@ def verdict(results: Mapping[str, Any]) -> str:
     else:
         overlap = (f"per-model means overlap: largest held-out mean to the stars {worst_star:.3g}, "
                    f"smallest to the regular models {best_regular:.3g}")
-    star_interval, regular_interval = noise_interval_of(star), noise_interval_of(regular)
-    noise = compare(star_interval, regular_interval)
-    measured_noise = any(summary.get(part) for summary in (star, regular) for part in ("ci", "matching"))
+    # Results from before intervals existed are judged as they were.
+    measured_noise = "ci" in star and "ci" in regular
+    if measured_noise:
+        noise, difference = difference_side(pairs_of(results["curves"]["star_heldout"]),
+                                            pairs_of(results["curves"]["regular_regular"]))
     failures = [
         reason for failed, reason in (
             (measured_noise and noise == "within noise", "the difference is within noise"),
@@ -154,8 +158,8 @@ def verdict(results: Mapping[str, Any]) -> str:
     outcome = "the star-domain claim holds here" if not failures else f"the star-domain claim does not hold here ({'; '.join(failures)})"
     intervals = ""
     if measured_noise:
-        intervals = (f"; with their uncertainty {star_interval[0]:.3g}–{star_interval[1]:.3g} vs "
-                     f"{regular_interval[0]:.3g}–{regular_interval[1]:.3g}: "
+        spread = f" {difference[0]:.3g} to {difference[1]:.3g}" if difference else ""
+        intervals = (f"; difference star − regular{spread} (95% bootstrap over models and matchings): "
                      f"{'below, beyond noise' if noise == 'below' else noise}")
     return (f"verdict: star–held-out barrier {star['mean']:.3g} vs regular–regular {regular['mean']:.3g} "
             f"({ratio:.2f}×, {overlap}{intervals}); star train loss {star_loss:.3g} vs regular {regular_loss:.3g} "

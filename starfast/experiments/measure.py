@@ -25,7 +25,7 @@ from starfast.flat import ParamSpace
 from starfast.experiments.plan import Perturbation, Point
 from starfast.progress import progress_bar
 from starfast.rundir import RunDir, RunDirError, extra_role, extra_seeds, heldout_seeds, source_seeds
-from starfast.uncertainty import bootstrap_interval, matching_range
+from starfast.uncertainty import bootstrap_interval, matching_range, pair_values
 
 SPLITS = ("train", "test")
 PERTURBATION_SEED = 4000
@@ -133,8 +133,8 @@ def summarise_pairs(curves: Sequence[Dict[str, Any]], heldout: Sequence[str]) ->
         means = {label: sum(values) / len(values) for label, values in per_model.items() if values}
         over_heldout = summarise(list(means.values()))
         if over_heldout is not None:
-            values, ends = [curve["loss_barrier"][split] for curve in curves], [(curve["a"], curve["b"]) for curve in curves]
-            over_heldout["ci"] = bootstrap_interval(values, ends, credited=heldout)
+            ends = [(curve["a"], curve["b"]) for curve in curves]
+            over_heldout["ci"] = bootstrap_interval(pair_values(curves, "loss_barrier", split), ends, credited=heldout)
             over_heldout["matching"] = matching_range(curves, "loss_barrier", split, credited=heldout)
         summary[split] = {
             "pairs": summarise([curve["loss_barrier"][split] for curve in curves]),

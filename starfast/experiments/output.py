@@ -3,11 +3,11 @@
 All barriers are train-split loss barriers (eq. 1), as in the paper's figures and Tables 7–12.
 A point's "star–held-out" and "regular–regular" numbers are means ± std over the held-out models
 of each held-out model's mean barrier over its pairs (the paper's error bars "across held-out
-models"), then the mean's 95% bootstrap interval over the models and its range over the
-matching's optima (:mod:`starfast.uncertainty`); the min and max columns are over single pairs
+models"), then the mean's 95% bootstrap interval over the models and the matching's kept optima,
+and its range over those optima (:mod:`starfast.uncertainty`); the min and max columns are over single pairs
 (Table 8). The verdict counts a difference (star below regular, a step along the axis) only when
-the two means' intervals, the bootstrap interval widened by the matching's range, do not overlap,
-and counts it "within noise" otherwise.
+the bootstrap interval of the difference (both means on the same draws of the models and of the
+matching's kept optima) excludes 0, and counts it "within noise" otherwise.
 
 The figure takes the paper's form: ``sweep`` draws the star–held-out barrier against the sweep
 axis with error bars, and regular–regular as the paper draws its reference (one band when every
@@ -24,8 +24,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 from starfast.experiments.catalog import Experiment
 from starfast.experiments.plan import spelled
 from starfast.files import write_json
-from starfast.report import CLAIM_LOSS_FACTOR, noise_interval_of, pyplot, save_figure, uncertainty_text, write_text
-from starfast.uncertainty import compare
+from starfast.report import CLAIM_LOSS_FACTOR, pairs_of, pyplot, save_figure, uncertainty_text, write_text
+from starfast.uncertainty import compare, difference_side
 
 SPLIT = "train"
 
@@ -38,10 +38,18 @@ def _mean_std(summary: Optional[Mapping[str, Any]]) -> str:
     return "—" if not summary else f"{summary['mean']:.4f} ± {summary['std']:.4f}{uncertainty_text(summary)}"
 
 
-def _interval(point: Mapping[str, Any], kind: str):
-    """The point's mean barrier of ``kind`` with its uncertainty (bootstrap interval widened by the
-    matching's range; the mean alone for points measured before either existed)."""
-    return noise_interval_of(_barrier(point, kind))
+def _side(first: Mapping[str, Any], first_kind: str, second: Mapping[str, Any], second_kind: str) -> str:
+    """Whether the mean barrier of ``first_kind`` at point ``first`` is below, above or within noise
+    of that of ``second_kind`` at ``second`` (:func:`starfast.uncertainty.difference_side`, the
+    per-held-out means on the same draws of the models); points without curves (or measured
+    before intervals existed) compare their means."""
+    a, b = _barrier(first, first_kind), _barrier(second, second_kind)
+    curves = [point.get("curves", {}).get(kind) for point, kind in ((first, first_kind), (second, second_kind))]
+    if "ci" not in a or "ci" not in b or not all(curves):
+        return compare((a["mean"], a["mean"]), (b["mean"], b["mean"]))
+    heldout = sorted(set(first["barriers"][first_kind][SPLIT]["per_heldout"]) | set(second["barriers"][second_kind][SPLIT]["per_heldout"]))
+    side, _ = difference_side(pairs_of(curves[0]), pairs_of(curves[1]), credited=heldout)
+    return side
 
 
 def _number(summary: Optional[Mapping[str, Any]], key: str) -> str:
@@ -85,7 +93,7 @@ def verdict(experiment: Experiment, points: Sequence[Mapping[str, Any]], missing
     if not measured:
         return f"verdict ({experiment.name}): nothing was measured" + (f" (failed: {', '.join(missing)})" if missing else "")
     ratios = [_barrier(point, "star_heldout")["mean"] / _barrier(point, "regular_regular")["mean"] for point in measured]
-    sides = [compare(_interval(point, "star_heldout"), _interval(point, "regular_regular")) for point in measured]
+    sides = [_side(point, "star_heldout", point, "regular_regular") for point in measured]
     below, unclear = sides.count("below"), sides.count("within noise")
     parts = [f"star–held-out below regular–regular at {below} of {len(measured)} points"
              + (f", within noise at {unclear}" if unclear else "") + f" ({min(ratios):.2f}–{max(ratios):.2f}× of it)"]
@@ -98,14 +106,13 @@ def verdict(experiment: Experiment, points: Sequence[Mapping[str, Any]], missing
     in_part = False  # the barrier falls overall, but not at every step
     if "falls" in experiment.claims:
         barriers = [_barrier(point, "star_heldout")["mean"] for point in measured]
-        intervals = [_interval(point, "star_heldout") for point in measured]
-        moves = [compare(later, earlier) for earlier, later in zip(intervals, intervals[1:])]
+        moves = [_side(later, "star_heldout", earlier, "star_heldout") for earlier, later in zip(measured, measured[1:])]
         steps, still = moves.count("below"), moves.count("within noise")
         first, last = measured[0], measured[-1]
         parts.insert(0, f"star–held-out goes from {barriers[0]:.4f} at {first['label']} to {barriers[-1]:.4f} at "
                         f"{last['label']} ({steps} of {len(barriers) - 1} steps down"
                         + (f", {still} within noise" if still else "") + ")")
-        in_part = holds and compare(intervals[-1], intervals[0]) == "below" and steps < len(barriers) - 1
+        in_part = holds and _side(last, "star_heldout", first, "star_heldout") == "below" and steps < len(barriers) - 1
         holds = holds and steps == len(barriers) - 1
     if "separated" in experiment.claims:
         separated = [point["label"] for point in measured
