@@ -22,8 +22,10 @@ Each curve in ``curves[KIND]`` names its two models (``"a"``, the anchor, and ``
 
 The result is a JSON-ready dict ``{"dataset", "model", "regular_loss", "star_loss", "regular_test_loss",
 "star_test_loss", "barriers", "accuracy_barriers", "curves", "counts", "extra_heldout", "star_matchers", "config",
-"seconds"}`` (losses summarise each distinct model's own train/test loss; ``star_matchers`` names the
-matcher each star was trained with, ``config["matcher"]`` the one the evaluation used) where
+"environment", "seeds", "seconds"}`` (losses summarise each distinct model's own train/test loss; ``star_matchers`` names the
+matcher each star was trained with, ``config["matcher"]`` the one the evaluation used;
+``environment`` the versions, CPU, threads and device (:mod:`starfast.environment`), ``seeds`` the
+models' seeds per role) where
 ``barriers[KIND][SPLIT]`` holds ``mean, std, min, max, values`` of the loss barriers on ``train`` and ``test``, and ``extra_heldout[NAME]`` the set's
 ``recipe``, ``count``, own ``loss``/``test_loss`` and its two ``kinds``. Each barrier summary also
 holds ``ci``, the mean's 95% bootstrap interval over the models and the matching's kept optima, and ``matching``, the mean's range
@@ -52,6 +54,7 @@ from starfast.matchers import MatcherChoice, find_permutations
 from starfast.ops import permute
 from starfast.uncertainty import bootstrap_interval, matching_range, pair_values
 from starfast.progress import progress_bar
+from starfast.environment import environment
 from starfast.files import file_digest, read_json, write_json
 from starfast.rundir import MAIN_STARS, RunDir, RunDirError, extra_role, extra_seeds, heldout_seeds, source_seeds
 
@@ -198,6 +201,10 @@ def evaluate_run(
         "extra_heldout": {name: _extra_set_summary(run, name, members, curves) for name, members in extra.items()},
         "star_matchers": {star.label: star.matcher for star in stars},
         "config": asdict(config),
+        "environment": environment(device),
+        "seeds": {"sources": [model.seed for model in sources], "heldout": [model.seed for model in heldout],
+                  "stars": [star.seed for star in stars],
+                  **{f"extra/{name}": [model.seed for model in members] for name, members in extra.items()}},
         "seconds": time.perf_counter() - started,
     }
     return results

@@ -16,15 +16,14 @@ tensors, datasets and checkpoint paths, and the run directory's layout stays :cl
 from __future__ import annotations
 
 import math
-import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-import starfast
 from starfast import models
+from starfast.environment import versions
 from starfast.files import load_checkpoint
 from starfast.flat import ParamSpace
 from starfast.models import ModelSpec
@@ -107,7 +106,7 @@ def model_metadata(spec: ModelSpec, dataset, recipe: Recipe, job: ModelJob, metr
         "device": str(dataset.device),
         "precision": "bf16" if speed.autocast_dtype(torch.device(dataset.device)) else "fp32",
         "rank": rank,
-        "versions": {"torch": torch.__version__, "starfast": starfast.__version__, "python": platform.python_version()},
+        "versions": versions(),
     }
 
 

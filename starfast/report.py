@@ -4,8 +4,9 @@
 loss barriers of regular–regular, star–held-out and star–source pairs as mean ± std [min, max];
 each extra held-out set NAME adds its loss and its star–NAME and NAME–NAME barriers; a line
 below names the permutation finders the stars were trained and the pairs aligned with);
-``verdict(results)`` is the one-line answer to the paper's claim (see its docstring for the three
-conditions); ``write_table`` saves the table and the verdict as ``table.md``; ``plot_curves`` draws
+``verdict(results)`` is the one-line answer to the paper's claim (see its docstring for the
+conditions); ``write_table`` saves the table, the verdict and the environment and seeds the results
+came from as ``table.md``; ``plot_curves`` draws
 loss and accuracy along t with ±1 std bands, star–held-out against regular–regular (the paper's
 Figure 2), as ``curves.png``.
 
@@ -17,10 +18,11 @@ made and written (the experiments' too).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from starfast.files import replaced_atomically
-from starfast.uncertainty import difference_side, pair_values
+from starfast.environment import environment_line
+from starfast.uncertainty import BOOTSTRAP_SEED, difference_side, pair_values
 
 ROWS = (
     ("regular_regular", "regular–regular barrier"),
@@ -179,8 +181,25 @@ def _model_means(curves, ends: Tuple[str, ...]) -> Dict[str, float]:
 
 
 def write_table(path: Path, results: Mapping[str, Any]) -> None:
-    """``table.md``: the table, then the verdict line."""
-    write_text(path, format_table(results) + "\n\n" + verdict(results) + "\n")
+    """``table.md``: the table, the verdict line, then where the numbers came from (environment and
+    seeds, where the results record them)."""
+    origin = [line for line in (environment_line(results.get("environment")), seeds_line(results.get("seeds"))) if line]
+    write_text(path, format_table(results) + "\n\n" + verdict(results) + "\n" + "".join(f"\n{line}\n" for line in origin))
+
+
+def seeds_line(seeds: Optional[Mapping[str, Sequence[int]]]) -> str:
+    """``seeds: sources 0–9, heldout 1000–1002, …`` (ranges where consecutive); empty without seeds."""
+    if not seeds:
+        return ""
+
+    def spelled(values: Sequence[int]) -> str:
+        values = sorted(values)
+        if values and values == list(range(values[0], values[-1] + 1)) and len(values) > 2:
+            return f"{values[0]}–{values[-1]}"
+        return ", ".join(map(str, values)) or "none"
+
+    return "seeds: " + "; ".join(f"{role} {spelled(values)}" for role, values in seeds.items()) + (
+        f" (bootstrap seed {BOOTSTRAP_SEED})")
 
 
 def plot_curves(path: Path, results: Mapping[str, Any]) -> bool:

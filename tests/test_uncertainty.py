@@ -1,7 +1,8 @@
-"""Uncertainty of mean barriers (issue 26): the multi-way bootstrap against a plain numpy loop that
-resamples the models and lists every resampled pair; the matching's range against a plain loop;
-verdicts that say "within noise" when the intervals overlap; the evaluation measuring the next best
-optima of the matching's restarts (against the same restarts run one at a time)."""
+"""Uncertainty of mean barriers (issue 26): the multi-way bootstrap (and the paired difference)
+against a plain numpy loop that resamples the models and lists every resampled pair; the
+matching's range; verdicts that say "within noise" when the difference is within its uncertainty;
+the evaluation measuring the next best optima of the matching's restarts (against the same
+restarts run one at a time); tables that state their environment and seeds."""
 import itertools
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from starfast import data, models
-from starfast.evaluation import EvaluationConfig, LoadedModel, _barrier_table, _match, evaluate_run
+from starfast.evaluation import EvaluationConfig, LoadedModel, _barrier_table, _match, evaluate_run, write_results
 from starfast.experiments.catalog import EXPERIMENTS
 from starfast.experiments.measure import summarise_pairs
 from starfast.experiments.output import verdict as experiment_verdict
@@ -192,3 +193,9 @@ def test_the_evaluation_measures_the_next_best_optima_of_the_restarts(tmp_path, 
     assert "ci" in summary and "matching" in summary
     objectives = [curve["matching"]["objective"]] + [optimum["objective"] for optimum in curve["matching"]["optima"]]
     assert objectives == sorted(objectives, reverse=True), objectives
+    # The table states where its numbers came from.
+    assert results["environment"]["torch"] == torch.__version__ and results["environment"]["threads"] == torch.get_num_threads()
+    assert results["seeds"] == {"sources": [0, 1], "heldout": [1000, 1001], "stars": [0]}
+    table = (write_results(run, results) / "table.md").read_text()
+    assert f"{torch.get_num_threads()} thread" in table and f"torch {torch.__version__}" in table, table
+    assert "seeds: sources 0, 1; heldout 1000, 1001; stars 0 (bootstrap seed 0)" in table, table

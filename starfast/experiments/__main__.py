@@ -19,6 +19,7 @@ import torch
 
 from starfast import data, models
 from starfast.arguments import DATA_ERRORS, check_data_dir, name_parser, parse_arch_kw, parse_arguments
+from starfast.environment import environment
 from starfast.experiments.catalog import EXPERIMENTS, PRESETS, Experiment
 from starfast.experiments.cells import cell_tasks
 from starfast.experiments.launch import LAUNCHERS, LauncherError, make_executor, run_cells
@@ -134,6 +135,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "cells": {cell.key or "base": tasks[index].folder for index, cell in enumerate(cells)},
         "points": points, "failed": errors, "verdict": verdict(experiment, points, missing),
         "curves_measured_now": sum(point["measured_now"] for point in points),
+        "environment": environment(torch.device(args.device)),
         "seconds": time.perf_counter() - started,
     }
     try:

@@ -25,7 +25,8 @@ from starfast.experiments.catalog import Experiment
 from starfast.experiments.plan import spelled
 from starfast.files import write_json
 from starfast.report import CLAIM_LOSS_FACTOR, pairs_of, pyplot, save_figure, uncertainty_text, write_text
-from starfast.uncertainty import compare, difference_side
+from starfast.environment import environment_line
+from starfast.uncertainty import BOOTSTRAP_SEED, compare, difference_side
 
 SPLIT = "train"
 
@@ -232,11 +233,13 @@ def _draw_curves(axis, points: Sequence[Mapping[str, Any]]) -> None:
 
 
 def write_outputs(folder: Path, experiment: Experiment, results: Mapping[str, Any]) -> List[str]:
-    """``results.json``, ``table.md`` (notes, table, verdict) and ``figure.png`` into ``folder``;
+    """``results.json``, ``table.md`` (notes with the environment, table, verdict) and ``figure.png`` into ``folder``;
     returns the names written."""
     points = results["points"]
     write_json(folder / "results.json", dict(results))
     notes = [f"{experiment.name}: {experiment.paper}; {results['note']}"] + ([results["analogue"]] if results["analogue"] else [])
+    if results.get("environment"):  # results from before environments were recorded have none
+        notes.append(f"{environment_line(results['environment'])}; bootstrap seed {BOOTSTRAP_SEED}")
     write_text(folder / "table.md", "\n".join(notes) + "\n\n" + format_table(experiment, points) + "\n\n" + results["verdict"] + "\n")
     title = f"{experiment.paper.split(',')[0].split(' (')[0]} analogue: {results['dataset']}, {results['model']}"
     drawn = plot(folder / "figure.png", experiment, points, title)
