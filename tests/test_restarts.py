@@ -15,7 +15,7 @@ from starfast.matching import match_weights, restart_plan
 from starfast.ops import permute
 from starfast.sinkhorn import sinkhorn_match
 from starfast.train import build_parser
-from starfast.training_common import stream_seed
+from starfast.training_common import StarStream, stream_seed
 from test_matching import ARCHS, build
 
 SMALL_VIT = ("vit", dict(dim=16, depth=2, heads=2, mlp_dim=32, patch=4), (3, 8, 8))
@@ -183,3 +183,28 @@ class _Space:
 
     def __init__(self, size):
         self.size = size
+
+
+def test_starlight_re_matches_with_restarts(tmp_path, rng):
+    """``--star-match-restarts`` reaches Starlight's options, and its re-matches keep the best of
+    the restarts: the first (cold) one is the batched restarts' answer, the second warm-starts
+    restart 0 from it, so it never falls below it."""
+    from starfast.starlight import SourceMatcher
+    from starfast.train import Distributed, build_context
+
+    parser = build_parser()
+    built = build_context(parser.parse_args(["--run-dir", str(tmp_path / "run"), "--star-match-restarts", "3"]), parser,
+                          Distributed())
+    assert built.star_options.match_restarts == 3 and built.star_options.matcher_options() == {"restarts": 3}
+    spec, space, row, bank = independent(*BY_NAME["mlp"], rng, dtype=torch.float32)
+    matcher = SourceMatcher(bank, spec, space, choice=MatcherChoice(match_restarts=3), seed=4)
+    matcher.rematch(row)
+    first = {name: perm.clone() for name, perm in matcher.perms.items()}
+    cold = find_permutations("wm", row, bank, spec, space=space, seed=stream_seed(4, StarStream.MATCH, 0), restarts=3)
+    for name in first:
+        assert torch.equal(first[name], cold.perms[name]), name
+    moved = row + 1e-3 * torch.randn(row.shape, generator=rng)
+    matcher.rematch(moved)
+    kept = permute(bank, spec.index_map(space, first)).double() @ moved.double()  # the first answer, re-scored
+    again = permute(bank, spec.index_map(space, matcher.perms)).double() @ moved.double()
+    assert bool((again >= kept - 1e-9 * kept.abs()).all()), (again - kept).min().item()
