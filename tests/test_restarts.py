@@ -148,10 +148,10 @@ def test_sinkhorn_restarts_recover_a_planted_vit_one_start_missed():
     spec, space = models.permutation_spec(model), ParamSpace(model)
     row = space.flatten(model)
     bank = torch.stack([permute(row, spec.index_map(space, spec.random(rng))) for _ in range(2)])
-    one = sinkhorn_match(row, bank, spec, space=space, steps=400)
+    one = sinkhorn_match(row, bank, spec, space=space, steps=150)  # the plants that are found, are found within ~70
     missed = [k for k in range(len(bank)) if not torch.equal(one.permuted[k], row)]
     print(f"one start misses plants {missed}")
-    result = find_permutations("sinkhorn", row, bank, spec, space=space, steps=400, restarts=4)
+    result = find_permutations("sinkhorn", row, bank, spec, space=space, steps=150, restarts=4)
     for k in range(len(bank)):
         assert torch.equal(result.permuted[k], row), k
 
