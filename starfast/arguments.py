@@ -2,10 +2,11 @@
 
 ``name_parser`` (an argparse ``type`` that resolves aliases and suggests the closest name),
 ``parse_arch_kw`` (``key=value``), ``parse_milestones`` (``100,150``), ``parse_extra_heldout``
-(``NAME:COUNT[:KEY=VALUE,...]``), ``check_data_dir`` and ``parse_arguments``
-(``parse_args`` where ``-h``/``--help`` anywhere on the line prints help), and ``DATA_ERRORS``:
-what loading a dataset raises for a person to act on, which a command line prints as one line
-(the message says what to do; the traceback would only bury it).
+(``NAME:COUNT[:KEY=VALUE,...]``), ``parse_device`` (``--device``), ``check_data_dir`` and
+``parse_arguments`` (``parse_args`` where ``-h``/``--help`` anywhere on the line prints help),
+``DATA_ERRORS``: what loading a dataset raises for a person to act on, which a command line prints
+as one line (the message says what to do; the traceback would only bury it), and
+``run_command``: a command's entry point, where Ctrl-C is one line instead of a traceback.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
 
 from starfast.data import CorruptDataError
 
@@ -77,11 +80,47 @@ def name_parser(canonical: Callable[[str], str]) -> Callable[[str], str]:
     return parse
 
 
+def auto_or_count(text: str) -> Optional[int]:
+    """``auto`` -> ``None`` (starfast chooses), else an int."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or auto, got {text!r}") from None
+
+
 def parse_milestones(text: str) -> List[int]:
     try:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"--milestones expects comma-separated epochs such as 100,150, got {text!r}") from None
+
+
+def parse_device(requested: str, local_rank: Optional[int] = None) -> torch.device:
+    """``--device``: a device torch knows and this machine has (``ValueError`` otherwise); with
+    ``local_rank`` (a ``torchrun`` process), CUDA means that rank's GPU."""
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise ValueError(f"--device {requested!r} is not a device; use cpu or cuda") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {requested!r}: starfast runs on cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but torch sees no GPU; use --device cpu")
+    return torch.device("cuda", local_rank) if device.type == "cuda" and local_rank is not None else device
+
+
+def run_command(main: Callable[[], int], command: str) -> None:
+    """Exit with ``main()``'s status; Ctrl-C prints one line (what was interrupted, and that the same
+    command resumes: every stage keeps its finished work and checkpoints) and exits 130."""
+    try:
+        status = main()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {command}; run the same command again to resume (finished work and checkpoints are kept)",
+              file=sys.stderr)
+        status = 130
+    sys.exit(status)
 
 
 def check_data_dir(data_dir: Optional[Path]) -> None:

@@ -37,7 +37,7 @@ from starfast.bank import Data, check_bank, run_bank
 from starfast.barrier import _check_buffers
 from starfast.bn import batchnorm_buffer_names, recompute_bn
 from starfast.calibration import PerExample
-from starfast.evaluation import LoadedModel, load_models, load_stars, own_sources
+from starfast.evaluation import LoadedModel, counted_seeds, load_models, load_stars, own_sources
 from starfast.flat import ParamSpace
 from starfast.matching import match_weights
 from starfast.ops import lerp_gather
@@ -180,14 +180,15 @@ def bayesian_model_averaging(
     model_spec = run.model_spec()
     skeleton = model_spec.build().to(device)
     space, spec = ParamSpace(skeleton), models.permutation_spec(skeleton)
-    stars = load_stars(run, space, device)
+    seeds = counted_seeds(run)
+    stars = load_stars(run, space, device, seeds=seeds["star"])
     if not stars:
         raise RunDirError(f"{run.star_path(0).parent} holds no finished star; train one with python -m starfast.train --stage star")
     star = stars[0]
-    sources = own_sources(star, load_models(run, "sources", space, device))
+    sources = own_sources(star, load_models(run, "sources", space, device, seeds["sources"]))
     if not sources:
         raise RunDirError(f"the sources of {star.label} ({star.sources}) are not in {run.path / 'sources'}")
-    heldout = load_models(run, "heldout", space, device)
+    heldout = load_models(run, "heldout", space, device, seeds["heldout"])
     train_data = lambda: dataset.eval_batches("train", config.batch_size)  # noqa: E731
     test_data = lambda: dataset.eval_batches("test", config.batch_size)  # noqa: E731
     ensembles = {"source_ensemble": sources[: config.samples], "heldout_ensemble": heldout[: config.samples]}
@@ -239,7 +240,7 @@ def write_bma(run: RunDir, results: Mapping[str, Any]) -> Path:
         drawn = report.plot_bma(folder / "bma.png", results)
         return ["bma.json", "bma.md"] + (["bma.png"] if drawn else [])
 
-    return run.publish_results(write)
+    return run.publish(run.results_folder, write, owned=["bma.png"])
 
 
 def _ensemble_predictions(skeleton: nn.Module, space: ParamSpace, members: List[LoadedModel], data: Data) -> PerExample:

@@ -19,12 +19,12 @@ import torch
 
 from starfast import bma, data, fusion, report
 from starfast.allocator import keep_freed_memory
-from starfast.arguments import DATA_ERRORS, check_data_dir, parse_arguments
+from starfast.arguments import DATA_ERRORS, check_data_dir, parse_arguments, parse_device, run_command
 from starfast.evaluation import DEFAULT_EVAL_RESTARTS, DEFAULT_MATCHING_OPTIMA, EvaluationConfig, evaluate_run, write_results
 from starfast.matchers import MATCHERS, SINKHORN_FIELDS
 from starfast.report import format_table, verdict
 from starfast.files import StoredFileError
-from starfast.rundir import RunDir, RunDirError
+from starfast.rundir import RunDir
 from starfast.sinkhorn import DEFAULT_ITERATIONS, DEFAULT_LR, DEFAULT_STEPS, DEFAULT_TEMPERATURE, LR_SEARCH_SPACE
 
 
@@ -197,21 +197,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_arguments(parser, argv)
     keep_freed_memory()
     try:
+        device = parse_device(args.device)
         evaluation = evaluation_config(args)
         check_application_flags(args)
         check_data_dir(args.data_dir)
     except ValueError as error:
         parser.error(str(error))
     run = RunDir(args.run_dir)
-    device = torch.device(args.device)
     try:
         config = run.read_config()
         if config is None:
             parser.error(f"{run.config_path} does not exist: is {args.run_dir} a run directory of python -m starfast.train?")
-        if "dataset" not in config:
-            raise RunDirError(f"{run.config_path} names no dataset; delete it and run python -m starfast.train again")
+        dataset_name = run.dataset_name()
+        run.model_spec()  # checked before the lock and the data
         with run.locked(" ".join(["python -m starfast.evaluate", *map(str, sys.argv[1:] if argv is None else argv)])):
-            dataset = data.load(config["dataset"], data_dir=args.data_dir, device=device)
+            dataset = data.load(dataset_name, data_dir=args.data_dir, device=device)
             if args.bma or args.fusion:
                 return run_applications(run, dataset, args, evaluation, device, progress=not args.quiet)
             return run_evaluation(run, dataset, evaluation, device, progress=not args.quiet)
@@ -220,4 +220,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main, "python -m starfast.evaluate " + " ".join(sys.argv[1:]))

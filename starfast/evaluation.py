@@ -56,7 +56,7 @@ from starfast.uncertainty import bootstrap_interval, matching_range, pair_values
 from starfast.progress import progress_bar
 from starfast.environment import environment
 from starfast.files import file_digest, read_json, write_json
-from starfast.rundir import MAIN_STARS, RunDir, RunDirError, extra_role, extra_seeds, heldout_seeds, source_seeds
+from starfast.rundir import MAIN_STARS, RunDir, RunDirError, checked_row, extra_role, extra_seeds, heldout_seeds, source_seeds
 
 KINDS = ("regular_regular", "star_heldout", "star_source")
 SPLITS = ("train", "test")
@@ -154,12 +154,13 @@ def evaluate_run(
     started = time.perf_counter()
     skeleton = run.model_spec().build().to(device)
     space = ParamSpace(skeleton)
-    sources = load_models(run, "sources", space, device)
-    heldout = load_models(run, "heldout", space, device)
-    stars = load_stars(run, space, device)
-    extra = {role.split("/", 1)[1]: load_models(run, role, space, device) for role in run.extra_roles()}
-    extra = {name: members for name, members in extra.items() if members}
+    seeds = counted_seeds(run)
+    stars = load_stars(run, space, device, seeds=seeds["star"])
     _check_complete(run, stars)
+    sources = load_models(run, "sources", space, device, seeds["sources"])
+    heldout = load_models(run, "heldout", space, device, seeds["heldout"])
+    extra = {role.split("/", 1)[1]: load_models(run, role, space, device, seeds.get(role)) for role in run.extra_roles()}
+    extra = {name: members for name, members in extra.items() if members}
     if len(heldout) < 1 or (len(heldout) < 2 and not sources):
         raise RunDirError(f"{run.path} has too few trained models to measure barriers; run python -m starfast.train --stage models")
 
@@ -281,7 +282,7 @@ def write_results(run: RunDir, results: Mapping[str, Any]) -> Path:
         drawn = report.plot_curves(folder / "curves.png", results)
         return ["results.json", "table.md"] + (["curves.png"] if drawn else [])
 
-    folder = run.publish_results(write)
+    folder = run.publish(run.results_folder, write, owned=["curves.png"])
     (folder / PARTIAL_NAME).unlink(missing_ok=True)
     return folder
 
@@ -348,10 +349,36 @@ def load_models(run: RunDir, role: str, space: ParamSpace, device, seeds: Option
     return models
 
 
-def load_stars(run: RunDir, space: ParamSpace, device, star_set: str = MAIN_STARS) -> List[LoadedModel]:
-    """Every finished star of ``star_set``, in seed order, with the source seeds it was trained on."""
+def counted_seeds(run: RunDir, report: Callable[[str], None] = print) -> Dict[str, Optional[List[int]]]:
+    """The seeds the run's ``config.json`` counts, per role (``sources``, ``heldout``, each
+    ``extra/<name>``) and for the main stars (key ``star``); ``None`` where the config states no
+    count (a run written before counts were recorded: every finished one is used). Models and stars
+    stored beyond the counts (a rerun with a smaller ``--heldout`` or ``--star-seeds``) are kept on
+    disk but not measured, and ``report`` gets one line saying so."""
+    config = run.read_config() or {}
+    counts = {"sources": (config.get("sources"), source_seeds), "heldout": (config.get("heldout"), heldout_seeds),
+              "star": (config.get("star_seeds"), lambda count: list(range(count)))}
+    for name, entry in (config.get("extra_heldout") or {}).items():
+        counts[extra_role(name)] = (entry.get("count") if isinstance(entry, dict) else None, extra_seeds)
+    chosen: Dict[str, Optional[List[int]]] = {}
+    for role, (count, seeds_of) in counts.items():
+        chosen[role] = seeds_of(count) if isinstance(count, int) and not isinstance(count, bool) else None
+        stored = run.finished_stars() if role == "star" else run.finished_seeds(role)
+        unused = [seed for seed in stored if chosen[role] is not None and seed not in chosen[role]]
+        if unused:
+            flag = {"star": "--star-seeds", "sources": "--sources", "heldout": "--heldout"}.get(role, "--extra-heldout")
+            report(f"note: measuring {count} of the {len(stored)} {'stars' if role == 'star' else role + ' models'} stored "
+                   f"in {run.path} ({flag} {count}); the other {len(unused)} are kept on disk, unused")
+    return chosen
+
+
+def load_stars(run: RunDir, space: ParamSpace, device, star_set: str = MAIN_STARS,
+               seeds: Optional[Sequence[int]] = None) -> List[LoadedModel]:
+    """Every finished star of ``star_set``, in seed order, with the source seeds it was trained on;
+    only those of ``seeds`` that are finished when given."""
     stars = []
-    for star_seed in run.finished_stars(star_set):
+    finished = run.finished_stars(star_set)
+    for star_seed in finished if seeds is None else [seed for seed in seeds if seed in finished]:
         path = run.star_path(star_seed, star_set)
         state, metadata = run.load_star(star_seed, star_set, device)
         star = _loaded(path, f"star {path.stem}", state, space, seed=star_seed)
@@ -408,12 +435,7 @@ def own_sources(star: LoadedModel, sources: List[LoadedModel]) -> List[LoadedMod
 
 
 def _loaded(path: Path, label: str, state: Dict[str, torch.Tensor], space: ParamSpace, seed: int) -> LoadedModel:
-    try:
-        row = space.flatten(state)
-    except ValueError as error:
-        raise RunDirError(f"{path}: {error}; delete it to train it again") from None
-    if not bool(torch.isfinite(row).all()):
-        raise RunDirError(f"{path} holds NaN or infinite weights; delete it (and its .json) to train it again")
+    row = checked_row(path, state, space)
     parameters = set(space.names)
     buffers = {name: tensor for name, tensor in state.items() if name not in parameters}
     return LoadedModel(label, row, buffers, file_digest(path), seed=seed)

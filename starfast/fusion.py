@@ -38,7 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from starfast.barrier import evaluate_rows
 from starfast.bma import nested_predictions, own_statistics
 from starfast.calibration import class_probabilities
-from starfast.evaluation import LoadedModel, load_models, load_stars, summarise
+from starfast.evaluation import LoadedModel, counted_seeds, load_models, load_stars, summarise
 from starfast.files import write_json
 from starfast.flat import ParamSpace
 from starfast.models import ModelSpec
@@ -136,7 +136,7 @@ def fusion_table(
     model_spec = run.model_spec()
     skeleton = model_spec.build().to(device)
     space = ParamSpace(skeleton)
-    sources = load_models(run, "sources", space, device)
+    sources = load_models(run, "sources", space, device, counted_seeds(run)["sources"])
     sizes, dropped = usable_sizes(config.sizes, len(sources))
     if not sizes:
         raise RunDirError(
@@ -202,7 +202,7 @@ def write_fusion(run: RunDir, results: Mapping[str, Any]) -> Path:
         report.write_text(folder / "fusion.md", report.format_fusion_table(results) + "\n")
         return ["fusion.json", "fusion.md"]
 
-    return run.publish_results(write)
+    return run.publish(run.results_folder, write)
 
 
 @torch.no_grad()

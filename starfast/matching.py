@@ -56,7 +56,7 @@ from torch import nn
 
 from starfast.flat import ParamSpace
 from starfast.lap import assignment_objective, linear_assignment
-from starfast.ops import permute
+from starfast.ops import permute, trusted_index_maps
 from starfast.spec import Group, Perm, PermutationSpec
 from starfast.training_common import stream_seed
 from starfast.warm_start import WarmStart, row_margins
@@ -128,7 +128,9 @@ def match_weights(
     ``restarts``: runs per source from the starts and group orders of :func:`restart_plan`, batched;
     each source keeps the best (see the module docstring). Restarts beyond the first hold R - 1
     more working copies of the bank. Returns a :class:`MatchResult`; with a single (non-bank)
-    source its tensors have no N dim.
+    source its tensors have no N dim. Raises ``ValueError`` when ``spec`` does not fit ``space``
+    exactly (e.g. the spec of a narrower or wider model) or the bank is empty or of another width
+    (:func:`check_problem`).
     """
     if max_iter < 1:
         raise ValueError(f"match_weights: max_iter must be >= 1, got {max_iter}")
@@ -140,9 +142,10 @@ def match_weights(
         space = ParamSpace(target)
     target_row = _as_row(target, space, "target")
     bank, single = _as_bank(sources, space)
+    check_problem(spec, space, bank, "match_weights")
     bank = bank.to(device=target_row.device, dtype=target_row.dtype)
     num_sources = bank.shape[0]
-    groups = [group for group in spec.groups if any(axis.name in space for axis in group.axes)]
+    groups = list(spec.groups)
 
     target_views = space.views(target_row)
     warm_start = WarmStart(groups, space, space.views(bank))
@@ -264,7 +267,18 @@ def _start(spec: PermutationSpec, space: ParamSpace, groups: List[Group], start:
     if isinstance(start, str):
         start = _sorted_init(groups, space, target_views, space.views(bank))
     perms = _initial_perms(spec, start, bank.shape[0], bank.device)
-    return perms, permute(bank, spec.index_map(space, perms)) if start is not None else bank
+    if start is None:
+        return perms, bank
+    with trusted_index_maps():  # index_map validates the perms it is given (check_perm)
+        return perms, permute(bank, spec.index_map(space, perms))
+
+
+def check_problem(spec: PermutationSpec, space: ParamSpace, bank: torch.Tensor, caller: str) -> None:
+    """The checks every permutation finder makes before it starts: ``spec`` fits the rows of
+    ``space`` exactly (:meth:`~starfast.spec.PermutationSpec.check_space`), and ``bank`` holds at
+    least one row of that space (:meth:`~starfast.flat.ParamSpace.check_bank`)."""
+    spec.check_space(space, caller)
+    space.check_bank(bank, caller)
 
 
 def group_cost(group: Group, space: ParamSpace, target_views, permuted, rows: Optional[torch.Tensor]) -> torch.Tensor:
@@ -422,9 +436,7 @@ def _as_bank(sources, space: ParamSpace):
     if isinstance(sources, torch.Tensor):
         if sources.dim() == 1:
             return _as_row(sources, space, "source").unsqueeze(0), True
-        if sources.dim() != 2 or sources.shape[1] != space.size:
-            raise ValueError(f"match_weights: sources bank must be [N, {space.size}], got {tuple(sources.shape)}")
-        return sources.detach(), False
+        return sources.detach(), False  # its shape: check_problem
     if isinstance(sources, (nn.Module, Mapping)):
         return _as_row(sources, space, "source").unsqueeze(0), True
     rows = [_as_row(source, space, f"source {k}") for k, source in enumerate(sources)]

@@ -14,9 +14,10 @@ Layout (every file is written atomically: a temp file in the same folder, then `
     RUN/checkpoints/<star set>/star-0000.pt  in-progress star training
     RUN/results/                           the evaluation's results.json, table.md, curves.png
     RUN/results/partial.json               curves of an evaluation in progress (removed once written)
-    RUN/results/.pending/                  results being published as a unit (see publish_results)
+    RUN/results/.pending/                  results being published as a unit (see publish; experiment folders too)
     RUN/stars/<name>/star-0000.*           an experiment's star set, named by its settings (z0010-e90-...)
-    RUN/experiments/NAME/                  an experiment's results.json, table.md, figure.png
+    RUN/experiments/NAME/                  an experiment's results.json, table.md, figure.png (complete runs only)
+    RUN/experiments/NAME/incomplete/       the same of the last run in which a cell failed
     RUN/experiments/curves/<key>.json      every barrier curve an experiment measured here (reused)
     RUN/variants/<slug>/                   a run directory of its own (another model or recipe of a sweep)
     RUN/.lock                              held by the one process working here (pid and command)
@@ -47,8 +48,10 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 import torch
 from torch import nn
 
-from starfast.files import TEMP_SUFFIX, StoredFileError, load_state_dict, read_json, save_state_dict, write_json
-from starfast.models import ModelSpec
+from starfast.flat import ParamSpace
+from starfast.files import TEMP_PATTERN, StoredFileError, load_state_dict, read_json, save_state_dict, write_json
+from starfast import data
+from starfast.models import ModelSpec, canonical_name
 
 PathLike = Union[str, os.PathLike]
 
@@ -61,7 +64,7 @@ RESERVED_SET_NAMES = ("sources", "source", "heldout", "regular", "star")
 CONFIG_IDENTITY = ("model", "dataset", "recipe")
 DIGEST_KEY = "weights_sha256"  # in a model's or star's JSON: the checksum of its weights file
 LOCK_NAME = ".lock"
-PENDING_NAME, COMPLETE_NAME = ".pending", "complete.json"  # RUN/results/.pending: results being published
+PENDING_NAME, COMPLETE_NAME = ".pending", "complete.json"  # <folder>/.pending: outputs being published
 MAIN_STARS = "star"  # the main job's star set; fusion stars of N sources are "fusion/zNNNN/star"
 
 
@@ -201,10 +204,23 @@ class RunDir:
         if config is None:
             raise RunDirError(f"{self.config_path} is missing; train the models first (python -m starfast.train --stage models)")
         try:
-            return ModelSpec.from_dict(config["model"])
+            spec = ModelSpec.from_dict(config["model"])
+            canonical_name(spec.arch)  # an unknown architecture is this file's fault, not the code's
+            return spec
         except (KeyError, TypeError, ValueError) as error:
             raise RunDirError(f"{self.config_path} has no valid 'model' entry ({type(error).__name__}: {error}); delete it "
                               "and run python -m starfast.train again with the settings of this run") from None
+
+    def dataset_name(self) -> str:
+        """The dataset ``config.json`` names (a known one, or :class:`RunDirError`)."""
+        config = self.read_config()
+        if config is None:
+            raise RunDirError(f"{self.config_path} is missing; train the models first (python -m starfast.train --stage models)")
+        try:
+            return data.canonical_name(config["dataset"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise RunDirError(f"{self.config_path} has no valid 'dataset' entry ({error}); restore it, or delete it and run "
+                              "python -m starfast.train again with the settings of this run") from None
 
     def holds_work(self) -> bool:
         """Whether anything was trained here: a finished model or star, or a checkpoint."""
@@ -219,11 +235,18 @@ class RunDir:
         """Hold the run directory's lock (an advisory ``flock`` on ``RUN/.lock``) while the block
         runs; a second process stops at once with a message naming the holder's pid and command.
         Inside the lock, temporary files left by killed writes are removed."""
+        lock = self.path / LOCK_NAME
+        if self.path.is_symlink() and not self.path.exists():
+            raise RunDirError(f"the run directory {self.path} is a symbolic link to {os.readlink(self.path)}, which does not "
+                              "exist; create that folder, or use another --run-dir")
+        if lock.is_dir():
+            raise RunDirError(f"{lock} is a folder, not starfast's lock file; remove it (rmdir {lock})")
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            handle = open(self.path / LOCK_NAME, "a+")
+            handle = open(lock, "a+")
         except OSError as error:
-            raise RunDirError(f"cannot write to the run directory {self.path} ({error.strerror}); use a writable --run-dir") from None
+            raise RunDirError(f"cannot write to the run directory {self.path} ({error.strerror}: {error.filename}); use a "
+                              "writable --run-dir") from None
         try:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -243,16 +266,18 @@ class RunDir:
 
     def _remove_leftovers(self) -> None:
         """Delete the temporary files of writes that a killed process never finished, and finish
-        (or drop) a publication of results that was interrupted (see :meth:`publish_results`)."""
+        (or drop) a publication of outputs that was interrupted (see :meth:`publish`)."""
         nested = {lock.parent for lock in self.path.rglob(LOCK_NAME) if lock.parent != self.path}  # run dirs of their own
-        for path in self.path.rglob(f".*{TEMP_SUFFIX}"):
+        for path in self.path.rglob(TEMP_PATTERN):
             if path.is_file() and nested.isdisjoint(path.parents):
                 path.unlink()
-        pending = self.results_folder / PENDING_NAME
-        if (pending / COMPLETE_NAME).exists():
-            self._move_into_place(pending)
-        elif pending.is_dir():
-            shutil.rmtree(pending)
+        for pending in list(self.path.rglob(PENDING_NAME)):
+            if not pending.is_dir() or not nested.isdisjoint(pending.parents):
+                continue
+            if (pending / COMPLETE_NAME).exists():
+                self._move_into_place(pending)
+            else:
+                shutil.rmtree(pending)
 
     # -- experiments --------------------------------------------------------------------------
 
@@ -272,25 +297,31 @@ class RunDir:
 
     # -- results ------------------------------------------------------------------------------
 
-    def publish_results(self, write: Callable[[Path], Sequence[str]]) -> Path:
-        """Results written as a unit: ``write(folder)`` writes its files into a pending folder and
-        returns their names, the folder is marked complete, then the files are moved into
-        ``RUN/results`` (the first name, e.g. ``results.json``, last). A process killed before the
-        mark leaves no trace of the new results; one killed after it has the move finished by the
-        next process that takes the lock, so files of two evaluations never stand side by side."""
-        pending = self.results_folder / PENDING_NAME
+    def publish(self, folder: Path, write: Callable[[Path], Sequence[str]], owned: Sequence[str] = ()) -> Path:
+        """Outputs written as a unit into ``folder`` (``RUN/results``, an experiment's folder):
+        ``write(pending)`` writes its files into ``folder/.pending`` and returns their names, the
+        pending folder is marked complete, then the files are moved into ``folder`` (the first
+        name, e.g. ``results.json``, last) and the ``owned`` names this unit did not write this time
+        (e.g. a figure with nothing to draw) are removed. A process killed before the mark leaves
+        no trace of the new outputs; one killed after it has the move finished by the next process
+        that takes the lock, so files of two runs never stand side by side. Returns ``folder``."""
+        pending = folder / PENDING_NAME
         if pending.exists():
             shutil.rmtree(pending)
         names = list(write(pending))
-        write_json(pending / COMPLETE_NAME, {"files": names})
+        write_json(pending / COMPLETE_NAME, {"files": names, "stale": [name for name in owned if name not in names]})
         self._move_into_place(pending)
-        return self.results_folder
+        return folder
 
-    def _move_into_place(self, pending: Path) -> None:
-        names = read_json(pending / COMPLETE_NAME)["files"]
+    @staticmethod
+    def _move_into_place(pending: Path) -> None:
+        marked, folder = read_json(pending / COMPLETE_NAME), pending.parent
+        for name in marked.get("stale", []):
+            (folder / name).unlink(missing_ok=True)
+        names = marked["files"]
         for name in [*names[1:], names[0]]:
             if (pending / name).exists():
-                os.replace(pending / name, self.results_folder / name)
+                os.replace(pending / name, folder / name)
         shutil.rmtree(pending)
 
     # -- models -------------------------------------------------------------------------------
@@ -359,7 +390,7 @@ class RunDir:
         """Write the star's weights, then its metadata JSON (with the weights' checksum; it marks the
         star finished)."""
         path = self.star_path(star_seed, star_set)
-        digest = save_state_dict(path, state_dict, {"role": "star", "seed": str(star_seed)})
+        digest = save_state_dict(path, state_dict, {"role": "star", "seed": str(star_seed), "set": star_set})
         write_json(path.with_suffix(".json"), {**metadata, DIGEST_KEY: digest})
         return path
 
@@ -367,7 +398,9 @@ class RunDir:
                   device: Union[str, torch.device] = "cpu") -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
         """``(state_dict, metadata)`` of a finished star, its checksum verified."""
         metadata = self.read_star_metadata(star_seed, star_set)
-        return _verified_load(self.star_path(star_seed, star_set), metadata, device), metadata
+        path = self.star_path(star_seed, star_set)
+        self._check_identity(path, metadata, {"star_seed": star_seed})
+        return _verified_load(path, metadata, device, {"role": "star", "seed": str(star_seed), "set": star_set}), metadata
 
     def read_star_metadata(self, star_seed: int, star_set: str = MAIN_STARS) -> Dict[str, Any]:
         return read_json(self.star_path(star_seed, star_set).with_suffix(".json"))
@@ -384,18 +417,33 @@ class RunDir:
         if not self.is_finished(role, seed):
             raise RunDirError(f"{path} (with its .json) does not exist; train it with python -m starfast.train --stage models")
         metadata = self.read_metadata(role, seed)
-        return _verified_load(path, metadata, device), metadata
+        self._check_identity(path, metadata, {"role": role, "seed": seed})
+        return _verified_load(path, metadata, device, {"role": role, "seed": str(seed)}), metadata
+
+    def _check_identity(self, path: Path, metadata: Mapping[str, Any], place: Mapping[str, Any]) -> None:
+        """Refuse a model whose sidecar says it is another model than its place (``place``: the role
+        and seed its path implies), or was made for another model or dataset than ``config.json``
+        says (a file copied in from elsewhere, or a hand-edited config). Keys a sidecar lacks
+        (written by an older starfast) are not checked."""
+        sidecar = path.with_suffix(".json")
+        for key, value in place.items():
+            if key in metadata and metadata[key] != value:
+                raise RunDirError(f"{sidecar} records {key} {metadata[key]!r} but lies where {key} {value!r} belongs (a "
+                                  "file copied or renamed from elsewhere); put it back, or delete it and its weights")
+        config = self.read_config() or {}
+        for key in ("model", "dataset"):
+            if key in metadata and key in config and _normalised(metadata[key]) != _normalised(config[key]):
+                raise RunDirError(
+                    f"{sidecar} was made for {key} {json.dumps(metadata[key])} but {self.config_path} says "
+                    f"{json.dumps(config[key])}; if config.json was edited, restore it (or use another --run-dir); "
+                    "if the model came from another run, delete it and its .json to train it again"
+                )
 
     def build_model(self, role: str, seed: int, device: Union[str, torch.device] = "cpu") -> nn.Module:
         """The stored model as a module (built from config.json's spec, weights and buffers loaded)."""
         spec = self.model_spec()
-        state_dict, metadata = self.load_model(role, seed, device)
+        state_dict, _ = self.load_model(role, seed, device)
         path = self.model_path(role, seed)
-        if _normalised(metadata.get("model")) != _normalised(spec.to_dict()):
-            raise RunDirError(
-                f"{path.with_suffix('.json')} describes model {metadata.get('model')} but {self.config_path} says "
-                f"{spec.to_dict()}; delete the model's files to train it again"
-            )
         module = spec.build().to(device)
         try:
             module.load_state_dict(state_dict)
@@ -404,11 +452,25 @@ class RunDir:
         return module
 
 
-def _verified_load(path: Path, metadata: Mapping[str, Any], device) -> Dict[str, torch.Tensor]:
+def checked_row(path: Path, state: Mapping[str, torch.Tensor], space: ParamSpace) -> torch.Tensor:
+    """The stored state dict ``state`` (read from ``path``) as a row of ``space``; a file of other
+    shapes or with NaN/infinite weights raises :class:`RunDirError` naming it."""
+    try:
+        row = space.flatten(state)
+    except (ValueError, KeyError) as error:
+        raise RunDirError(f"{path} does not fit this run's architecture ({error}); delete it (and its .json) to train it "
+                          "again") from None
+    if not bool(torch.isfinite(row).all()):
+        raise RunDirError(f"{path} holds NaN or infinite weights; delete it (and its .json) to train it again")
+    return row
+
+
+def _verified_load(path: Path, metadata: Mapping[str, Any], device, header: Mapping[str, str]) -> Dict[str, torch.Tensor]:
     """The weights at ``path``, checked against the checksum in ``metadata`` (files written before
-    checksums were recorded load with a warning)."""
+    checksums were recorded load with a warning) and against ``header``: what the file's own
+    metadata must say (its role and seed)."""
     digest = metadata.get(DIGEST_KEY)
     if digest is None:
         warnings.warn(f"{path.with_suffix('.json')} records no checksum (written by an older starfast): its weights "
                       "cannot be verified", RuntimeWarning, stacklevel=3)
-    return load_state_dict(path, device, digest=digest)
+    return load_state_dict(path, device, digest=digest, expected=header)

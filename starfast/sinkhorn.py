@@ -56,8 +56,8 @@ import torch
 
 from starfast.flat import ParamSpace
 from starfast.lap import linear_assignment
-from starfast.matching import group_cost
-from starfast.ops import permute
+from starfast.matching import check_problem, group_cost
+from starfast.ops import permute, trusted_index_maps
 from starfast.spec import Group, Perm, PermutationSpec
 from starfast.training_common import stream_seed
 
@@ -124,7 +124,8 @@ def sinkhorn_match(
     initial noise of the logits. ``out``: a contiguous ``[N, P]`` tensor (not the sources) that
     becomes the result's ``permuted``, e.g. the previous result's rows (updated in place).
     ``restarts``: draws of the initial noise per source, optimised together; each source keeps
-    the best (see the module docstring)."""
+    the best (see the module docstring). The spec and the bank are checked as weight matching
+    checks them (:func:`~starfast.matching.check_problem`)."""
     check_options(lr, steps, temperature, iterations)
     if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
         raise ValueError(f"sinkhorn_match: restarts must be a positive int (--match-restarts), got {restarts!r}")
@@ -132,11 +133,10 @@ def sinkhorn_match(
         raise ValueError(f"sinkhorn_match: target must be one row [{space.size}], got {tuple(target.shape)}")
     single = sources.dim() == 1
     bank = (sources.unsqueeze(0) if single else sources).detach().to(device=target.device, dtype=target.dtype)
-    if bank.dim() != 2 or bank.shape[1] != space.size:
-        raise ValueError(f"sinkhorn_match: sources must be [N, {space.size}] rows, got {tuple(sources.shape)}")
+    check_problem(spec, space, bank, "sinkhorn_match")
     target = target.detach()
     sources_count, device = bank.shape[0], bank.device
-    groups = [group for group in spec.groups if any(axis.name in space for axis in group.axes)]
+    groups = list(spec.groups)
     start = _start_perms(spec, init.perms if isinstance(init, SinkhornResult) else init, sources_count, device)
     work = _working_rows(out, bank)
     if restarts > 1:  # restart-major rows [R * N, P]: every restart of every source from the same start
@@ -150,7 +150,8 @@ def sinkhorn_match(
 
     def distance_of(perms: Perm) -> torch.Tensor:
         """Fill ``work`` with the sources permuted by ``perms``; ``‖target − work‖²`` per source."""
-        permute(bank, spec.index_map(space, perms, out=index), out=work)
+        with trusted_index_maps():  # index_map validates the perms it is given (check_perm)
+            permute(bank, spec.index_map(space, perms, out=index), out=work)
         return _squared_distance(work, target)
 
     target_views, work_views = space.views(target), space.views(work)

@@ -21,7 +21,7 @@ from starfast.experiments.launch import InProcess, LauncherError, make_executor,
 from starfast.experiments.measure import StoredCurves, perturbed, summarise_pairs
 from starfast.experiments.output import verdict
 from starfast.experiments.plan import Perturbation, StarSet
-from starfast.files import TEMP_SUFFIX
+from starfast.files import TEMP_PREFIX, TEMP_SUFFIX
 from starfast.recipes import Recipe
 from starfast.rundir import LOCK_NAME, RunDir
 from starfast.starlight import StarlightOptions
@@ -216,16 +216,20 @@ def test_names_spell_the_settings_and_defaults_share_the_base_run():
     assert SETTINGS.run(sources=3, heldout=2, recipe={"optimizer": "adam", "lr": 1e-3}).slug(base) == "optimizer=adam_lr=0.001"
 
 
-def test_a_nested_run_directory_keeps_its_temporary_files(tmp_path):
+def test_cleanup_removes_only_starfasts_own_temporary_files_and_not_a_nested_runs(tmp_path):
     base = RunDir(tmp_path)
     variant = base.variant("width=12")
     variant.path.mkdir(parents=True)
     (variant.path / LOCK_NAME).write_text("pid 1\n")
-    ours, theirs = tmp_path / f".a{TEMP_SUFFIX}", variant.path / f".b{TEMP_SUFFIX}"
-    ours.write_text("x"), theirs.write_text("y")
+    ours, theirs = tmp_path / f"{TEMP_PREFIX}a{TEMP_SUFFIX}", variant.path / f"{TEMP_PREFIX}b{TEMP_SUFFIX}"
+    users = [tmp_path / f".notes{TEMP_SUFFIX}", tmp_path / "sources" / f".draft{TEMP_SUFFIX}"]  # not starfast's names
+    for path, text in ((ours, "x"), (theirs, "y"), *((user, "mine") for user in users)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
     with base.locked("test"):
         pass
     assert not ours.exists() and theirs.exists()
+    assert all(user.read_text() == "mine" for user in users), "cleanup removed a user's own .tmp file"
 
 
 def test_every_experiment_builds_its_cells_for_both_presets():
@@ -285,3 +289,99 @@ def test_the_verdict_reads_the_trend_step_by_step():
     assert "at 1 of 1 points" in line and "control none (not the paper's claim): star–held-out 2.00× regular–regular, " \
                                           "star loss 1× the regular models'" in line
     assert line.endswith("the paper's trend holds here")
+
+
+def test_a_rerun_with_a_failed_cell_leaves_the_complete_results_as_they_were(tmp_path, capsys):
+    """A variant directory held by another process makes its cell fail: the rerun exits 1 and
+    writes its partial outputs to NAME/incomplete/, never over the complete ones; a complete rerun
+    then supersedes the incomplete folder."""
+    import fcntl
+
+    argv = ["activation", "--run-dir", str(tmp_path), "--epochs", "1", "--star-epochs", "1", "--arch-kw", "width=8",
+            "--values", "relu,elu", "--sources", "2", "--heldout", "2", "--star-seeds", "1", "--quiet"]
+    assert cli.main(argv) == 0
+    folder = tmp_path / "experiments" / "activation-epochs=1-star_epochs=1"
+    before = {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()}
+    assert set(before) >= {"results.json", "table.md"}
+    variant = RunDir(tmp_path).variant("activation=elu")
+    with open(variant.path / LOCK_NAME, "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another process at work there
+        assert cli.main(argv) == 1
+    error = capsys.readouterr().err
+    assert "is in use by another starfast process" in error and f"partial results are in {folder / 'incomplete'}" in error
+    assert {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()} == before
+    partial = json.loads((folder / "incomplete" / "results.json").read_text())
+    assert [point["label"] for point in partial["points"]] == ["relu"] and list(partial["failed"]) == ["activation=elu"]
+    assert cli.main(argv) == 0
+    assert not (folder / "incomplete").exists()
+    assert len(json.loads((folder / "results.json").read_text())["points"]) == 2
+
+
+def test_an_interrupted_publication_of_an_experiment_is_finished_or_dropped_as_a_unit(tmp_path):
+    """Killed after its mark: the next process moves the new files in and removes the old figure the
+    new run did not draw. Killed before it: the pending files are dropped, the old ones stay."""
+    run, folder = RunDir(tmp_path), tmp_path / "experiments" / "grid"
+    folder.mkdir(parents=True)
+    for name, text in (("results.json", "{}"), ("table.md", "old"), ("figure.png", "old figure")):
+        (folder / name).write_text(text)
+    pending = folder / ".pending"
+    pending.mkdir()
+    (pending / "half.md").write_text("half")
+    with run.locked("test"):
+        pass
+    assert not pending.exists() and (folder / "figure.png").read_text() == "old figure"
+    pending.mkdir()
+    (pending / "results.json").write_text('{"new": 1}')
+    (pending / "table.md").write_text("new")
+    (pending / "complete.json").write_text('{"files": ["results.json", "table.md"], "stale": ["figure.png"]}')
+    with run.locked("test"):
+        pass
+    assert sorted(path.name for path in folder.iterdir()) == ["results.json", "table.md"]
+    assert (folder / "table.md").read_text() == "new"
+
+
+@pytest.mark.slow
+def test_workers_end_with_a_launcher_killed_by_sigterm(tmp_path):
+    """SIGTERM to ``--workers 2`` used to leave both workers and the resource tracker running."""
+    import os
+    import signal
+    import subprocess
+    import time
+    from pathlib import Path
+
+    def children(pid):
+        found = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(stat.parent.name))
+        return found
+
+    def alive(pid):
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # zombies have ended
+        except OSError:
+            return False
+
+    launcher = subprocess.Popen([sys.executable, "-m", "starfast.experiments", "activation", "--run-dir", str(tmp_path),
+                                 "--workers", "2", "--epochs", "400", "--arch-kw", "width=8", "--sources", "2",
+                                 "--heldout", "2", "--star-seeds", "1", "--quiet"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while len(children(launcher.pid)) < 3:  # two workers and the resource tracker
+            assert time.monotonic() < deadline and launcher.poll() is None, "the workers never started"
+            time.sleep(0.2)
+        spawned = children(launcher.pid)
+        launcher.send_signal(signal.SIGTERM)
+        launcher.wait(timeout=60)
+    finally:
+        launcher.kill()
+    # A worker still importing torch on a busy machine notices only once its initializer runs.
+    deadline = time.monotonic() + 120
+    while [pid for pid in spawned if alive(pid)]:
+        assert time.monotonic() < deadline, f"still running 120 s after the launcher ended: {[pid for pid in spawned if alive(pid)]}"
+        time.sleep(0.2)

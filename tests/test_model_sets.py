@@ -161,7 +161,7 @@ def test_a_flipped_byte_in_an_extra_model_is_an_error_naming_the_file(adam_run, 
 
 def test_an_evaluation_missing_an_extra_model_stops_and_leftovers_are_removed(adam_run, tmp_path, capsys):
     run_dir = copy_of(adam_run, tmp_path)
-    leftover = run_dir / "extra" / "adam" / ".seed-3000.json.12345.tmp"
+    leftover = run_dir / "extra" / "adam" / ".starfast-seed-3000.json.12345.tmp"
     leftover.write_text("{")
     (run_dir / "extra" / "adam" / "seed-3001.json").unlink()
     assert evaluate_main([str(run_dir), "--quiet", "--ts", "3"]) == 1

@@ -121,7 +121,7 @@ def test_a_killed_evaluation_resumes_and_leaves_no_mixed_results(finished_run, t
         time.sleep(0.05)
     evaluation.send_signal(signal.SIGKILL)
     evaluation.wait()
-    (run_dir / "star" / ".star-0000.json.12345.tmp").write_text("{")  # what a write killed mid-way leaves
+    (run_dir / "star" / ".starfast-star-0000.json.12345.tmp").write_text("{")  # what a write killed mid-way leaves
     # the old results stand untouched and whole
     assert {name: (results / name).read_bytes() for name in before} == before
     done = cli("starfast.evaluate", str(run_dir), "--ts", "401", "--quiet")
@@ -227,3 +227,133 @@ def test_a_run_directory_that_cannot_be_created_is_one_clear_error(tmp_path, cap
     assert main(["--run-dir", str(blocker / "run"), *SMALL]) == 1
     error = capsys.readouterr().err
     assert error.startswith(f"error: cannot write to the run directory {blocker / 'run'}") and "Traceback" not in error
+
+
+def copy_model(run_dir: Path, source: str, target: str, *, sidecar: bool = True) -> None:
+    """Copy ``source`` (e.g. ``sources/seed-0001``) over ``target``: the weights, and the sidecar too."""
+    import shutil
+
+    for suffix in (".safetensors", ".json") if sidecar else (".safetensors",):
+        shutil.copyfile(run_dir / f"{source}{suffix}", run_dir / f"{target}{suffix}")
+
+
+def test_a_model_under_another_models_name_is_refused(finished_run, tmp_path, capsys):
+    """A source copied (with its sidecar) over a held-out model would be measured as a held-out model
+    at barrier 0; its sidecar's role and seed differ from its place."""
+    run_dir = copy_of(finished_run, tmp_path)
+    copy_model(run_dir, "sources/seed-0001", "heldout/seed-1001")
+    assert evaluate_main([str(run_dir), "--quiet", "--ts", "3"]) == 1
+    error = capsys.readouterr().err
+    assert "heldout/seed-1001.json records role 'sources' but lies where role 'heldout' belongs" in error, error
+
+
+def test_a_renamed_model_with_a_forged_sidecar_is_refused_by_its_own_header(finished_run, tmp_path, capsys):
+    """The sidecar edited to match the place (and to record the copied file's checksum): the
+    weights file's own header still names the model it is."""
+    run_dir = copy_of(finished_run, tmp_path)
+    copy_model(run_dir, "sources/seed-0001", "heldout/seed-1001")
+    sidecar = run_dir / "heldout" / "seed-1001.json"
+    sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "role": "heldout", "seed": 1001}))
+    assert evaluate_main([str(run_dir), "--quiet", "--ts", "3"]) == 1
+    error = capsys.readouterr().err
+    assert "heldout/seed-1001.safetensors holds the model of role 'sources', not 'heldout'" in error, error
+
+
+def test_weights_copied_without_their_sidecar_fail_the_checksum_and_say_so(finished_run, tmp_path, capsys):
+    run_dir = copy_of(finished_run, tmp_path)
+    copy_model(run_dir, "sources/seed-0000", "sources/seed-0001", sidecar=False)
+    assert evaluate_main([str(run_dir), "--quiet", "--ts", "3"]) == 1
+    error = capsys.readouterr().err
+    assert "sources/seed-0001.safetensors does not match the checksum that its .json sidecar records" in error, error
+
+
+def test_a_sidecar_of_another_width_than_the_config_is_refused(finished_run, tmp_path, capsys):
+    run_dir = copy_of(finished_run, tmp_path)
+    config = json.loads((run_dir / "config.json").read_text())
+    config["model"]["kwargs"]["width"] = 16  # a hand-edited config: every model now disagrees with it
+    (run_dir / "config.json").write_text(json.dumps(config))
+    assert evaluate_main([str(run_dir), "--quiet", "--ts", "3"]) == 1
+    error = capsys.readouterr().err
+    assert "was made for model" in error and "if config.json was edited, restore it" in error, error
+
+
+@pytest.mark.parametrize("flag, value, counted, note", [
+    ("--heldout", "1", {"heldout": 1, "stars": 1}, "measuring 1 of the 2 heldout models stored"),
+    ("--star-seeds", "0", {"heldout": 2, "stars": 0}, "measuring 0 of the 1 stars stored"),
+])
+def test_a_smaller_count_is_what_is_measured_and_is_said(finished_run, tmp_path, capsys, flag, value, counted, note):
+    run_dir = copy_of(finished_run, tmp_path)
+    flags = [*SMALL]
+    flags[flags.index(flag) + 1] = value
+    assert main(["--run-dir", str(run_dir), *flags]) == 0
+    assert note in capsys.readouterr().out
+    results = json.loads((run_dir / "results" / "results.json").read_text())
+    assert {key: results["counts"][key] for key in counted} == counted
+    assert RunDir(run_dir).finished_seeds("heldout") == [1000, 1001] and RunDir(run_dir).finished_stars() == [0]  # kept
+
+
+def test_a_source_of_other_shapes_is_one_error_naming_it_at_the_star_stage(finished_run, tmp_path, capsys):
+    """Weights of a wider network saved in a source's place with a consistent sidecar (checksum,
+    role, seed, model): the star stage names the file instead of raising from deep in the code."""
+    import shutil
+
+    from starfast.models import ModelSpec
+    from starfast.training import init_model
+
+    run_dir = copy_of(finished_run, tmp_path)
+    run = RunDir(run_dir)
+    _, metadata = run.load_model("sources", 1)
+    wider = ModelSpec.from_dict({**metadata["model"], "kwargs": {**metadata["model"]["kwargs"], "width": 16}})
+    run.save_model("sources", 1, init_model(wider, 1).state_dict(), metadata)
+    shutil.rmtree(run_dir / "star")
+    assert main(["--run-dir", str(run_dir), "--stage", "star", *SMALL]) == 1
+    assert f"{run.model_path('sources', 1)} does not fit this run's architecture" in capsys.readouterr().err
+
+
+def test_a_run_directory_that_is_a_dangling_link_or_has_a_folder_for_a_lock_says_so(tmp_path, capsys):
+    link = tmp_path / "run"
+    link.symlink_to(tmp_path / "gone")
+    assert main(["--run-dir", str(link), *SMALL]) == 1
+    assert f"is a symbolic link to {tmp_path / 'gone'}, which does not exist" in capsys.readouterr().err
+    (tmp_path / "other" / ".lock").mkdir(parents=True)
+    assert main(["--run-dir", str(tmp_path / "other"), *SMALL]) == 1
+    assert ".lock is a folder, not starfast's lock file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("edit, message", [({"model": {"arch": "nosuch"}}, "has no valid 'model' entry"),
+                                           ({"dataset": "nosuch"}, "has no valid 'dataset' entry")])
+def test_an_unknown_architecture_or_dataset_in_the_config_is_one_line(finished_run, tmp_path, capsys, edit, message):
+    run_dir = copy_of(finished_run, tmp_path)
+    config = json.loads((run_dir / "config.json").read_text())
+    for key, value in edit.items():
+        config[key] = {**config[key], **value} if isinstance(value, dict) else value
+    (run_dir / "config.json").write_text(json.dumps(config))
+    assert evaluate_main([str(run_dir), "--quiet", "--ts", "3"]) == 1
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device, message", [("foo", "is not a device"), ("meta", "starfast runs on cpu or cuda")])
+def test_evaluate_checks_its_device_flag_like_train(finished_run, capsys, device, message):
+    with pytest.raises(SystemExit) as exit_:
+        evaluate_main([str(finished_run), "--device", device])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_ctrl_c_is_one_line_that_says_the_run_resumes(tmp_path):
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-m", "starfast.train", "--run-dir", str(run_dir), "--arch-kw", "width=8",
+                                "--sources", "2", "--heldout", "2", "--epochs", "400", "--stage", "models", "--quiet"],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300  # a loaded machine takes long to import torch
+        while not list(run_dir.glob("checkpoints/*/*.pt")):  # well inside training
+            assert time.monotonic() < deadline and process.poll() is None, process.communicate()
+            time.sleep(0.1)
+        process.send_signal(signal.SIGINT)
+        _, error = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130, error
+    assert "Traceback" not in error and error.strip().splitlines() == [
+        f"interrupted: python -m starfast.train --run-dir {run_dir} --arch-kw width=8 --sources 2 --heldout 2 --epochs 400 "
+        "--stage models --quiet; run the same command again to resume (finished work and checkpoints are kept)"], error

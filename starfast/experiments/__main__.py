@@ -3,13 +3,15 @@
 Builds the experiment's cells from its description (:mod:`starfast.experiments.catalog`) and the
 preset (``--preset quick``: bundled digits on a CPU; ``paper``: CIFAR-10 at the paper's settings)
 with the flags' overrides, runs them through a launcher (``--launcher local`` or ``submitit``),
-and writes ``RUN/experiments/NAME/{results.json, table.md, figure.png}``, printing the table and a
-one-line verdict. Everything already in the run directories (models, stars, measured curves) is
+and publishes ``RUN/experiments/NAME/{results.json, table.md, figure.png}`` as a unit, printing the
+table and a one-line verdict; a run in which a cell failed writes to ``NAME/incomplete/`` instead,
+leaving earlier complete results as they were. Everything already in the run directories (models, stars, measured curves) is
 reused, so a second invocation trains and measures nothing. ``--list`` shows the experiments.
 """
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -18,17 +20,19 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from starfast import data, models
-from starfast.arguments import DATA_ERRORS, check_data_dir, name_parser, parse_arch_kw, parse_arguments
+from starfast.arguments import DATA_ERRORS, check_data_dir, name_parser, parse_arch_kw, parse_arguments, parse_device, run_command
 from starfast.environment import environment
 from starfast.experiments.catalog import EXPERIMENTS, PRESETS, Experiment
 from starfast.experiments.cells import cell_tasks
 from starfast.experiments.launch import LAUNCHERS, LauncherError, make_executor, run_cells
-from starfast.experiments.output import format_table, verdict, write_outputs
+from starfast.experiments.output import OUTPUT_NAMES, format_table, verdict, write_outputs
 from starfast.experiments.plan import spelled
 from starfast.files import StoredFileError
 from starfast.names import resolve_name
 from starfast.progress import progress_bar
 from starfast.rundir import RunDir
+
+INCOMPLETE_NAME = "incomplete"  # RUN/experiments/NAME/incomplete: the outputs of a run in which a cell failed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,6 +106,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         values = _values(experiment, args.values, args.preset)
         cells = experiment.cells(settings, values, sizes)
         check_data_dir(args.data_dir)
+        parse_device(args.device)
         base = RunDir(args.run_dir or Path("runs") / f"experiments-{args.preset}")
         # Stars with the cross-entropy term (Table 11) or other epochs are written beside the preset's, not over them.
         output_name = "-".join([experiment.name, *(f"{flag}={spelled(getattr(args, flag))}"
@@ -138,17 +143,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "environment": environment(torch.device(args.device)),
         "seconds": time.perf_counter() - started,
     }
+    # A run with a failed cell never replaces complete results: its outputs go to NAME/incomplete/.
+    complete = base.experiment_folder(output_name)
+    folder = complete / INCOMPLETE_NAME if errors else complete
     try:
         with base.locked(f"python -m starfast.experiments {experiment.name} (writing results)"):
-            folder = base.experiment_folder(output_name)
-            names = write_outputs(folder, experiment, results)
+            base.publish(folder, lambda pending: write_outputs(pending, experiment, results), owned=OUTPUT_NAMES)
+            if not errors and (complete / INCOMPLETE_NAME).is_dir():
+                shutil.rmtree(complete / INCOMPLETE_NAME)  # superseded by these complete results
     except (StoredFileError, OSError, *DATA_ERRORS) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(format_table(experiment, points))
     print(results["verdict"])
+    names = [name for name in OUTPUT_NAMES if (folder / name).exists()]
     print(f"({results['seconds']:.1f} s; written to {folder}/{', '.join(names)})")
-    return 1 if errors else 0
+    if errors:
+        kept = " (the complete results of an earlier run there are kept)" if (complete / "results.json").exists() else ""
+        print(f"error: {len(errors)} of {len(cells)} cells failed; these partial results are in {folder}, not in "
+              f"{complete}{kept}; fix the errors above and run again: finished work is reused", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _as_value(value: Any) -> Any:
@@ -157,4 +172,4 @@ def _as_value(value: Any) -> Any:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main, "python -m starfast.experiments " + " ".join(sys.argv[1:]))

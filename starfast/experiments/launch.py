@@ -6,7 +6,8 @@ object whose ``result()`` waits for the call's value (or raises its error). Thre
 
 - ``local`` (the default): :class:`InProcess`, the cells one after another in this process, each
   run when its result is asked for (so a progress bar can tick per point); with ``workers`` > 1 a
-  :class:`concurrent.futures.ProcessPoolExecutor` (spawned processes) runs that many cells at once;
+  :class:`concurrent.futures.ProcessPoolExecutor` (spawned processes) runs that many cells at once
+  (each worker exits when the launcher's process is gone, however it ended);
 - ``submitit``: a ``submitit.AutoExecutor`` (Slurm where it is found, else local processes), whose
   parameters (``slurm_partition``, ``timeout_min``, ``gpus_per_node``...) come from
   ``--launcher-kw``; submitit is imported only when this launcher is chosen. A pre-empted or
@@ -19,6 +20,9 @@ once.
 from __future__ import annotations
 
 import multiprocessing
+import os
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -62,6 +66,18 @@ class InProcess:
         return _Deferred(call)
 
 
+def _exit_with_parent(parent: int) -> None:
+    """In each worker of ``--workers``: end the process once ``parent`` is gone. A pool's workers
+    otherwise outlive a launcher killed by SIGTERM or SIGKILL (and keep multiprocessing's resource
+    tracker alive); their cells resume from their run directories on the next invocation."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def make_executor(launcher: str, *, workers: int = 1, folder: Union[str, Path] = ".", options: Mapping[str, Any] = ()) -> Any:
     """The executor of ``--launcher`` (see the module docstring); ``folder`` holds submitit's logs."""
     if launcher == "local":
@@ -69,7 +85,10 @@ def make_executor(launcher: str, *, workers: int = 1, folder: Union[str, Path] =
             raise LauncherError(f"--launcher-kw {', '.join(dict(options))} applies to --launcher submitit only")
         if workers < 1:
             raise LauncherError(f"--workers must be >= 1, got {workers}")
-        return InProcess() if workers == 1 else ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        if workers == 1:
+            return InProcess()
+        return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_exit_with_parent,
+                                   initargs=(os.getpid(),))
     if launcher == "submitit":
         try:
             import submitit

@@ -232,9 +232,12 @@ def _draw_curves(axis, points: Sequence[Mapping[str, Any]]) -> None:
     axis.legend(title="mean ± std over pairs", title_fontsize="small", fontsize="small")
 
 
+OUTPUT_NAMES = ("results.json", "table.md", "figure.png")  # an experiment's outputs, published as a unit
+
+
 def write_outputs(folder: Path, experiment: Experiment, results: Mapping[str, Any]) -> List[str]:
-    """``results.json``, ``table.md`` (notes with the environment, table, verdict) and ``figure.png`` into ``folder``;
-    returns the names written."""
+    """``results.json``, ``table.md`` (notes with the environment, table, verdict) and ``figure.png``
+    into ``folder``; returns the names written (of :data:`OUTPUT_NAMES`)."""
     points = results["points"]
     write_json(folder / "results.json", dict(results))
     notes = [f"{experiment.name}: {experiment.paper}; {results['note']}"] + ([results["analogue"]] if results["analogue"] else [])

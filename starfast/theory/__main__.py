@@ -1,4 +1,7 @@
 """Entry point of ``python -m starfast.theory`` (the command line lives in :mod:`starfast.theory.cli`)."""
+import sys
+
+from starfast.arguments import run_command
 from starfast.theory.cli import main
 
-raise SystemExit(main())
+run_command(main, "python -m starfast.theory " + " ".join(sys.argv[1:]))
