@@ -11,7 +11,7 @@ LAYERS = [
               "starfast.spec", "starfast.ops", "starfast.lap", "starfast.models", "starfast.data", "starfast.recipes",
               "starfast.testing"]),
     ("algorithm support", ["starfast.training_common", "starfast.bank", "starfast.bn", "starfast.warm_start",
-                           "starfast.calibration", "starfast.uncertainty"]),
+                           "starfast.calibration", "starfast.uncertainty", "starfast.workload"]),
     ("algorithms", ["starfast.matching", "starfast.sinkhorn", "starfast.matchers", "starfast.barrier", "starfast.training", "starfast.starlight", "starfast.theory"]),
     ("run directory", ["starfast.rundir"]),
     ("pipeline", ["starfast.environment", "starfast.pipeline", "starfast.evaluation", "starfast.bma", "starfast.fusion", "starfast.report",
