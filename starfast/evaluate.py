@@ -20,7 +20,7 @@ import torch
 from starfast import bma, data, fusion, report
 from starfast.allocator import keep_freed_memory
 from starfast.arguments import DATA_ERRORS, check_data_dir, parse_arguments, parse_device, run_command
-from starfast.evaluation import EvaluationConfig, evaluate_run, write_results
+from starfast.evaluation import DEFAULT_EVAL_RESTARTS, DEFAULT_MATCHING_OPTIMA, EvaluationConfig, evaluate_run, write_results
 from starfast.activation_matching import DEFAULT_MATCH_EXAMPLES
 from starfast.matchers import DATA_MATCHERS, MATCHERS, SINKHORN_FIELDS, STE_FIELDS
 from starfast.ste_matching import DEFAULT_LR as STE_LR, DEFAULT_STEPS as STE_STEPS
@@ -41,6 +41,13 @@ def add_evaluation_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--eval-batch-size", type=int, default=500, help="evaluation batch size (default: 500)")
     group.add_argument("--match-init", choices=["identity", "sorted"], default="identity",
                        help="weight-matching start: identity (Git Re-Basin) or sorted (default: identity)")
+    group.add_argument("--match-restarts", type=int, metavar="R",
+                       help="restarts of the matcher per pair, batched, the best kept: weight matching's starts and "
+                            "group orders, Sinkhorn's noise draws (default: "
+                            f"{', '.join(f'{count} for {name}' for name, count in DEFAULT_EVAL_RESTARTS.items() if name != 'none')})")
+    group.add_argument("--matching-optima", type=int, default=DEFAULT_MATCHING_OPTIMA, metavar="K",
+                       help="per pair, also measure the barrier at the next best distinct optima the restarts reached, "
+                            f"K in all, for the spread due to the matching (1: only the best; default: {DEFAULT_MATCHING_OPTIMA})")
     group.add_argument("--eval-matcher", choices=MATCHERS, default="wm",
                        help="permutation finder aligning each measured pair: wm = weight matching, sinkhorn = Sinkhorn "
                             "re-basin, am = activation matching, ste = straight-through matching, none = no permutation "
@@ -96,6 +103,7 @@ def evaluation_config(args: argparse.Namespace) -> EvaluationConfig:
         heldout_pairs=args.heldout_pairs, heldout_source_pairs=args.heldout_source_pairs, star_sources=args.star_sources,
         ts=args.ts, bn_batches=args.bn_batches, batch_size=args.eval_batch_size,
         match_init=None if args.match_init == "identity" else args.match_init, repair=args.repair,
+        match_restarts=args.match_restarts, matching_optima=args.matching_optima,
         matcher=args.eval_matcher, **matcher_fields(args, args.eval_matcher),
     )
 

@@ -144,8 +144,8 @@ def barrier(
     for model in (anchor, partner):
         if not bool(torch.isfinite(model.row).all()):
             raise ValueError(f"{model.label} holds NaN or infinite weights")
-    [(buffers_b, row_b)] = align(anchor, [partner], spec, space, config)
+    [[aligned, *_]] = align(anchor, [partner], spec, space, config)
     train = lambda: dataset.eval_batches("train", config.batch_size)  # noqa: E731
     test = lambda: dataset.eval_batches("test", config.batch_size)  # noqa: E731
     has_test = isinstance(data, Dataset) or test_data is not None  # tensors without a test split: no test curve
-    return pair_curve(skeleton, space, anchor, row_b, buffers_b, train, test if has_test else None, config, spec)
+    return pair_curve(skeleton, space, anchor, aligned.row, aligned.buffers, train, test if has_test else None, config, spec)

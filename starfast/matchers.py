@@ -40,6 +40,7 @@ from starfast.ste_matching import DEFAULT_LR as STE_LR, DEFAULT_STEPS as STE_STE
 MATCHERS = ("wm", "none", "sinkhorn", "am", "ste")
 # The finders that observe the models on data (they need a probe).
 DATA_MATCHERS = ("am", "ste")
+RESTARTING_MATCHERS = ("wm", "sinkhorn")  # the finders that take ``restarts``
 # The fields of MatcherChoice that only the sinkhorn matcher reads.
 SINKHORN_FIELDS = ("sinkhorn_lr", "sinkhorn_steps", "sinkhorn_temperature", "sinkhorn_iterations")
 # The fields of MatcherChoice that only the ste matcher reads.
@@ -76,8 +77,8 @@ def find_permutations(
     ``out``: where the permuted rows go (see the finders); ``probe``: the data of a data-based finder
     (``am``, ``ste``; ignored by the others); ``options``: the finder's own keywords (``max_iter`` for ``wm``;
     ``lr``, ``steps``, ``temperature``, ``iterations`` for ``sinkhorn``; ``models_per_call`` for ``am``;
-    ``lr``, ``steps``, ``max_iter`` for ``ste``).
-    ``am`` is one-shot: it ignores ``init`` and ``seed``."""
+    ``lr``, ``steps``, ``max_iter`` for ``ste``; ``restarts`` for ``wm`` and ``sinkhorn``: starts batched
+    per source, the best kept). ``am`` is one-shot: it ignores ``init`` and ``seed``."""
     if name == "wm":
         return match_weights(target, bank, spec, space=space, init=init, seed=seed, out=out, **options)
     if name == "sinkhorn":
@@ -107,9 +108,13 @@ class MatcherChoice:
     docstring). ``MATCHER_FLAG`` is the command-line flag that sets ``matcher`` (a subclass names
     its own); the Sinkhorn options (``--sinkhorn-*``) only apply to ``sinkhorn``, ``match_examples``
     (``--match-examples``: training examples a data-based finder observes) only to ``am`` and
-    ``ste``, the straight-through options (``--ste-*``) only to ``ste``."""
+    ``ste``, the straight-through options (``--ste-*``) only to ``ste``. ``match_restarts``: the
+    finder's restarts per source (weight matching's starts and group orders, Sinkhorn's noise
+    draws), batched, the best kept (``wm`` and ``sinkhorn``; the data-based finders start from one
+    answer); ``RESTARTS_FLAG`` names its flag."""
 
     MATCHER_FLAG: ClassVar[str] = "--matcher"
+    RESTARTS_FLAG: ClassVar[str] = "match_restarts"
 
     matcher: str = "wm"
     sinkhorn_lr: float = DEFAULT_LR
@@ -119,10 +124,14 @@ class MatcherChoice:
     match_examples: int = DEFAULT_MATCH_EXAMPLES
     ste_lr: float = STE_LR
     ste_steps: int = STE_STEPS
+    match_restarts: int = 1
 
     def __post_init__(self) -> None:
         if self.matcher not in MATCHERS:
             raise ValueError(f"{self.MATCHER_FLAG} must be one of {', '.join(MATCHERS)}, got {self.matcher!r}")
+        restarts = self.match_restarts
+        if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
+            raise ValueError(f"{self.RESTARTS_FLAG} must be a positive int, got {restarts!r}")
         check_options(self.sinkhorn_lr, self.sinkhorn_steps, self.sinkhorn_temperature, self.sinkhorn_iterations)
         check_match_examples(self.match_examples)
         check_ste_options(self.ste_lr, self.ste_steps)
@@ -145,10 +154,14 @@ class MatcherChoice:
         return ActivationProbe.from_dataset(skeleton, dataset, self.match_examples) if self.needs_data else None
 
     def matcher_options(self) -> Dict[str, Any]:
-        """The chosen finder's keywords for :func:`find_permutations`."""
+        """The chosen finder's keywords for :func:`find_permutations` (``restarts`` only when not 1,
+        for the finders that restart)."""
+        options: Dict[str, Any] = {}
         if self.matcher == "ste":
-            return {"lr": self.ste_lr, "steps": self.ste_steps}
-        if self.matcher != "sinkhorn":
-            return {}
-        return {"lr": self.sinkhorn_lr, "steps": self.sinkhorn_steps, "temperature": self.sinkhorn_temperature,
-                "iterations": self.sinkhorn_iterations}
+            options = {"lr": self.ste_lr, "steps": self.ste_steps}
+        if self.matcher == "sinkhorn":
+            options = {"lr": self.sinkhorn_lr, "steps": self.sinkhorn_steps, "temperature": self.sinkhorn_temperature,
+                       "iterations": self.sinkhorn_iterations}
+        if self.matcher in RESTARTING_MATCHERS and self.match_restarts != 1:
+            options["restarts"] = self.match_restarts
+        return options

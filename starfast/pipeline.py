@@ -19,7 +19,6 @@ tensors, datasets and checkpoint paths, and the run directory's layout stays :cl
 from __future__ import annotations
 
 import math
-import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +26,9 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-import starfast
 from starfast import models
 from starfast.checkpoint_import import fit_state_dict, read_checkpoint, weights_file
+from starfast.environment import versions
 from starfast.files import file_digest, load_checkpoint
 from starfast.flat import ParamSpace
 from starfast.models import ModelSpec
@@ -51,6 +50,7 @@ STAR_FLAGS = {
     "samples_per_step": "--samples-per-step",
     "rematch_async": "--rematch-async",
     "matcher": "--matcher",
+    "match_restarts": "--star-match-restarts",
     "sinkhorn_lr": "--sinkhorn-lr",
     "sinkhorn_steps": "--sinkhorn-steps",
     "sinkhorn_temperature": "--sinkhorn-temperature",
@@ -116,12 +116,8 @@ def model_metadata(spec: ModelSpec, dataset, recipe: Recipe, job: ModelJob, metr
         "device": str(dataset.device),
         "precision": "bf16" if speed.autocast_dtype(torch.device(dataset.device)) else "fp32",
         "rank": rank,
-        "versions": _versions(),
+        "versions": versions(),
     }
-
-
-def _versions() -> Dict[str, str]:
-    return {"torch": torch.__version__, "starfast": starfast.__version__, "python": platform.python_version()}
 
 
 def _checkpoint_epoch(path: Path) -> int:
@@ -269,7 +265,7 @@ def import_missing_models(
         run.save_model(job.role, job.seed, state, {
             "model": spec.to_dict(), "dataset": dataset.name, "role": job.role, "seed": job.seed, "metrics": metrics,
             IMPORT_KEY: {"path": str(checkpoint.path.resolve()), "sha256": checkpoint.sha256},
-            "versions": _versions(),
+            "versions": versions(),
         })
         imported.append(job)
         report(f"imported {job.role}/seed-{job.seed:04d} from {checkpoint.path}: test accuracy {test_accuracy:.4f}, "

@@ -99,9 +99,10 @@ class StarlightOptions(MatcherChoice):
     """How Starlight trains a star beyond its recipe; validated on construction (errors name the
     CLI flag), JSON-ready with :meth:`to_dict` (what a star's metadata records).
 
-    ``matcher`` and the ``sinkhorn_*`` options (:class:`~starfast.matchers.MatcherChoice`): the
-    permutation finder of the re-matches (``wm``, ``sinkhorn``, or ``none``: no permutation, no
-    index maps, ``lerp_gather`` without an index);
+    ``matcher``, ``match_restarts`` and the ``sinkhorn_*`` options
+    (:class:`~starfast.matchers.MatcherChoice`): the permutation finder of the re-matches (``wm``,
+    ``sinkhorn``, or ``none``: no permutation, no index maps, ``lerp_gather`` without an index) and
+    its restarts per source (restart 0 warm-starts from the previous match, the others start cold);
     ``t_sampling``: ``uniform``, ``beta`` or ``constant`` (see :func:`sample_t`); ``rematch_every``:
     re-match all sources every this many steps (``None``: at every epoch start); ``ce_weight``: λ of
     the added loss λ·L(θ) on the same batch (Section 4.2; 0 is the paper's Starlight);
@@ -109,6 +110,8 @@ class StarlightOptions(MatcherChoice):
     ``rematch_async``: re-match in a background thread (see :class:`SourceMatcher`; not
     bit-reproducible, not available under ``torch.distributed``).
     """
+
+    RESTARTS_FLAG = "--star-match-restarts"
 
     t_sampling: str = "uniform"
     rematch_every: Optional[int] = None

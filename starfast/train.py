@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="permutation finder of Starlight's re-matching: wm = weight matching, sinkhorn = Sinkhorn "
                            "re-basin (options --sinkhorn-*), am = activation matching (--match-examples), ste = "
                            "straight-through matching (--ste-*, --match-examples), none = no permutation (default: wm)")
+    star.add_argument("--star-match-restarts", type=int, default=1, metavar="R",
+                      help="restarts of every re-match per source, batched, the best kept (restart 0 warm-starts from "
+                           "the previous match; default: 1)")
     add_evaluation_flags(parser)
 
     speed = parser.add_argument_group("speed")
@@ -362,7 +365,7 @@ def build_context(args: argparse.Namespace, parser: argparse.ArgumentParser, dis
         star_options = StarlightOptions(
             t_sampling=args.t_sampling, rematch_every=args.rematch_every, ce_weight=args.ce_weight,
             samples_per_step=args.samples_per_step, rematch_async=args.rematch_async, matcher=args.matcher,
-            **matcher_fields(args, args.matcher),
+            match_restarts=args.star_match_restarts, **matcher_fields(args, args.matcher),
         )
         speed = SpeedOptions(precision=args.precision)
         imports = checkpoints_to_import(args)
