@@ -42,8 +42,8 @@ from starfast.starlight import (
 CLASSES = 4
 
 
-def toy_dataset(generator, train=48, test=16, shape=(3, 8, 8), nan=False):
-    inputs = torch.randn(train + test, *shape, generator=generator)
+def toy_dataset(generator, train=48, test=16, shape=(3, 8, 8), nan=False, dtype=torch.float32):
+    inputs = torch.randn(train + test, *shape, generator=generator, dtype=dtype)
     labels = inputs.flatten(1)[:, :CLASSES].argmax(1)  # learnable: the largest of the first pixels
     if nan:
         inputs[:, 0] = float("nan")
@@ -78,11 +78,13 @@ def reference_row(theta, bank, index_maps, n, t):
 
 
 def test_one_starlight_step_equals_a_plain_sgd_step(rng):
-    skeleton = conv_net()
+    """In float64: in float32, BatchNorm over 48 tiny images amplified rounding to 8.7e-5 on some
+    draws (the fused step and the reference sum in different orders); in float64 they agree to ~1e-16."""
+    skeleton = conv_net().double()
     space, spec = ParamSpace(skeleton), models.permutation_spec(skeleton)
-    data = toy_dataset(rng)
-    bank = random_bank(space, 1, rng)  # N = 1 and constant t: the step's draw is (0, 0.5)
-    theta0 = space.flatten(conv_net()) + 0.01 * torch.randn(space.size, generator=rng)
+    data = toy_dataset(rng, dtype=torch.float64)
+    bank = random_bank(space, 1, rng).double()  # N = 1 and constant t: the step's draw is (0, 0.5)
+    theta0 = space.flatten(conv_net().double()) + 0.01 * torch.randn(space.size, generator=rng, dtype=torch.float64)
     recipe = Recipe(lr=0.05, momentum=0.9, weight_decay=5e-4, epochs=1, batch_size=data.num_train)
     buffers_before = {name: buffer.clone() for name, buffer in skeleton.named_buffers()}
 
@@ -95,8 +97,9 @@ def test_one_starlight_step_equals_a_plain_sgd_step(rng):
     loss = reference_loss(skeleton, space, reference_row(theta, bank, index_maps, 0, 0.5), inputs, labels)
     (gradient,) = torch.autograd.grad(loss, theta)
     expected = theta0 - recipe.lr * (gradient + recipe.weight_decay * theta0)  # momentum buffer = first d_p
-    torch.testing.assert_close(result.theta, expected, rtol=0, atol=1e-6)
-    assert result.metrics["history"][0]["interpolated_loss"] == pytest.approx(loss.item(), rel=1e-5)
+    mismatch = (result.theta - expected).abs().max().item()
+    assert mismatch < 1e-12, f"one Starlight step differs from plain SGD by {mismatch:.3g}"
+    assert result.metrics["history"][0]["interpolated_loss"] == pytest.approx(loss.item(), rel=1e-6)  # recorded in float32
     for name, buffer in skeleton.named_buffers():  # nothing wrote interpolated statistics anywhere
         assert torch.equal(buffer, buffers_before[name]), name
 
