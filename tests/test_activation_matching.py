@@ -10,7 +10,7 @@ from scipy.optimize import linear_sum_assignment
 
 from starfast import models
 from starfast.activation_matching import ActivationProbe, activation_match
-from starfast.evaluation import EvaluationConfig, LoadedModel, _match
+from starfast.evaluation import EvaluationConfig, LoadedModel, align
 from starfast.flat import ParamSpace
 from starfast.matchers import MatcherChoice, find_permutations
 from starfast.ops import permute
@@ -156,9 +156,9 @@ def test_the_evaluation_and_starlight_match_with_am(rng):
     loaded = [LoadedModel("a", base, {}, "")] + [
         LoadedModel(f"p{k}", permute(base, spec.index_map(space, plant)), {}, "") for k, plant in enumerate(plants)]
     config = EvaluationConfig(matcher="am", match_examples=40)
-    matched = _match(loaded[0], loaded[1:], spec, space, config, probe=config.probe(skeleton, dataset))
-    for _, row in matched:
-        assert torch.equal(row, base)
+    matched = align(loaded[0], loaded[1:], spec, space, config, probe=config.probe(skeleton, dataset))
+    for (alignment,) in matched:  # one alignment per partner: am is one-shot, no restarts
+        assert torch.equal(alignment.row, base)
     bank = 0.2 * torch.randn(3, space.size, generator=rng)
     recipe = Recipe(lr=0.05, weight_decay=0.0, epochs=2, batch_size=16)
     result = train_star(skeleton, bank, spec, dataset, recipe, StarlightOptions(matcher="am", match_examples=32), seed=1, quiet=True)

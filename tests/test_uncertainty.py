@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from starfast import data, models
-from starfast.evaluation import EvaluationConfig, LoadedModel, _barrier_table, _match, evaluate_run, write_results
+from starfast.evaluation import EvaluationConfig, LoadedModel, _barrier_table, align, evaluate_run, write_results
 from starfast.experiments.catalog import EXPERIMENTS
 from starfast.experiments.measure import summarise_pairs
 from starfast.experiments.output import verdict as experiment_verdict
@@ -168,7 +168,7 @@ def test_the_evaluation_measures_the_next_best_optima_of_the_restarts(tmp_path, 
     rows = [torch.randn(space.size, generator=rng, dtype=torch.float64) for _ in range(4)]
     loaded = [LoadedModel(f"m{k}", row, {}, str(k)) for k, row in enumerate(rows)]
     config = EvaluationConfig(match_restarts=6, matching_optima=3)
-    aligned = _match(loaded[0], loaded[1:], spec, space, config)
+    aligned = align(loaded[0], loaded[1:], spec, space, config)
     bank = torch.stack(rows[1:])
     runs = [match_weights(rows[0], bank, spec, space=space, init=start, seed=seed)
             for start, seed in restart_plan(spec, None, 6, 0)]
