@@ -6,7 +6,8 @@ starfast builds it from ``--arch examples/digits_net.py:make_net``: ``make_net``
 
 ``permutation_spec`` says which hidden axes may be permuted without changing the function (each
 convolution's channels, with the BatchNorm that follows it, and the hidden units of the
-classifier). starfast checks it against the model's tensors before any work.
+classifier). starfast checks it (``starfast.check_spec``) before any work; without the method it
+would trace one from the graph (``starfast.trace_spec``).
 """
 from torch import nn
 

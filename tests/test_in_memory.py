@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import starfast
 from starfast import data, models, permute_model
+from starfast.evaluation import EvaluationConfig
 from starfast.flat import ParamSpace
 from starfast.matching import match_weights
 from starfast.models import ModelSpec
@@ -89,7 +90,8 @@ def test_barrier_aligns_by_weight_matching_and_carries_batchnorm_statistics(rng,
     spec = models.permutation_spec(net)
     planted = permute_model(net, spec, spec.random(rng))
     space = ParamSpace(net)
-    found = match_weights(space.flatten(net), space.flatten(planted)[None], spec, space=space).perms
+    options = EvaluationConfig().matcher_options()  # the evaluation's weight matching (with its restarts)
+    found = match_weights(space.flatten(net), space.flatten(planted)[None], spec, space=space, **options).perms
     aligned = permute_model(planted, spec, {name: index[0] for name, index in found.items()})
     reference = starfast.barrier(net, aligned, digits, match=False, ts=3)
     assert_same_curves(starfast.barrier(net, planted, digits, ts=3), reference, "the matched path from the aligned one")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from starfast import models, permute_model
+from starfast import Axis, Group, PermutationSpec, models, permute_model
 from starfast.files import StoredFileError
 from starfast.models import ModelSpec
 from starfast.models.factory import (
@@ -117,8 +117,21 @@ def test_the_run_directory_records_the_factory_and_stops_when_it_changes(tmp_pat
         run.build_model("sources", 0)
 
 
-def test_a_model_without_a_spec_is_refused_until_the_tracer_is_merged():
-    # When trace_spec lands, spec_for_user_model traces such a model instead: this test then goes.
+def test_a_model_without_a_spec_gets_a_traced_and_checked_one(rng):
     bare = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10))
-    with pytest.raises(ValueError, match="no permutation spec is known for Sequential"):
-        spec_for_user_model(bare, torch.zeros(2, 1, 8, 8))
+    example = torch.randn(4, 1, 8, 8, generator=rng)
+    spec = spec_for_user_model(bare, example)
+    assert [(group.size, sorted((axis.name, axis.axis) for axis in group.axes)) for group in spec.groups] == [
+        (16, [("1.bias", 0), ("1.weight", 0), ("3.weight", 1)])]
+    permuted = permute_model(bare, spec, spec.random(rng))
+    difference = (bare(example) - permuted(example)).abs().max().item()
+    assert difference < 1e-5, f"the traced spec changes the function by {difference}"
+
+
+def test_a_wrong_carried_spec_is_refused_naming_the_group():
+    class Mislabelled(torch.nn.Sequential):
+        def permutation_spec(self):  # claims the output units of the last layer are permutable
+            return PermutationSpec([Group("logits", 10, (Axis("1.weight", 0), Axis("1.bias", 0)))])
+
+    with pytest.raises(ValueError, match="logits"):
+        spec_for_user_model(Mislabelled(torch.nn.Flatten(), torch.nn.Linear(64, 10)), torch.randn(2, 1, 8, 8))

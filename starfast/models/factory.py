@@ -7,7 +7,8 @@ This module owns
 - :func:`build_user_model`: the factory called with the ``--arch-kw`` values and whichever of
   ``num_classes``, ``in_channels`` and ``input_shape`` its signature names; its module (or file)
   is imported once per content;
-- :func:`spec_for_user_model`: the permutation spec of a model the zoo did not build;
+- :func:`spec_for_user_model`: the permutation spec of a model the zoo did not build (carried,
+  or traced), checked for function preservation;
   :func:`carried_spec`, the spec a model carries itself (a ``permutation_spec()`` method);
   :func:`record_spec` and :func:`recorded_spec`, the spec recorded for a model (by
   :func:`build_user_model`, or by the in-memory API); the recorded and the carried spec are what
@@ -34,6 +35,8 @@ from torch import nn
 from starfast.files import file_digest
 from starfast.models.resnet import resnet_spec
 from starfast.spec import PermutationSpec
+from starfast.spec_check import check_spec
+from starfast.tracing import trace_spec
 
 SHAPE_ARGUMENTS = ("num_classes", "in_channels", "input_shape")
 EXAMPLE_BATCH = 2  # examples in the input a spec is derived (and checked) with
@@ -136,16 +139,15 @@ def example_input(input_shape: Sequence[int]) -> torch.Tensor:
 
 def spec_for_user_model(model: nn.Module, example_input: torch.Tensor) -> PermutationSpec:
     """The permutation spec of ``model``, a network the zoo did not build: the one it carries
-    (:func:`carried_spec`), validated against its tensors.
-
-    ``example_input`` is what derives and checks the spec once the graph tracer is merged: the
-    ``raise`` below becomes ``spec = trace_spec(model, example_input)`` and the line after the
-    validation ``check_spec(model, spec, example_input)``."""
+    (:func:`carried_spec`), else the one traced from its graph on ``example_input``
+    (:func:`starfast.tracing.trace_spec`); either is validated against the model's tensors and
+    checked for function preservation (:func:`starfast.spec_check.check_spec`, a ``ValueError``
+    naming the group when it fails)."""
     spec = carried_spec(model)
     if spec is None:
-        raise ValueError(f"no permutation spec is known for {type(model).__name__} and models cannot be traced yet: give "
-                         "it a permutation_spec() method returning a starfast.PermutationSpec")
+        spec = trace_spec(model, example_input)
     spec.validate(model)
+    check_spec(model, spec, example_input)
     return spec
 
 
