@@ -94,15 +94,16 @@ def torch_compiler() -> str:
     return "unknown"
 
 
-def nvcc_version() -> str:
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        return "no nvcc on PATH"
+def tool_answer(tool: str, *arguments: str) -> str:
+    """The last line ``tool`` prints with ``arguments``, or why there is none."""
+    path = shutil.which(tool)
+    if path is None:
+        return f"no {tool} on PATH"
     try:
-        output = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=30).stdout
+        output = subprocess.run([path, *arguments], capture_output=True, text=True, timeout=30).stdout.strip()
     except (OSError, subprocess.SubprocessError) as error:
-        return f"{nvcc} did not answer ({error})"
-    return f"{nvcc}: {output.strip().splitlines()[-1] if output.strip() else 'no version printed'}"
+        return f"{path} did not answer ({error})"
+    return f"{path}: {output.splitlines()[-1] if output else 'nothing printed'}"
 
 
 def check_versions(rng: torch.Generator) -> Iterator[Line]:
@@ -112,9 +113,10 @@ def check_versions(rng: torch.Generator) -> Iterator[Line]:
     cuda = torch.version.cuda or "none (a CPU-only build of torch)"
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     found = ", ".join(torch.cuda.get_device_name(index) for index in range(count)) or "no CUDA device"
-    yield Line("info", "CUDA", f"torch built for {cuda}; {found}")
+    yield Line("info", "CUDA", f"torch built for {cuda}; {found}; driver: "
+                               f"{tool_answer('nvidia-smi', '--query-gpu=name,driver_version', '--format=csv,noheader')}")
     yield Line("info", "C++ compiler", f"{sysconfig.get_config_var('CXX') or 'unknown'} (what pip uses to build "
-                                       f"starfast unless $CXX says otherwise); nvcc: {nvcc_version()}")
+                                       f"starfast unless $CXX says otherwise); nvcc: {tool_answer('nvcc', '--version')}")
 
 
 def extension_problem() -> str:

@@ -3,11 +3,13 @@ could not check), and a deliberately broken op or solver makes it fail, naming t
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from starfast import check, ops
 
 
+@pytest.mark.slow
 def test_check_passes_here_and_says_what_it_did_not_check():
     done = subprocess.run([sys.executable, "-m", "starfast.check"], capture_output=True, text=True, timeout=600)
     output = done.stdout
