@@ -250,7 +250,7 @@ def section(steps: List[Step], device: torch.device, command: str) -> str:
     lines = [f"\n## GPU benchmark (`make bench-gpu`), {now:%Y-%m-%d %H:%M} UTC", "",
              f"- **Device:** {device_name(device)}; torch {torch.__version__}, starfast {starfast.__version__}, "
              f"Python {platform.python_version()}",
-             f"- **Date:** {now:%Y-%m-%d}", f"- **Command:** `{command}`", "",
+             f"- **Date:** {now:%Y-%m-%d}", f"- **Command:** `{command}` ({sum(step.seconds for step in steps):.0f} s in all)", "",
              "| step | what | result |", "|---|---|---|"]
     for step in steps:
         outcome = f"FAILED: {step.error}" if step.error else f"{step.seconds:.1f} s"
