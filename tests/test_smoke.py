@@ -6,6 +6,7 @@ import json
 import tarfile
 
 import pytest
+import torch
 
 from starfast import data, smoke, train
 from starfast.experiments.__main__ import main as experiments_main
@@ -96,3 +97,15 @@ def test_smoke_needs_a_dataset_in_memory():
 
     with pytest.raises(ValueError, match="--smoke needs a dataset held in memory; imagenet"):
         smoke.dataset(FolderDataset())
+
+
+def test_subset_is_the_first_examples_through_the_same_pipeline(rng):
+    full = data.load("synthetic", shape=(3, 8, 8), num_train=50, num_test=20, seed=int(torch.randint(0, 2**31, (1,), generator=rng)))
+    part = full.subset(10, 5)
+    assert (part.name, part.num_train, part.num_test, part.input_shape) == (full.name, 10, 5, full.input_shape)
+    for split, count in (("train", 10), ("test", 5)):
+        inputs, labels = full.tensors(split)
+        got_inputs, got_labels = part.tensors(split)
+        assert torch.equal(got_inputs, inputs[:count]) and torch.equal(got_labels, labels[:count]), split
+    with pytest.raises(ValueError, match="at least one example per split"):
+        full.subset(0, 5)
