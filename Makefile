@@ -1,5 +1,5 @@
-# make test  — set up .venv if needed, build the extension, run pytest, the C++ tests and the CUDA
-#              compile check
+# make test  — set up .venv if needed, build the extension, run pytest, the fallback suite (the
+#              pure-PyTorch references), the C++ tests and the CUDA compile check
 # make demo  — the main job on the bundled default data
 # make bench — the pytest-benchmark suite
 # make bench-gpu — on a CUDA machine: the CUDA tests, the self-check and the GPU benchmarks, ~10 min,
@@ -9,7 +9,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test test-python test-cpp cuda-check bench bench-gpu demo theory clean
+.PHONY: install test test-python test-fallback test-cpp cuda-check bench bench-gpu demo theory clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,7 @@ install: $(VENV)/.built
 test: install
 	@status=0; \
 	$(MAKE) --no-print-directory test-python || status=1; \
+	$(MAKE) --no-print-directory test-fallback || status=1; \
 	$(MAKE) --no-print-directory test-cpp || status=1; \
 	$(MAKE) --no-print-directory cuda-check || status=1; \
 	if [ $$status -ne 0 ]; then echo "make test: a suite failed (see above)"; fi; \
@@ -39,6 +40,13 @@ test: install
 
 test-python: install
 	$(PY) -m pytest -q tests
+
+# What runs where the extension cannot be built or loaded: the op, LAP and matching tests with
+# STARFAST_NO_EXTENSION=1 (starfast/extension.py), i.e. on the pure-PyTorch references. Tests of
+# the extension itself (marked needs_extension) are skipped there, saying so.
+FALLBACK_TESTS := tests/test_ops.py tests/test_lap.py tests/test_matching.py
+test-fallback: install
+	STARFAST_NO_EXTENSION=1 $(PY) -m pytest -q $(FALLBACK_TESTS)
 
 test-cpp:
 	cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release >/dev/null

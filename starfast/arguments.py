@@ -80,6 +80,16 @@ def name_parser(canonical: Callable[[str], str]) -> Callable[[str], str]:
     return parse
 
 
+def auto_or_count(text: str) -> Optional[int]:
+    """``auto`` -> ``None`` (starfast chooses), else an int."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or auto, got {text!r}") from None
+
+
 def parse_milestones(text: str) -> List[int]:
     try:
         return [int(part) for part in text.split(",") if part.strip()]

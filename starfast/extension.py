@@ -2,7 +2,9 @@
 why when it cannot.
 
 ``core`` is the extension module, or None; then a RuntimeWarning says what happened and what to
-do, and :mod:`starfast.ops` falls back to its pure-PyTorch references. The core includes no torch
+do, and :mod:`starfast.ops` falls back to its pure-PyTorch references. ``STARFAST_NO_EXTENSION=1``
+makes that fallback a choice (no warning): the references serve every op, which is how
+``make test-fallback`` tests that path on a machine that has the extension. The core includes no torch
 headers, so any installed torch loads it: what goes wrong is that it was not built, that it
 failed to load, or that the source tree shadows an installed copy — running Python from the
 source root after a non-editable ``pip install .`` imports the source tree's ``starfast/``, which
@@ -12,12 +14,14 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import os
 import warnings
 from pathlib import Path
 from types import ModuleType
 from typing import Optional, Sequence
 
 PACKAGE_DIR = Path(__file__).resolve().parent
+DISABLE_VARIABLE = "STARFAST_NO_EXTENSION"
 
 
 def installed_package_dir(search_path: Optional[Sequence[str]] = None) -> Optional[Path]:
@@ -46,8 +50,20 @@ def failure_message(error: ImportError, package_dir: Path, installed_dir: Option
     return f"starfast's compiled extension is not available: {what}. Using the slower pure-PyTorch references."
 
 
+def disabled() -> bool:
+    """True when the environment asks for the pure-PyTorch references (``STARFAST_NO_EXTENSION=1``;
+    unset, empty or ``0``: the extension is used; any other value is ignored with a warning)."""
+    value = os.environ.get(DISABLE_VARIABLE, "")
+    if value not in ("", "0", "1"):
+        warnings.warn(f"{DISABLE_VARIABLE}={value!r} is ignored: set it to 1 to use the pure-PyTorch references",
+                      RuntimeWarning, stacklevel=3)
+    return value == "1"
+
+
 def load() -> Optional[ModuleType]:
-    """``starfast._C``, or None after warning why it could not be imported."""
+    """``starfast._C``, or None: when disabled, or after warning why it could not be imported."""
+    if disabled():
+        return None
     try:
         return importlib.import_module("starfast._C")
     except ImportError as error:

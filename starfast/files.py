@@ -18,6 +18,7 @@ dicts as safetensors (:func:`save_state_dict`, :func:`load_state_dict`) and trai
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -40,6 +41,11 @@ class StoredFileError(RuntimeError):
     """A stored file is corrupt, unreadable, or was written for other settings."""
 
 
+# What the disk or the file system says (a full disk, a quota, a read-only mount, no permission):
+# named with the file being written. A writer's own errors (a failed download) pass unchanged.
+_STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG}
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -59,7 +65,7 @@ def replaced_atomically(path: PathLike) -> Iterator[Path]:
     except BaseException as error:
         if os.path.exists(temp):
             os.unlink(temp)
-        if isinstance(error, OSError) and not isinstance(error, FileNotFoundError):  # a full disk, a quota, no permission
+        if isinstance(error, OSError) and error.errno in _STORAGE_ERRORS:
             raise StoredFileError(f"cannot write {path} ({error.strerror or error}); free space or fix permissions there, "
                                   "or use another --run-dir: finished work is kept") from error
         raise
@@ -150,7 +156,7 @@ def load_state_dict(path: PathLike, device: Union[str, torch.device] = "cpu", di
     if digest is not None and bytes_digest(data) != digest:
         raise StoredFileError(
             f"{path} does not match the checksum that its .json sidecar records (the weights or the sidecar changed "
-            "on disk, or one was copied from another model); delete both to train that model again"
+            "on disk, or one was copied from another model); delete it and its .json to train that model again"
         )
     try:
         header, _ = _header(data)

@@ -68,6 +68,14 @@ class ParamSpace:
         except KeyError:
             raise KeyError(f"ParamSpace: no parameter named {name!r}") from None
 
+    def check_bank(self, bank: torch.Tensor, caller: str) -> None:
+        """Raise ``ValueError`` (naming ``caller``) unless ``bank`` holds ``[N, P]`` rows of this
+        space with ``N >= 1``."""
+        if bank.dim() != 2 or bank.shape[1] != self.size:
+            raise ValueError(f"{caller}: the sources bank must be [N, {self.size}] rows of this model, got {tuple(bank.shape)}")
+        if bank.shape[0] == 0:
+            raise ValueError(f"{caller}: the sources bank is empty ([0, {self.size}]); give at least one source")
+
     def check_compatible(self, model_or_params: Union[nn.Module, Mapping[str, torch.Tensor]], what: str = "model") -> None:
         """Raise ``ValueError`` naming the first parameter where ``model_or_params`` differs.
 

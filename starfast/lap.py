@@ -50,12 +50,22 @@ def linear_assignment(cost: torch.Tensor, maximize: bool = False) -> torch.Tenso
     return ops.linear_assignment_op(work.cpu(), bool(maximize)).to(cost.device)
 
 
+# scipy's sums (like the compiled solver's, csrc/lap/lap.cpp) overflow when entries come near the
+# largest float64 (2^1024): such problems are solved scaled by a power of two, which is exact and
+# changes no comparison, so that their largest entry is below 2^960.
+_LARGEST_SOLVED_EXPONENT = 960
+
+
 def linear_assignment_reference(cost: torch.Tensor, maximize: bool = False) -> torch.Tensor:
     """The same contract as :func:`linear_assignment`, solved by scipy one problem at a time."""
     _validate(cost)
-    problems = cost.detach().cpu().double().numpy().reshape(-1, cost.shape[-2], cost.shape[-1])
+    n = cost.shape[-1]
+    problems = cost.detach().cpu().double().numpy().reshape(cost.shape[:-2].numel(), n, n)
     columns = np.empty(problems.shape[:2], dtype=np.int64)
     for b, problem in enumerate(problems):
+        peak = float(np.abs(problem).max()) if n else 0.0
+        if peak >= 2.0**_LARGEST_SOLVED_EXPONENT:
+            problem = np.ldexp(problem, _LARGEST_SOLVED_EXPONENT - int(np.frexp(peak)[1]))
         rows, cols = linear_sum_assignment(problem, maximize=maximize)
         columns[b, rows] = cols
     return torch.from_numpy(columns).reshape(cost.shape[:-1]).to(cost.device)

@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Dict, Optional, Union
 import torch
 
 from starfast.flat import ParamSpace
-from starfast.matching import MatchResult, match_weights
+from starfast.matching import MatchResult, check_problem, match_weights
 from starfast.sinkhorn import (
     DEFAULT_ITERATIONS, DEFAULT_LR, DEFAULT_STEPS, DEFAULT_TEMPERATURE, SinkhornResult, check_options, sinkhorn_match,
 )
@@ -66,6 +66,7 @@ def find_permutations(
     if name == "none":
         if options:
             raise ValueError(f"find_permutations: matcher 'none' takes no options, got {sorted(options)}")
+        check_problem(spec, space, bank if bank.dim() == 2 else bank.unsqueeze(0), "find_permutations")
         count = bank.shape[0] if bank.dim() == 2 else None
         identity = spec.identity(device=bank.device)
         perms = identity if count is None else {key: index.expand(count, -1).clone() for key, index in identity.items()}

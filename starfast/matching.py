@@ -46,7 +46,7 @@ from torch import nn
 
 from starfast.flat import ParamSpace
 from starfast.lap import assignment_objective, linear_assignment
-from starfast.ops import permute
+from starfast.ops import permute, trusted_index_maps
 from starfast.spec import Group, Perm, PermutationSpec
 from starfast.warm_start import WarmStart, row_margins
 
@@ -108,6 +108,8 @@ def match_weights(
     the warm start then updates those rows in place, which saves a copy of the bank in time and
     memory but leaves that previous result unusable. It may also be the bank itself.
     Returns a :class:`MatchResult`; with a single (non-bank) source its tensors have no N dim.
+    Raises ``ValueError`` when ``spec`` does not fit ``space`` exactly (e.g. the spec of a narrower
+    or wider model) or the bank is empty or of another width (:func:`check_problem`).
     """
     if max_iter < 1:
         raise ValueError(f"match_weights: max_iter must be >= 1, got {max_iter}")
@@ -117,9 +119,10 @@ def match_weights(
         space = ParamSpace(target)
     target_row = _as_row(target, space, "target")
     bank, single = _as_bank(sources, space)
+    check_problem(spec, space, bank, "match_weights")
     bank = bank.to(device=target_row.device, dtype=target_row.dtype)
     num_sources = bank.shape[0]
-    groups = [group for group in spec.groups if any(axis.name in space for axis in group.axes)]
+    groups = list(spec.groups)
 
     target_views = space.views(target_row)
     warm_start = WarmStart(groups, space, space.views(bank))
@@ -134,8 +137,11 @@ def match_weights(
     perms = _initial_perms(spec, previous.perms if previous is not None else init, num_sources, target_row.device)
     if previous is not None:
         start = previous.permuted.to(bank.device)
+    elif init is not None:
+        with trusted_index_maps():  # index_map validates the perms it is given (check_perm)
+            start = permute(bank, spec.index_map(space, perms))
     else:
-        start = permute(bank, spec.index_map(space, perms)) if init is not None else bank
+        start = bank
     # The working rows, permuted in place as groups change; they are the result's ``permuted``.
     work = _working_rows(out, start)
     permuted = space.views(work)
@@ -196,6 +202,14 @@ def match_weights(
     if built is not None and all(torch.equal(perms[name], previous.perms[name].to(perms[name])) for name in perms):
         result.index_maps = built.to(bank.device)  # the permutations did not change: neither did their maps
     return _with_source_dim(result, 0) if single else result
+
+
+def check_problem(spec: PermutationSpec, space: ParamSpace, bank: torch.Tensor, caller: str) -> None:
+    """The checks every permutation finder makes before it starts: ``spec`` fits the rows of
+    ``space`` exactly (:meth:`~starfast.spec.PermutationSpec.check_space`), and ``bank`` holds at
+    least one row of that space (:meth:`~starfast.flat.ParamSpace.check_bank`)."""
+    spec.check_space(space, caller)
+    space.check_bank(bank, caller)
 
 
 def group_cost(group: Group, space: ParamSpace, target_views, permuted, rows: Optional[torch.Tensor]) -> torch.Tensor:
@@ -353,9 +367,7 @@ def _as_bank(sources, space: ParamSpace):
     if isinstance(sources, torch.Tensor):
         if sources.dim() == 1:
             return _as_row(sources, space, "source").unsqueeze(0), True
-        if sources.dim() != 2 or sources.shape[1] != space.size:
-            raise ValueError(f"match_weights: sources bank must be [N, {space.size}], got {tuple(sources.shape)}")
-        return sources.detach(), False
+        return sources.detach(), False  # its shape: check_problem
     if isinstance(sources, (nn.Module, Mapping)):
         return _as_row(sources, space, "source").unsqueeze(0), True
     rows = [_as_row(source, space, f"source {k}") for k, source in enumerate(sources)]

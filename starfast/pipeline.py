@@ -169,20 +169,26 @@ def train_missing_models(
     trained: List[ModelJob] = []
     failures: List[RuntimeError] = []
     chance = LearningCheck.of(dataset)
-    overall = progress_bar(total=len(missing), desc=f"models (rank {rank})" if rank else "models", unit="model", enabled=progress)
+    # Counted in model-epochs, so the ETA is known after the first epoch, not the first model.
+    resumed = sum(_checkpoint_epoch(run.model_checkpoint_path(job.role, job.seed)) for job in missing)
+    overall = progress_bar(total=len(missing) * recipe.epochs, initial=resumed,
+                           desc=f"models × epochs (rank {rank})" if rank else "models × epochs", unit="epoch", enabled=progress)
     for group in groups:
         paths = [run.model_checkpoint_path(job.role, job.seed) for job in group]
+        tick = lambda epoch, count=len(group): overall.update(count)  # noqa: E731
         if len(group) == 1:
             try:
                 state_dict, metrics = train_model(
-                    spec, dataset, recipe, group[0].seed, checkpoint_path=paths[0], progress=progress, speed=speed
+                    spec, dataset, recipe, group[0].seed, checkpoint_path=paths[0], progress=progress, speed=speed,
+                    on_epoch_end=tick,
                 )
                 results, diverged = [TrainedModel(group[0].seed, state_dict, metrics)], []
             except TrainingDiverged as failure:
                 results, diverged = [], [failure]
         else:
             results, diverged = train_models_parallel(
-                spec, dataset, recipe, [job.seed for job in group], checkpoint_paths=paths, progress=progress, speed=speed
+                spec, dataset, recipe, [job.seed for job in group], checkpoint_paths=paths, progress=progress, speed=speed,
+                on_epoch_end=tick,
             )
         by_seed = {job.seed: (job, path) for job, path in zip(group, paths)}
         for result in results:
@@ -200,7 +206,6 @@ def train_missing_models(
                 f"train loss {result.metrics.train_loss:.4g}, {result.metrics.seconds:.1f} s"
             )
         failures += diverged
-        overall.update(len(group))
     overall.close()
     return trained, failures
 
@@ -279,13 +284,16 @@ def train_missing_stars(
     skeleton = spec.build()
     space, permutation_spec = ParamSpace(skeleton), models.permutation_spec(skeleton)
     bank = torch.stack([checked_row(run.model_path("sources", seed), run.load_model("sources", seed)[0], space) for seed in sources])
+    resumed = sum(_checkpoint_epoch(run.star_checkpoint_path(star_seed, star_set)) for star_seed in todo)
+    overall = progress_bar(total=len(todo) * recipe.epochs, initial=resumed, desc="stars × epochs", unit="epoch",
+                           enabled=progress and rank == 0)
     for star_seed in todo:
         checkpoint = run.star_checkpoint_path(star_seed, star_set)
         seed = STAR_SEED_START + star_seed
         result = train_star(
             skeleton, bank, permutation_spec, dataset, recipe, options, space=space,
             init_row=space.flatten(init_model(spec, seed)), seed=seed, device=device, checkpoint_path=checkpoint,
-            quiet=not progress,
+            quiet=not progress, on_epoch_end=lambda epoch: overall.update(1),
         )
         if rank == 0:
             run.save_star(star_seed, result.state_dict, star_metadata(star_seed, result, sources, spec, dataset), star_set)
@@ -294,6 +302,7 @@ def train_missing_stars(
             report(f"star {star_seed}: loss at the star {metrics['final_loss']:.4g}, mean interpolated loss "
                    f"{metrics['mean_interpolated_loss']:.4g}, {metrics['seconds']:.1f} s")
         barrier()
+    overall.close()
     return todo
 
 

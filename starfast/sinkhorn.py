@@ -48,8 +48,8 @@ import torch
 
 from starfast.flat import ParamSpace
 from starfast.lap import linear_assignment
-from starfast.matching import group_cost
-from starfast.ops import permute
+from starfast.matching import check_problem, group_cost
+from starfast.ops import permute, trusted_index_maps
 from starfast.spec import Group, Perm, PermutationSpec
 
 LR_SEARCH_SPACE = (0.01, 0.1, 1.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 80.0, 100.0, 120.0, 150.0, 200.0)
@@ -112,17 +112,17 @@ def sinkhorn_match(
     module docstring). ``init``: the start (identity when ``None``), permutations (group ->
     ``[N, size]`` or ``[size]``) or a previous result for the same sources. ``seed`` draws the
     initial noise of the logits. ``out``: a contiguous ``[N, P]`` tensor (not the sources) that
-    becomes the result's ``permuted``, e.g. the previous result's rows (updated in place)."""
+    becomes the result's ``permuted``, e.g. the previous result's rows (updated in place). The spec
+    and the bank are checked as weight matching checks them (:func:`~starfast.matching.check_problem`)."""
     check_options(lr, steps, temperature, iterations)
     if target.dim() != 1 or target.shape[0] != space.size:
         raise ValueError(f"sinkhorn_match: target must be one row [{space.size}], got {tuple(target.shape)}")
     single = sources.dim() == 1
     bank = (sources.unsqueeze(0) if single else sources).detach().to(device=target.device, dtype=target.dtype)
-    if bank.dim() != 2 or bank.shape[1] != space.size:
-        raise ValueError(f"sinkhorn_match: sources must be [N, {space.size}] rows, got {tuple(sources.shape)}")
+    check_problem(spec, space, bank, "sinkhorn_match")
     target = target.detach()
     count, device = bank.shape[0], bank.device
-    groups = [group for group in spec.groups if any(axis.name in space for axis in group.axes)]
+    groups = list(spec.groups)
     start = _start_perms(spec, init.perms if isinstance(init, SinkhornResult) else init, count, device)
     work = _working_rows(out, bank)
     index = torch.empty(count, space.size, dtype=torch.long, device=device)
@@ -131,7 +131,8 @@ def sinkhorn_match(
 
     def distance_of(perms: Perm) -> torch.Tensor:
         """Fill ``work`` with the sources permuted by ``perms``; ``‖target − work‖²`` per source."""
-        permute(bank, spec.index_map(space, perms, out=index), out=work)
+        with trusted_index_maps():  # index_map validates the perms it is given (check_perm)
+            permute(bank, spec.index_map(space, perms, out=index), out=work)
         return _squared_distance(work, target)
 
     target_views, work_views = space.views(target), space.views(work)

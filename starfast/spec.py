@@ -144,6 +144,31 @@ class PermutationSpec:
             for axis, group_name in pairs:
                 _check_fits(name, tuple(state[name].shape), axis, self._by_name[group_name], "the model")
 
+    def check_space(self, space: ParamSpace, caller: str) -> None:
+        """Raise ``ValueError`` (naming ``caller``) unless this spec fits the rows of ``space``
+        exactly: every group acts on at least one of its parameters, and on every parameter axis
+        the spec permutes, its groups cover all the units, no more and no fewer. Tensors the
+        space lacks are buffers (rows hold parameters only). Without this check a spec of a
+        narrower model permutes only part of each axis, and one of a wider model reaches past it."""
+        covered: Dict[Tuple[str, int], int] = {}
+        for group in self.groups:
+            present = [axis for axis in group.axes if axis.name in space]
+            if not present:
+                raise ValueError(
+                    f"{caller}: group {group.name!r} of the spec acts on no parameter of the model "
+                    f"(it names {sorted({axis.name for axis in group.axes})}); the spec was built for another architecture"
+                )
+            for axis in present:
+                _check_fits(axis.name, space.entry(axis.name).shape, axis, group, f"the model given to {caller}")
+                covered[(axis.name, axis.axis)] = covered.get((axis.name, axis.axis), 0) + group.size
+        for (name, axis), units in covered.items():
+            length = space.entry(name).shape[axis]
+            if units != length:  # groups never overlap (see __init__), so this is the only gap left
+                raise ValueError(
+                    f"{caller}: the spec permutes {units} of the {length} units on axis {axis} of {name!r}; "
+                    "it was built for a model of another width or architecture"
+                )
+
     # -- permutations ---------------------------------------------------------------------------
 
     def identity(self, device: Union[str, torch.device, None] = None) -> Perm:

@@ -56,7 +56,7 @@ from starfast.barrier import evaluate_rows
 from starfast.bn import has_batchnorm, recompute_bn
 from starfast.flat import ParamSpace
 from starfast.matchers import MatcherChoice, find_permutations
-from starfast.ops import lerp_gather
+from starfast.ops import lerp_gather, trusted_index_maps
 from starfast.progress import progress_bar
 from starfast.recipes import Recipe
 from starfast.files import save_checkpoint
@@ -477,7 +477,8 @@ def train_star(
                         group["lr"] = recipe.lr_at(epoch + step / steps)
                     draws = sample_draws(bank.shape[0], options.samples_per_step, options.t_sampling, samples)
                     draws_of_steps.append(draws)
-                    result = objective(theta, matcher.index_maps, inputs.to(device), labels.to(device), draws)
+                    with trusted_index_maps():  # the matcher's maps come from spec.index_map (SourceMatcher._install)
+                        result = objective(theta, matcher.index_maps, inputs.to(device), labels.to(device), draws)
                     optimizer.zero_grad(set_to_none=True)
                     result.total.backward()
                     if world_size > 1:

@@ -36,13 +36,14 @@ from starfast import data, models, smoke
 from starfast.allocator import keep_freed_memory
 from starfast.arguments import (
     DATA_ERRORS, check_data_dir, name_parser, parse_arch_kw, parse_arguments, parse_device, parse_extra_heldout,
-    parse_milestones, run_command,
+    parse_milestones, run_command, auto_or_count,
 )
 from starfast.evaluate import add_evaluation_flags, evaluation_config, run_evaluation, sinkhorn_flags
 from starfast.evaluation import EvaluationConfig
 from starfast.files import StoredFileError, write_json
 from starfast.matchers import MATCHERS
 from starfast.models import ModelSpec
+from starfast.workload import Workload, choose_workload
 from starfast.pipeline import ExtraSet, ModelJob, regular_jobs, train_missing_models, train_missing_stars
 from starfast.recipes import (
     MAIN_JOB_ARCH_KW, OPTIMIZERS, SCHEDULES, STAR_EPOCHS_FACTOR, Recipe, default_star_epochs, main_job_arch_kw, resolve,
@@ -130,7 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluation_flags(parser)
 
     speed = parser.add_argument_group("speed")
-    speed.add_argument("--parallel-seeds", type=int, default=1, metavar="K", help="train K seeds at once with torch.func.vmap (default: 1)")
+    speed.add_argument("--parallel-seeds", type=auto_or_count, metavar="K|auto",
+                       help="train K seeds at once (stacked parameters; default auto: 8 for small MLP-family models, else 1)")
+    speed.add_argument("--threads", type=auto_or_count, metavar="N|auto",
+                       help="torch's intra-op threads (default auto: 1 for models under 2M parameters on a CPU, else torch's "
+                            "default; OMP_NUM_THREADS counts as a choice)")
     speed.add_argument("--compile", action="store_true", help="torch.compile the forward pass")
     speed.add_argument("--precision", choices=PRECISIONS, default="auto", help="auto = bf16 autocast on CUDA, fp32 on CPU")
     return parser
@@ -174,7 +179,7 @@ class RunContext:
     sources: int
     heldout: int
     star_seeds: int
-    parallel_seeds: int
+    workload: Workload
     progress: bool
     distributed: Distributed
     smoke: bool = False
@@ -212,7 +217,7 @@ def models_stage(context: RunContext) -> int:
     for recipe, jobs, flags in sets:
         failures += train_missing_models(
             context.run, context.spec, context.dataset, recipe, [job for job in jobs if job in share],
-            parallel_seeds=context.parallel_seeds, speed=context.speed, progress=context.progress,
+            parallel_seeds=context.workload.parallel_seeds, speed=context.speed, progress=context.progress,
             rank=distributed.rank, report=context.report, recipe_flags=flags, judge_learning=not context.smoke,
         )[1]
     for failure in failures:
@@ -257,6 +262,24 @@ def evaluate_stage(context: RunContext) -> int:
     return run_evaluation(context.run, context.dataset, context.evaluation, context.device, progress=context.progress)
 
 
+def plan_line(context: RunContext, stage: str) -> str:
+    """One line saying what ``stage`` will run: the models and stars still to train (what the run
+    directory already holds is reused) and the barriers' points per pair."""
+    run, parts = context.run, []
+    if stage in ("all", "models"):
+        jobs = [job for _, jobs, _ in context.model_sets() for job in jobs]
+        todo = [job for job in jobs if not run.is_finished(job.role, job.seed)]
+        parts.append(f"{len(todo)} models × {context.recipe.epochs} epochs" + (f" ({len(jobs) - len(todo)} reused)" if len(todo) < len(jobs) else ""))
+    if stage in ("all", "star"):
+        finished = set(run.finished_stars())
+        todo_stars = [seed for seed in range(context.star_seeds) if seed not in finished]
+        parts.append(f"{len(todo_stars)} stars × {context.star_recipe.epochs} epochs against {context.sources} sources"
+                     + (f" ({context.star_seeds - len(todo_stars)} reused)" if len(todo_stars) < context.star_seeds else ""))
+    if stage in ("all", "evaluate"):
+        parts.append(f"barriers of every star and model pair at {context.evaluation.ts} points")
+    return f"plan: {', then '.join(parts)}; the ETA follows the first epoch"
+
+
 Stage = Callable[[RunContext], int]
 STAGES: Dict[str, Sequence[Stage]] = {
     "models": (models_stage,),
@@ -283,8 +306,6 @@ def build_context(args: argparse.Namespace, parser: argparse.ArgumentParser, dis
         device = parse_device(args.device, distributed.local_rank if distributed.active else None)
     except ValueError as error:
         parser.error(str(error))
-    if args.parallel_seeds < 1:
-        parser.error(f"--parallel-seeds must be >= 1, got {args.parallel_seeds}")
     for flag in ("star_seeds", "star_epochs"):
         value = getattr(args, flag)
         if value is not None and value < (0 if flag == "star_seeds" else 1):
@@ -335,13 +356,17 @@ def build_context(args: argparse.Namespace, parser: argparse.ArgumentParser, dis
     try:
         arch_kw = dict(args.arch_kw) or main_job_arch_kw(args.arch, args.dataset)
         spec = ModelSpec.for_dataset(args.arch, dataset, arch_kw)
-        spec.build()
+        skeleton = spec.build()
     except (TypeError, ValueError) as error:
         parser.error(f"--arch {args.arch} with --arch-kw {arch_kw}: {error}")
+    try:
+        workload = choose_workload(skeleton, device, threads=args.threads, parallel_seeds=args.parallel_seeds)
+    except ValueError as error:
+        parser.error(str(error))
     run = RunDir(args.run_dir or Path("runs") / f"{args.dataset}-{args.arch}{'-smoke' if args.smoke else ''}")
     return RunContext(
         run, device, dataset, spec, recipe, star_recipe, extra_sets, star_options, evaluation, speed, sources=args.sources,
-        heldout=args.heldout, star_seeds=args.star_seeds, parallel_seeds=args.parallel_seeds, progress=not args.quiet,
+        heldout=args.heldout, star_seeds=args.star_seeds, workload=workload, progress=not args.quiet,
         distributed=distributed, smoke=args.smoke,
     )
 
@@ -356,6 +381,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         torch.distributed.init_process_group(backend=backend)
     try:
         context = build_context(args, parser, distributed)
+        context.workload.apply()
+        if context.progress and distributed.rank == 0:
+            print(context.workload.describe())
+            print(plan_line(context, args.stage))
         command = " ".join(["python -m starfast.train", *(sys.argv[1:] if argv is None else argv)])
         with context.run.locked(command) if distributed.rank == 0 else contextlib.nullcontext():
             context.run.check_config(context.config())  # every rank fails the same way on a mismatch

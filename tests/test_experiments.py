@@ -370,13 +370,16 @@ def test_workers_end_with_a_launcher_killed_by_sigterm(tmp_path):
                                  "--workers", "2", "--epochs", "400", "--arch-kw", "width=8", "--sources", "2",
                                  "--heldout", "2", "--star-seeds", "1", "--quiet"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while len(children(launcher.pid)) < 3:  # two workers and the resource tracker
-        assert time.monotonic() < deadline and launcher.poll() is None, "the workers never started"
-        time.sleep(0.2)
-    spawned = children(launcher.pid)
-    launcher.send_signal(signal.SIGTERM)
-    launcher.wait(timeout=30)
+    try:
+        deadline = time.monotonic() + 300
+        while len(children(launcher.pid)) < 3:  # two workers and the resource tracker
+            assert time.monotonic() < deadline and launcher.poll() is None, "the workers never started"
+            time.sleep(0.2)
+        spawned = children(launcher.pid)
+        launcher.send_signal(signal.SIGTERM)
+        launcher.wait(timeout=60)
+    finally:
+        launcher.kill()
     # A worker still importing torch on a busy machine notices only once its initializer runs.
     deadline = time.monotonic() + 120
     while [pid for pid in spawned if alive(pid)]:

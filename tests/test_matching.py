@@ -5,6 +5,7 @@ import torch
 
 from starfast import models
 from starfast.flat import ParamSpace
+from starfast.matchers import find_permutations
 from starfast.matching import match_weights
 from starfast.ops import lerp_gather, permute
 from starfast.testing.matching_reference import match_one
@@ -345,3 +346,43 @@ def test_warm_start_from_a_result_of_other_sources_is_refused(rng):
     torch.testing.assert_close(shifted.norm(dim=1), bank.norm(dim=1))
     with pytest.raises(ValueError, match="MatchResult of other sources"):
         match_weights(row, shifted, spec, space=space, init=first)
+
+
+@pytest.mark.parametrize("finder", ["wm", "sinkhorn", "none"])
+def test_a_spec_of_another_width_or_an_empty_bank_is_refused(finder, rng):
+    """A spec of a narrower model matched a subset of the units (perms of 8 for 16 units) and one
+    of a wider model or an empty bank raised a raw torch error: each finder now refuses them,
+    naming itself and the mismatch."""
+    name, _, shape = ARCHS[0]
+    model = build(name, dict(depth=2, width=16), shape, int(torch.randint(0, 1000, (1,), generator=rng)))
+    space = ParamSpace(model)
+    row = space.flatten(model)
+    bank = row + 0.1 * torch.randn(2, space.size, generator=rng)
+    caller = {"wm": "match_weights", "sinkhorn": "sinkhorn_match", "none": "find_permutations"}[finder]
+    options = {"steps": 2} if finder == "sinkhorn" else {}
+    narrower = models.permutation_spec(build(name, dict(depth=2, width=8), shape, 0))
+    with pytest.raises(ValueError, match=rf"{caller}: the spec permutes 8 of the 16 units on axis 0 of '.+'; "
+                                         "it was built for a model of another width"):
+        find_permutations(finder, row, bank, narrower, space=space, **options)
+    wider = models.permutation_spec(build(name, dict(depth=2, width=32), shape, 0))
+    with pytest.raises(ValueError, match=rf"permutes units \[0, 32\) of axis 0 of '.+', but in the model given to "
+                                         rf"{caller} that tensor has shape \[16, "):
+        find_permutations(finder, row, bank, wider, space=space, **options)
+    other = models.permutation_spec(build("resnet20", dict(width=1), (3, 8, 8), 0))
+    with pytest.raises(ValueError, match=rf"{caller}: group '.+' of the spec acts on no parameter of the model"):
+        find_permutations(finder, row, bank, other, space=space, **options)
+    spec = models.permutation_spec(model)
+    with pytest.raises(ValueError, match=rf"{caller}: the sources bank is empty \(\[0, {space.size}\]\)"):
+        find_permutations(finder, row, bank[:0], spec, space=space, **options)
+    with pytest.raises(ValueError, match=rf"{caller}: the sources bank must be \[N, {space.size}\] rows"):
+        find_permutations(finder, row, bank[:, 1:], spec, space=space, **options)
+    found = find_permutations(finder, row, bank, spec, space=space, **options)  # the matching spec works
+    assert all(found.perms[group.name].shape == (2, group.size) for group in spec.groups)
+
+
+def test_match_weights_refuses_a_narrower_spec_on_modules(rng):
+    name, _, shape = ARCHS[0]
+    target, source = (build(name, dict(depth=2, width=16), shape, seed) for seed in (1, 2))
+    narrower = models.permutation_spec(build(name, dict(depth=2, width=8), shape, 0))
+    with pytest.raises(ValueError, match="match_weights: the spec permutes 8 of the 16 units"):
+        match_weights(target, source, narrower)

@@ -1,7 +1,11 @@
 """The compiled ops (permute, permute_out, lerp_gather) against their pure-PyTorch references:
 values on fresh random inputs (lerp_gather bit for bit against torch.lerp), opcheck with inputs
 that require grad, gradcheck in float64, the parallel loops, the reference fallback path, the
-CUDA kernels when a GPU is present, and the loader's explanation of a missing extension."""
+CUDA kernels when a GPU is present, index values and devices that must be refused on every path,
+and the loader's explanation of a missing (or disabled) extension.
+
+``needs_extension`` tests (conftest.py) test the compiled kernels themselves: the fallback run
+(``STARFAST_NO_EXTENSION=1``) skips them, saying so; everything else runs in both."""
 from pathlib import Path
 
 import pytest
@@ -11,7 +15,9 @@ from starfast import extension, ops
 from starfast.testing.op_inputs import block_index, mismatches
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-needs_extension = pytest.mark.skipif(not ops.HAVE_EXTENSION, reason="compiled extension not built")
+needs_extension = pytest.mark.needs_extension
+# The two paths of the public ops: the compiled kernels, and the references with their checks.
+PATHS = [pytest.param("compiled", marks=needs_extension), "reference"]
 FLOATS = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 
@@ -19,6 +25,7 @@ def dtype_id(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+@needs_extension
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FLOATS + [torch.int64], ids=dtype_id)
 @pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32], ids=dtype_id)
@@ -54,15 +61,17 @@ def test_permute_errors(rng):
         ops.permute(rows, torch.arange(9))
     with pytest.raises(TypeError, match="int64 or int32"):
         ops.permute(rows, torch.arange(10.0))
-    if ops.HAVE_EXTENSION:
-        with pytest.raises(ValueError, match="must not overlap"):
-            ops.permute(rows, torch.arange(10), out=rows)
-        with pytest.raises(ValueError, match=r"index must be \[P\] or \[2, P\]"):
-            ops.permute(rows, torch.arange(10).repeat(3, 1))
-        with pytest.raises(TypeError, match="not supported"):
-            ops.permute(rows.bool(), torch.arange(10))
+    with pytest.raises(ValueError, match="must not overlap"):
+        ops.permute(rows, torch.arange(10), out=rows)
+    with pytest.raises(ValueError, match=r"index must be \[P\] or \[2, P\]"):
+        ops.permute(rows, torch.arange(10).repeat(3, 1))
+    with pytest.raises(TypeError, match="not supported"):
+        ops.permute(rows.bool(), torch.arange(10))
+    with pytest.raises(ValueError, match=r"index has shape \[\]"):
+        ops.permute(rows, torch.tensor(3))
 
 
+@needs_extension
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FLOATS, ids=dtype_id)
 @pytest.mark.parametrize("with_index", [True, False])
@@ -171,8 +180,139 @@ def test_reference_fallback_when_extension_is_absent(monkeypatch, rng):
         ops.permute(bank, index[:-1])
 
 
+@pytest.fixture(params=PATHS)
+def path(request, monkeypatch):
+    """Runs a test through the compiled kernels, or through the references as when the extension
+    is absent."""
+    if request.param == "reference":
+        monkeypatch.setattr(ops, "HAVE_EXTENSION", False)
+    return request.param
+
+
+def bad_values(length: int, dtype: torch.dtype) -> list:
+    """Index values outside [0, length) of every kind: just past the end (the next row's first
+    element, read silently before), far past it, negative, and the type's extremes."""
+    info = torch.iinfo(dtype)
+    return [length, length + 5, -1, -length, info.min, info.max] + ([2**40] if dtype == torch.int64 else [])
+
+
+def with_bad(index: torch.Tensor, positions, value: int) -> torch.Tensor:
+    spoiled = index.clone()
+    spoiled.view(-1)[positions] = value
+    return spoiled
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32], ids=dtype_id)
+def test_out_of_range_index_values_raise_on_every_op(path, device, index_dtype, rng):
+    """Every kind of out-of-range value, on every op and index form, on both paths: an IndexError
+    naming the op and the first bad value (before the fix the kernels read whatever lay there)."""
+    length = 50
+    rows = torch.randn(3, length, generator=rng).to(device)
+    theta, bank = rows[0], rows[1:]
+    shared = torch.randperm(length, generator=rng).to(device, index_dtype)
+    per_row = torch.stack([torch.randperm(length, generator=rng) for _ in range(3)]).to(device, index_dtype)
+    for value in bad_values(length, index_dtype):
+        first, second = sorted(torch.randperm(length, generator=rng)[:2].tolist())
+        spoiled = with_bad(shared, [second, first], value)
+        where = rf"index\[{first}\] = {value} is out of range for rows of length {length}"
+        calls = {
+            "permute one row": lambda: ops.permute(theta, spoiled),
+            "permute shared": lambda: ops.permute(rows, spoiled),
+            "permute out": lambda: ops.permute(rows, spoiled, out=torch.empty_like(rows)),
+            "lerp_gather": lambda: ops.lerp_gather(theta, bank, 1, spoiled, 0.3),
+        }
+        for name, call in calls.items():
+            with pytest.raises(IndexError, match=("lerp_gather: " if name == "lerp_gather" else "permute: ") + where):
+                call()
+        row = int(torch.randint(0, 3, (1,), generator=rng))
+        spoiled_rows = with_bad(per_row, [row * length + second, row * length + first], value)
+        with pytest.raises(IndexError, match=rf"permute: index\[{row}, {first}\] = {value} is out of range"):
+            ops.permute(rows, spoiled_rows)
+        if device == "cpu":  # on the CPU (and the reference path) reporting costs nothing: never waived
+            with ops.trusted_index_maps(), pytest.raises(IndexError, match="lerp_gather: " + where):
+                ops.lerp_gather(theta, bank, 0, spoiled, 0.5)
+
+
 @needs_extension
-def test_lerp_gather_errors(rng):
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_trusted_cuda_kernels_read_nothing_outside(rng):
+    """Inside trusted_index_maps the CUDA kernels skip the report (no synchronisation) but still
+    read each out-of-range element's own position, as index.hpp says."""
+    rows = torch.randn(2, 1000, generator=rng).cuda()
+    index = torch.randperm(1000, generator=rng).cuda()
+    spoiled = with_bad(index, [3, 500], -7)
+    read = with_bad(index, [3, 500], 0)
+    read[[3, 500]] = torch.tensor([3, 500], device=read.device)
+    with ops.trusted_index_maps():
+        out = ops.permute(rows, spoiled)
+        mixed = ops.lerp_gather(rows[0], rows, 1, spoiled, 0.5)
+    assert torch.equal(out, rows[:, read])
+    assert torch.equal(mixed, torch.lerp(rows[0], rows[1][read], 0.5))
+
+
+@needs_extension
+def test_out_of_range_values_read_nothing_outside(rng):
+    """What the kernels do with an out-of-range value (index.hpp, shared with the CUDA kernels):
+    that element reads its own position, so the out= rows hold in-bounds data only; the lowest bad
+    position is reported even when two threads' chunks both hold one."""
+    length = 200_003  # two chunks of the parallel loop
+    rows = torch.randn(2, length, generator=rng)
+    index = torch.randperm(length, generator=rng)
+    positions = [length - 3, 150_000, 7, 90_000]
+    spoiled = with_bad(index, positions, length)
+    out = torch.empty_like(rows)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(IndexError, match=rf"index\[7\] = {length} "):
+            ops.permute(rows, spoiled, out=out)
+        with pytest.raises(IndexError, match=rf"index\[7\] = {length} "):
+            ops.lerp_gather(rows[0], rows, 1, spoiled.int(), 0.25)
+    finally:
+        torch.set_num_threads(threads)
+    read = index.clone()
+    read[positions] = torch.tensor(positions)
+    assert torch.equal(out, rows[:, read]), mismatches(out, rows[:, read])
+
+
+@pytest.mark.parametrize("where", ["index", "bank", "theta"])
+def test_index_or_data_on_another_device_is_refused(path, where, rng):
+    """A CPU op with an argument on ``meta`` reached the shape-only fake kernel and returned
+    uninitialised memory; every mix of devices is now a ValueError naming the argument."""
+    theta, bank, index = torch.randn(8, generator=rng), torch.randn(2, 8, generator=rng), torch.randperm(8, generator=rng)
+    moved = {"theta": theta, "bank": bank, "index": index}
+    moved[where] = moved[where].to("meta")
+    message = "bank is on cpu, theta on meta" if where == "theta" else f"{where} is on meta, theta on cpu"
+    with pytest.raises(ValueError, match=f"lerp_gather: {message}"):
+        ops.lerp_gather(moved["theta"], moved["bank"], 1, moved["index"], 0.5)
+    if where == "index":
+        with pytest.raises(ValueError, match="permute: index is on meta, rows on cpu; move index to cpu"):
+            ops.permute(bank, moved["index"])
+        with pytest.raises(ValueError, match="permute: index is on meta, rows on cpu"):
+            ops.permute(bank, moved["index"], out=torch.empty_like(bank))
+        with pytest.raises(ValueError, match="permute: index is on cpu, rows on meta"):
+            ops.permute(bank.to("meta"), index)
+        # All on meta: shapes only, on both paths.
+        assert ops.permute(bank.to("meta"), moved["index"]).shape == bank.shape
+        assert ops.lerp_gather(theta.to("meta"), bank.to("meta"), 1, moved["index"], 0.5).shape == theta.shape
+
+
+@needs_extension
+def test_registered_ops_refuse_a_meta_index(rng):
+    """Called through torch.ops (the dispatcher picks the Meta kernel when any argument is on meta)."""
+    rows, index = torch.randn(2, 8, generator=rng), torch.randperm(8, generator=rng)
+    with pytest.raises(ValueError, match="permute: index is on meta, rows on cpu"):
+        torch.ops.starfast.permute(rows, index.to("meta"))
+    with pytest.raises(ValueError, match="permute: index is on meta, rows on cpu"):
+        torch.ops.starfast.permute_out(rows, index.to("meta"), torch.empty_like(rows))
+    with pytest.raises(ValueError, match="lerp_gather: index is on meta, theta on cpu"):
+        torch.ops.starfast.lerp_gather(rows[0], rows, 1, index.to("meta"), 0.5)
+    # All on meta: shapes only, as torch.compile's tracing needs.
+    assert torch.ops.starfast.permute(rows.to("meta"), index.to("meta")).shape == rows.shape
+
+
+def test_lerp_gather_errors(path, rng):
     theta = torch.randn(10, generator=rng)
     with pytest.raises(ValueError, match="outside the bank"):
         ops.lerp_gather(theta, torch.randn(2, 10), 2, None, 0.5)
@@ -212,3 +352,76 @@ def test_installed_package_dir_reads_the_distribution_record(tmp_path):
     assert extension.installed_package_dir([str(regular)]) == (regular / "starfast").resolve()
     assert extension.installed_package_dir([str(editable)]) is None
     assert extension.installed_package_dir([str(tmp_path / "empty")]) is None
+
+
+def test_the_no_extension_variable(monkeypatch):
+    """STARFAST_NO_EXTENSION=1 disables the extension without a warning (the fallback run of
+    `make test-fallback` relies on it); other values than 0 and 1 are ignored, with a warning."""
+    import warnings
+
+    if extension.disabled():  # this is the fallback run: the ops must be on their references
+        assert not ops.HAVE_EXTENSION and not ops._compiled_for(torch.zeros(1))
+    monkeypatch.setenv("STARFAST_NO_EXTENSION", "1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert extension.load() is None
+    for value in ("0", ""):
+        monkeypatch.setenv("STARFAST_NO_EXTENSION", value)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert not extension.disabled()
+    monkeypatch.setenv("STARFAST_NO_EXTENSION", "yes")
+    with pytest.warns(RuntimeWarning, match="STARFAST_NO_EXTENSION='yes' is ignored: set it to 1"):
+        assert not extension.disabled()
+
+
+PUBLIC_AUTOGRAD_PROGRAM = """
+import torch
+from starfast import ops
+assert ops.HAVE_EXTENSION and not ops.LEAN_AUTOGRAD
+generator = torch.Generator().manual_seed(SEED)
+theta = torch.randn(30, generator=generator, dtype=torch.float64, requires_grad=True)
+rows = torch.randn(3, 30, generator=generator, dtype=torch.float64, requires_grad=True)
+bank = torch.randn(2, 30, generator=generator, dtype=torch.float64)
+index = torch.randperm(30, generator=generator)
+repeated = torch.randint(0, 30, (30,), generator=generator)
+assert torch.autograd.gradcheck(lambda th: ops.lerp_gather(th, bank, 1, index, 0.37), (theta,))
+assert torch.autograd.gradcheck(lambda r: ops.permute(r, repeated), (rows,))
+out = ops.lerp_gather(theta, bank, 0, index, 0.25)
+out.sum().backward()
+assert torch.equal(theta.grad, torch.full_like(theta, 0.75))
+print("ok")
+"""
+
+
+@needs_extension
+def test_autograd_without_the_private_dispatcher_pieces(rng):
+    """ops.py's lean autograd kernels use torch._C._after_autograd_keyset and OpOverload.redispatch,
+    which are private; without them (or with STARFAST_PUBLIC_AUTOGRAD=1, as here, in a subprocess:
+    the choice is made at import) it registers the public torch.library.register_autograd with
+    the same formulas."""
+    import os
+    import subprocess
+    import sys
+
+    seed = int(torch.randint(0, 2**31, (1,), generator=rng))
+    program = PUBLIC_AUTOGRAD_PROGRAM.replace("SEED", str(seed))
+    environment = {**os.environ, "STARFAST_PUBLIC_AUTOGRAD": "1"}
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=environment)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+    assert ops.LEAN_AUTOGRAD  # this process (torch 2.13) takes the lean path, which the other tests cover
+
+
+@needs_extension
+@pytest.mark.skipif(not ops.HAVE_CUDA_KERNELS, reason="the extension was built without nvcc: no CUDA bindings")
+def test_cuda_bindings_accept_what_ops_passes():
+    """Rehearsed without a GPU: the CUDA bindings parse the arguments ops.py builds for them (the
+    kernels' operands, then the bad-position slot, device and stream); an empty launch returns
+    before any CUDA call."""
+    rows = torch.empty(0, 5)
+    permute_args = ops._permute_core_args(*ops._permute_operands(rows, torch.arange(5), rows.clone()), rows)
+    assert ops._core.permute_cuda(*permute_args, 0, 0, 0) is None
+    theta, source, index = ops._lerp_gather_operands(torch.empty(0), torch.empty(1, 0), 0, torch.arange(0))
+    assert ops._core.lerp_gather_cuda(*ops._lerp_gather_core_args(theta, source, index, theta, 0.5), 0, 0, 0) is None
+    with pytest.raises(TypeError):  # the slot is not optional: a call without it is refused, not misread
+        ops._core.permute_cuda(*permute_args, 0, 0)

@@ -41,3 +41,21 @@ def test_quiet_draws_nothing(monkeypatch):
     for _ in progress_bar(range(10), enabled=False, desc="quiet", file=stream):
         pass
     assert stream.getvalue() == ""
+
+
+def test_a_log_gets_a_line_at_least_every_interval_even_when_nothing_moves(monkeypatch):
+    """A long epoch of a large model moves the bar once in minutes; the log still grows by a line
+    (with the elapsed time) every interval. Here the interval is 0.2 s and nothing moves for 1 s."""
+    import time
+
+    stream = FakeStderr(False)
+    monkeypatch.setattr(sys, "stderr", stream)
+    bar = progress_bar(total=3, desc="models × epochs", unit="epoch", file=stream, mininterval=0.2)
+    time.sleep(1.0)
+    lines_while_waiting = stream.getvalue().count("models × epochs")
+    bar.update(3)
+    bar.close()
+    assert lines_while_waiting >= 3, stream.getvalue()
+    count_after_close = stream.getvalue().count("models × epochs")
+    time.sleep(0.5)
+    assert stream.getvalue().count("models × epochs") == count_after_close  # the heartbeat stops with the bar

@@ -1,8 +1,10 @@
 // Jonker–Volgenant linear assignment; see lap.hpp for the contract.
 #include "lap.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
+#include <stdexcept>
 #include <string>
 
 namespace starfast {
@@ -11,17 +13,37 @@ namespace {
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
-// Reads entry (i, j) as a cost to minimise: maximisation negates on the fly, so no copy of the
-// matrix is ever made.
-template <typename T, bool Maximize>
+// The solver's prices and path lengths are differences of costs and of earlier prices; they grow
+// to a small multiple of the largest |cost| (reduced costs up to twice it, prices lowered by
+// them), so a float64 matrix with entries near DBL_MAX (~2^1024) overflows to inf - inf = NaN, and
+// the augmenting-path search then ran off its arrays. Such a matrix is solved scaled by a power
+// of two (exact, and it changes no comparison) so that its largest |entry| lies just below
+// 2^kLargestSolvedExponent, leaving 2^64 of headroom for that growth (a factor 2 sufficed in
+// every trial). A float32 matrix never needs it: its entries are below 2^128.
+constexpr int kLargestSolvedExponent = 1024 - 64;
+constexpr double kLargestSolved = 0x1p960;  // 2^kLargestSolvedExponent
+
+// Reads entry (i, j) as a cost to minimise: maximisation negates on the fly, and with Scaled the
+// entry is multiplied by `scale` (a power of two), so no copy of the matrix is ever made.
+template <typename T, bool Maximize, bool Scaled = false>
 struct CostView {
   const T* data;
   int64_t n;
+  double scale = 1.0;
   inline const T* row(int64_t i) const { return data + i * n; }
-  static inline double at(const T* row, int64_t j) {
-    return Maximize ? -static_cast<double>(row[j]) : static_cast<double>(row[j]);
+  inline double at(const T* row, int64_t j) const {
+    const double h = Maximize ? -static_cast<double>(row[j]) : static_cast<double>(row[j]);
+    if constexpr (Scaled) return h * scale;
+    return h;
   }
 };
+
+template <typename T>
+double largest_magnitude(int64_t n, const T* cost) {
+  double largest = 0.0;
+  for (int64_t k = 0; k < n * n; ++k) largest = std::max(largest, std::fabs(static_cast<double>(cost[k])));
+  return largest;
+}
 
 template <typename T>
 void throw_non_finite(int64_t n, const T* cost) {
@@ -33,8 +55,10 @@ void throw_non_finite(int64_t n, const T* cost) {
   }
 }
 
-template <typename T, bool Maximize>
-void solve_impl(const CostView<T, Maximize>& c, int64_t* x, Workspace& ws) {
+// Solves the problem `c` into x. Returns false, having solved nothing, when `c` is unscaled and its
+// largest |entry| needs scaling (see kLargestSolvedExponent); that magnitude is then in *peak.
+template <typename T, bool Maximize, bool Scaled>
+bool solve_impl(const CostView<T, Maximize, Scaled>& c, int64_t* x, Workspace& ws, double* peak) {
   const int64_t n = c.n;
   ws.resize(n);
   double* v = ws.v.data();
@@ -47,24 +71,35 @@ void solve_impl(const CostView<T, Maximize>& c, int64_t* x, Workspace& ws) {
   int64_t* argmin = ws.col_argmin.data();
 
   // Column reduction: v[j] = min_i c(i, j), computed row by row so memory is read in order.
-  // The same pass validates the input: h * 0 is NaN exactly when h is NaN or infinite.
+  // The same pass screens the input: the sum of |h| is NaN or infinite when an entry is, and at
+  // least the largest |h|, so only when it reaches 2^kLargestSolvedExponent is a closer look (and
+  // perhaps scaling) needed.
   for (int64_t j = 0; j < n; ++j) {
     v[j] = kInf;
     argmin[j] = 0;
   }
-  double poison = 0.0;
+  double magnitudes = 0.0;
   for (int64_t i = 0; i < n; ++i) {
     const T* row = c.row(i);
     for (int64_t j = 0; j < n; ++j) {
-      const double h = CostView<T, Maximize>::at(row, j);
-      poison += h * 0.0;
+      const double h = c.at(row, j);
+      magnitudes += std::fabs(h);
       if (h < v[j]) {
         v[j] = h;
         argmin[j] = i;
       }
     }
   }
-  if (poison != 0.0) throw_non_finite(n, c.data);
+  if (!(magnitudes < kLargestSolved)) {  // rare: a NaN, infinite or huge entry, or many large ones
+    throw_non_finite(n, c.data);
+    if (!Scaled) {  // (a scaled matrix is below kLargestSolved by construction)
+      const double largest = largest_magnitude(n, c.data);
+      if (largest >= kLargestSolved) {
+        *peak = largest;
+        return false;
+      }
+    }
+  }
   for (int64_t i = 0; i < n; ++i) {
     x[i] = -1;
     matches[i] = 0;
@@ -93,10 +128,10 @@ void solve_impl(const CostView<T, Maximize>& c, int64_t* x, Workspace& ws) {
       double second = kInf;
       for (int64_t j = 0; j < n; ++j) {
         if (j == j1) continue;
-        const double h = CostView<T, Maximize>::at(row, j) - v[j];
+        const double h = c.at(row, j) - v[j];
         if (h < second) second = h;
       }
-      if (second < kInf) v[j1] -= second - (CostView<T, Maximize>::at(row, j1) - v[j1]);
+      if (second < kInf) v[j1] -= second - (c.at(row, j1) - v[j1]);
     }
   }
 
@@ -113,11 +148,11 @@ void solve_impl(const CostView<T, Maximize>& c, int64_t* x, Workspace& ws) {
     while (k < previous_free) {
       const int64_t i = free_rows[k++];
       const T* row = c.row(i);
-      double u1 = CostView<T, Maximize>::at(row, 0) - v[0];
+      double u1 = c.at(row, 0) - v[0];
       double u2 = kInf;
       int64_t j1 = 0, j2 = -1;
       for (int64_t j = 1; j < n; ++j) {
-        const double h = CostView<T, Maximize>::at(row, j) - v[j];
+        const double h = c.at(row, j) - v[j];
         if (h < u2) {
           if (h >= u1) {
             u2 = h;
@@ -141,7 +176,7 @@ void solve_impl(const CostView<T, Maximize>& c, int64_t* x, Workspace& ws) {
           v[j1] = lowered;
           retry_now = true;
         }
-      } else if (i0 >= 0) {
+      } else if (i0 >= 0 && j2 >= 0) {  // (no j2 only if reduced costs were not finite)
         j1 = j2;  // a tie: j2 is just as cheap, take it if it is free
         i0 = y[j1];
       }
@@ -165,7 +200,7 @@ void solve_impl(const CostView<T, Maximize>& c, int64_t* x, Workspace& ws) {
     const int64_t start = free_rows[f];
     const T* srow = c.row(start);
     for (int64_t j = 0; j < n; ++j) {
-      d[j] = CostView<T, Maximize>::at(srow, j) - v[j];
+      d[j] = c.at(srow, j) - v[j];
       pred[j] = start;
       collist[j] = j;
     }
@@ -173,6 +208,9 @@ void solve_impl(const CostView<T, Maximize>& c, int64_t* x, Workspace& ws) {
     double mind = 0.0;
     while (end_of_path < 0) {
       if (up == low) {
+        // Every column scanned and none free cannot happen with finite reduced costs (scaling
+        // keeps them finite); were it to, stop rather than read past the column list.
+        if (up >= n) throw std::logic_error("linear_assignment: no augmenting path found (non-finite reduced costs)");
         last = low - 1;
         mind = d[collist[up++]];
         for (int64_t k = up; k < n; ++k) {
@@ -198,10 +236,10 @@ void solve_impl(const CostView<T, Maximize>& c, int64_t* x, Workspace& ws) {
       const int64_t j1 = collist[low++];
       const int64_t i = y[j1];
       const T* row = c.row(i);
-      const double h = CostView<T, Maximize>::at(row, j1) - v[j1] - mind;
+      const double h = c.at(row, j1) - v[j1] - mind;
       for (int64_t k = up; k < n; ++k) {
         const int64_t j = collist[k];
-        const double v2 = CostView<T, Maximize>::at(row, j) - v[j] - h;
+        const double v2 = c.at(row, j) - v[j] - h;
         if (v2 < d[j]) {
           pred[j] = i;
           if (v2 == mind) {
@@ -231,6 +269,19 @@ void solve_impl(const CostView<T, Maximize>& c, int64_t* x, Workspace& ws) {
       end_of_path = previous;
     } while (i != start);
   }
+  return true;
+}
+
+// Solves unscaled when the entries allow it, else scaled so that the largest |entry| lies in
+// [2^(kLargestSolvedExponent - 1), 2^kLargestSolvedExponent).
+template <typename T, bool Maximize>
+void solve_scaled_if_needed(const T* cost, int64_t n, int64_t* x, Workspace& ws) {
+  double peak = 0.0;
+  if (solve_impl(CostView<T, Maximize>{cost, n}, x, ws, &peak)) return;
+  int exponent;
+  std::frexp(peak, &exponent);  // peak < 2^exponent
+  const double scale = std::ldexp(1.0, kLargestSolvedExponent - exponent);
+  solve_impl(CostView<T, Maximize, true>{cost, n, scale}, x, ws, nullptr);
 }
 
 }  // namespace
@@ -253,9 +304,9 @@ double solve(int64_t n, const T* cost, bool maximize, int64_t* row_to_col, Works
   if (n < 0) throw std::invalid_argument("linear_assignment: negative size");
   if (n == 0) return 0.0;
   if (maximize) {
-    solve_impl(CostView<T, true>{cost, n}, row_to_col, ws);
+    solve_scaled_if_needed<T, true>(cost, n, row_to_col, ws);
   } else {
-    solve_impl(CostView<T, false>{cost, n}, row_to_col, ws);
+    solve_scaled_if_needed<T, false>(cost, n, row_to_col, ws);
   }
   double total = 0.0;
   for (int64_t i = 0; i < n; ++i) total += static_cast<double>(cost[i * n + row_to_col[i]]);

@@ -16,8 +16,10 @@ namespace starfast {
 namespace lap {
 
 // Solves one problem. Arithmetic is always in double (a float32 matrix is read as float32 and
-// widened on the fly). Throws std::invalid_argument on a NaN or infinite entry or n < 0.
-// Returns the optimal objective, computed in double from the original entries.
+// widened on the fly); any finite matrix is solved, those with entries near the largest double
+// scaled by a power of two so that no intermediate overflows. Throws std::invalid_argument on a
+// NaN or infinite entry or n < 0. Returns the optimal objective, summed in double from the
+// original entries (so +-inf when that sum overflows double, as it may near the largest double).
 template <typename T>
 double solve(int64_t n, const T* cost, bool maximize, int64_t* row_to_col);
 

@@ -1,7 +1,8 @@
 // The compiled core of starfast's ops: kernels on plain pointers, sizes and type codes, with no
 // torch (or Python) headers, so one build loads with any torch. starfast/ops.py registers the ops
 // through torch.library and checks shapes, dtypes, devices and contiguity before calling these
-// (through the bindings in module.cpp); the kernels trust their arguments.
+// (through the bindings in module.cpp); the kernels trust their pointers, sizes and codes, but not
+// the values of an index: an out-of-range value is never read through (index.hpp) but reported.
 #pragma once
 
 #include <cstdint>
@@ -41,9 +42,12 @@ struct LerpGatherArgs {
   IndexType index_type;
 };
 
-// CPU kernels (cpu/*.cpp), parallel over at most `threads` OpenMP threads.
-void permute_cpu(const PermuteArgs& args, int threads);
-void lerp_gather_cpu(const LerpGatherArgs& args, int threads);
+// CPU kernels (cpu/*.cpp), parallel over at most `threads` OpenMP threads. An index value outside
+// [0, length) reads the element's own position instead; each returns the lowest position in the
+// index array ([length], or [num_rows, length] flat for a per-row permute index) holding such a
+// value, or -1 when every value was in bounds.
+int64_t permute_cpu(const PermuteArgs& args, int threads);
+int64_t lerp_gather_cpu(const LerpGatherArgs& args, int threads);
 
 // Solves `batch` dense [n, n] problems stored contiguously (float32 or float64) with the
 // Jonker-Volgenant solver of csrc/lap, one problem per thread at a time; writes each row's column
@@ -54,8 +58,10 @@ std::string linear_assignment_cpu(const void* cost, FloatType dtype, int64_t bat
 
 // CUDA kernels (cuda/gather.cu, built only where nvcc is found): launched on `stream` (a
 // cudaStream_t: torch's current stream) of GPU `device`. Return an empty string or CUDA's error.
-std::string permute_cuda(const PermuteArgs& args, int device, void* stream);
-std::string lerp_gather_cuda(const LerpGatherArgs& args, int device, void* stream);
+// Out-of-range index values are handled as on the CPU; the lowest bad position is lowered into
+// `first_bad` (one uint64 in device memory, set to all ones by the caller) when it is not null.
+std::string permute_cuda(const PermuteArgs& args, uint64_t* first_bad, int device, void* stream);
+std::string lerp_gather_cuda(const LerpGatherArgs& args, uint64_t* first_bad, int device, void* stream);
 
 }  // namespace ops
 }  // namespace starfast

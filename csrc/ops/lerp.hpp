@@ -4,11 +4,7 @@
 
 #include <cmath>
 
-#if defined(__CUDACC__)
-#define STARFAST_HOST_DEVICE __host__ __device__
-#else
-#define STARFAST_HOST_DEVICE
-#endif
+#include "host_device.hpp"
 
 namespace starfast {
 namespace ops {

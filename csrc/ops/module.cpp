@@ -1,7 +1,8 @@
 // starfast._C: Python bindings of the compiled core (../kernels.hpp), on Python's limited API so
 // one build serves every CPython >= 3.9, and with no torch headers so it serves every torch.
 // Each function takes data pointers (tensor.data_ptr()), sizes and the type codes exported below,
-// already checked by starfast/ops.py; the CPU kernels run with the GIL released.
+// already checked by starfast/ops.py; the CPU kernels run with the GIL released and return the
+// lowest position of an out-of-range index value (-1: none), which ops.py turns into an IndexError.
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
@@ -28,32 +29,38 @@ bool valid_codes(int index_type, int float_type, int element_size) {
 }
 
 // Each op's CPU and CUDA forms share their leading arguments; then come the CPU's thread count,
-// or the CUDA device and stream.
-bool parse_permute(PyObject* args, bool cuda, PermuteArgs* op, int* threads_or_device, unsigned long long* stream) {
+// or for CUDA the kernel's bad-position slot (a device pointer, 0 for none), device and stream.
+struct Trailing {
+  int threads_or_device = 0;
+  unsigned long long first_bad = 0, stream = 0;
+};
+
+bool parse_permute(PyObject* args, bool cuda, PermuteArgs* op, Trailing* trailing) {
   unsigned long long rows, index, out;
   long long num_rows, length;
   int shared, element_size, index_type;
-  if (!PyArg_ParseTuple(args, cuda ? "KKKLLpiiiK" : "KKKLLpiii", &rows, &index, &out, &num_rows, &length, &shared,
-                        &element_size, &index_type, threads_or_device, stream)) {
-    return false;
-  }
-  if (!valid_codes(index_type, 0, element_size)) return false;
+  const bool parsed =
+      cuda ? PyArg_ParseTuple(args, "KKKLLpiiKiK", &rows, &index, &out, &num_rows, &length, &shared, &element_size,
+                              &index_type, &trailing->first_bad, &trailing->threads_or_device, &trailing->stream)
+           : PyArg_ParseTuple(args, "KKKLLpiii", &rows, &index, &out, &num_rows, &length, &shared, &element_size,
+                              &index_type, &trailing->threads_or_device);
+  if (!parsed || !valid_codes(index_type, 0, element_size)) return false;
   *op = {reinterpret_cast<const void*>(rows), reinterpret_cast<const void*>(index), reinterpret_cast<void*>(out),
          num_rows, length, shared != 0, element_size, static_cast<IndexType>(index_type)};
   return true;
 }
 
-bool parse_lerp_gather(PyObject* args, bool cuda, LerpGatherArgs* op, int* threads_or_device,
-                       unsigned long long* stream) {
+bool parse_lerp_gather(PyObject* args, bool cuda, LerpGatherArgs* op, Trailing* trailing) {
   unsigned long long theta, source, index, out;
   long long length;
   double t;
   int float_type, index_type;
-  if (!PyArg_ParseTuple(args, cuda ? "KKKKLdiiiK" : "KKKKLdiii", &theta, &source, &index, &out, &length, &t,
-                        &float_type, &index_type, threads_or_device, stream)) {
-    return false;
-  }
-  if (!valid_codes(index_type, float_type, 4)) return false;
+  const bool parsed =
+      cuda ? PyArg_ParseTuple(args, "KKKKLdiiKiK", &theta, &source, &index, &out, &length, &t, &float_type, &index_type,
+                              &trailing->first_bad, &trailing->threads_or_device, &trailing->stream)
+           : PyArg_ParseTuple(args, "KKKKLdiii", &theta, &source, &index, &out, &length, &t, &float_type, &index_type,
+                              &trailing->threads_or_device);
+  if (!parsed || !valid_codes(index_type, float_type, 4)) return false;
   *op = {reinterpret_cast<const void*>(theta), reinterpret_cast<const void*>(source),
          reinterpret_cast<const void*>(index), reinterpret_cast<void*>(out), length, t,
          static_cast<FloatType>(float_type), static_cast<IndexType>(index_type)};
@@ -61,18 +68,20 @@ bool parse_lerp_gather(PyObject* args, bool cuda, LerpGatherArgs* op, int* threa
 }
 
 template <typename Op>
-using Parser = bool (*)(PyObject*, bool, Op*, int*, unsigned long long*);
+using Parser = bool (*)(PyObject*, bool, Op*, Trailing*);
 
-// The CPU binding of an op: parse, then run the kernel on the caller's thread count.
-template <typename Op, Parser<Op> Parse, void (*Kernel)(const Op&, int)>
+// The CPU binding of an op: parse, run the kernel on the caller's thread count, return the
+// lowest bad index position (-1: none).
+template <typename Op, Parser<Op> Parse, int64_t (*Kernel)(const Op&, int)>
 PyObject* on_cpu(PyObject*, PyObject* args) {
   Op op;
-  int threads;
-  if (!Parse(args, false, &op, &threads, nullptr)) return nullptr;
+  Trailing trailing;
+  if (!Parse(args, false, &op, &trailing)) return nullptr;
+  int64_t bad;
   Py_BEGIN_ALLOW_THREADS
-  Kernel(op, threads);
+  bad = Kernel(op, trailing.threads_or_device);
   Py_END_ALLOW_THREADS
-  Py_RETURN_NONE;
+  return PyLong_FromLongLong(bad);
 }
 
 PyObject* linear_assignment(PyObject*, PyObject* args) {
@@ -99,13 +108,13 @@ PyObject* linear_assignment(PyObject*, PyObject* args) {
 #ifdef STARFAST_WITH_CUDA
 // The CUDA binding of an op: parse, then launch on the given device and stream (asynchronous, so
 // the GIL is kept; a launch error becomes a RuntimeError).
-template <typename Op, Parser<Op> Parse, std::string (*Kernel)(const Op&, int, void*)>
+template <typename Op, Parser<Op> Parse, std::string (*Kernel)(const Op&, uint64_t*, int, void*)>
 PyObject* on_cuda(PyObject*, PyObject* args) {
   Op op;
-  int device;
-  unsigned long long stream;
-  if (!Parse(args, true, &op, &device, &stream)) return nullptr;
-  const std::string error = Kernel(op, device, reinterpret_cast<void*>(stream));
+  Trailing trailing;
+  if (!Parse(args, true, &op, &trailing)) return nullptr;
+  const std::string error = Kernel(op, reinterpret_cast<uint64_t*>(trailing.first_bad), trailing.threads_or_device,
+                                   reinterpret_cast<void*>(trailing.stream));
   if (!error.empty()) {
     PyErr_SetString(PyExc_RuntimeError, error.c_str());
     return nullptr;
@@ -116,16 +125,18 @@ PyObject* on_cuda(PyObject*, PyObject* args) {
 
 PyMethodDef methods[] = {
     {"permute", on_cpu<PermuteArgs, parse_permute, starfast::ops::permute_cpu>, METH_VARARGS,
-     "permute(rows, index, out, num_rows, length, shared_index, element_size, index_type, threads)"},
+     "permute(rows, index, out, num_rows, length, shared_index, element_size, index_type, threads) -> bad position"},
     {"lerp_gather", on_cpu<LerpGatherArgs, parse_lerp_gather, starfast::ops::lerp_gather_cpu>, METH_VARARGS,
-     "lerp_gather(theta, source, index or 0, out, length, t, float_type, index_type, threads)"},
+     "lerp_gather(theta, source, index or 0, out, length, t, float_type, index_type, threads) -> bad position"},
     {"linear_assignment", linear_assignment, METH_VARARGS,
      "linear_assignment(cost, float_type, batch, n, maximize, out, threads); ValueError on a non-finite cost"},
 #ifdef STARFAST_WITH_CUDA
     {"permute_cuda", on_cuda<PermuteArgs, parse_permute, starfast::ops::permute_cuda>, METH_VARARGS,
-     "permute_cuda(rows, index, out, num_rows, length, shared_index, element_size, index_type, device, stream)"},
+     "permute_cuda(rows, index, out, num_rows, length, shared_index, element_size, index_type, first_bad or 0, device, "
+     "stream)"},
     {"lerp_gather_cuda", on_cuda<LerpGatherArgs, parse_lerp_gather, starfast::ops::lerp_gather_cuda>, METH_VARARGS,
-     "lerp_gather_cuda(theta, source, index or 0, out, length, t, float_type, index_type, device, stream)"},
+     "lerp_gather_cuda(theta, source, index or 0, out, length, t, float_type, index_type, first_bad or 0, device, "
+     "stream)"},
 #endif
     {nullptr, nullptr, 0, nullptr}};
 

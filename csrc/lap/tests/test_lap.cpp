@@ -1,7 +1,9 @@
 // C++ tests of starfast::lap without Python: the solver's objective is compared with brute force
 // (n <= 7) and with an independent textbook O(n^3) Hungarian method on random problems of the
 // kinds weight matching meets (iid, integer ties, all-equal, rank-1, weight-matching-like, huge
-// and tiny magnitudes), and every answer must be a permutation.
+// and tiny magnitudes), and on matrices whose entries reach the largest float64 / float32 (whose
+// sums overflow double: the solver aborted the process on them); every answer must be a
+// permutation.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -159,6 +161,65 @@ void check_case(const std::string& kind, int n, bool maximize, std::mt19937_64& 
          name + " float32: objective differs from float64 solve");
 }
 
+// Entries up to the type's largest finite value: uniform in [-max, max], only -max, 0 and max
+// (every sum of two overflows float64, and ties abound), or max everywhere except one small
+// entry per row (the answer hinges on entries 300 orders of magnitude below the rest).
+template <typename T>
+std::vector<T> make_extreme(const std::string& kind, int n, std::mt19937_64& rng) {
+  const double top = std::numeric_limits<T>::max();
+  std::uniform_real_distribution<double> unit(-1.0, 1.0);
+  std::uniform_int_distribution<int> sign(-1, 1), column(0, n - 1);
+  std::vector<T> a(static_cast<size_t>(n) * n);
+  for (int i = 0; i < n; ++i) {
+    for (int j = 0; j < n; ++j) {
+      double e = kind == "extreme" ? top * unit(rng) : kind == "extreme-signs" ? top * sign(rng) : top;
+      a[i * n + j] = static_cast<T>(e);
+    }
+    if (kind == "extreme-rows") a[i * n + column(rng)] = static_cast<T>(unit(rng));
+  }
+  return a;
+}
+
+template <typename T>
+void check_extreme_case(const std::string& kind, int n, bool maximize, std::mt19937_64& rng) {
+  const std::vector<T> a = make_extreme<T>(kind, n, rng);
+  const std::string name = kind + (sizeof(T) == 4 ? " float32" : " float64") + " n=" + std::to_string(n) +
+                           (maximize ? " max" : " min");
+  std::vector<int64_t> x(n);
+  try {
+    starfast::lap::solve<T>(n, a.data(), maximize, x.data());
+  } catch (const std::exception& error) {
+    expect(false, name + ": threw " + error.what());
+    return;
+  }
+  expect(is_permutation(n, x), name + ": not a permutation");
+  if (!is_permutation(n, x)) return;
+  // Objectives compared on the entries times 2^-64 (exact here), where no sum overflows.
+  std::vector<double> scaled(a.size());
+  for (size_t k = 0; k < a.size(); ++k) scaled[k] = std::ldexp(static_cast<double>(a[k]), -64) * (maximize ? -1 : 1);
+  double got = 0.0, largest = 0.0;
+  for (int i = 0; i < n; ++i) got += scaled[i * n + x[i]];
+  for (double e : scaled) largest = std::max(largest, std::fabs(e));
+  const double want = n <= 7 ? brute_force_min(n, scaled) : hungarian_min(n, scaled);
+  // Sums of n entries of up to `largest` are exact to n ulps of it; the small entries of
+  // "extreme-rows" are below that resolution, so there only the large-entry part is compared.
+  const double tol = 4.0 * n * largest * std::numeric_limits<double>::epsilon();
+  char numbers[96];
+  std::snprintf(numbers, sizeof(numbers), "%.17g != reference %.17g", got, want);
+  expect(std::fabs(got - want) <= tol, name + ": objective (x 2^-64) " + numbers);
+  if (kind == "extreme-rows" && !maximize) {  // the optimum avoids every max entry when it can
+    bool avoided = true;
+    for (int i = 0; i < n; ++i) avoided &= static_cast<double>(a[i * n + x[i]]) != static_cast<double>(std::numeric_limits<T>::max());
+    std::vector<int> columns;  // a permutation through the small entries exists if their columns differ
+    for (int i = 0; i < n; ++i)
+      for (int j = 0; j < n; ++j)
+        if (static_cast<double>(a[i * n + j]) != static_cast<double>(std::numeric_limits<T>::max())) columns.push_back(j);
+    std::sort(columns.begin(), columns.end());
+    const bool possible = std::adjacent_find(columns.begin(), columns.end()) == columns.end();
+    expect(!possible || avoided, name + ": took a max entry although the small ones form a permutation");
+  }
+}
+
 void check_errors() {
   const double nan = std::numeric_limits<double>::quiet_NaN();
   std::vector<double> a = {1.0, nan, 0.0, 2.0};
@@ -192,6 +253,14 @@ int main() {
       for (int rep = 0; rep < 20; ++rep, ++cases) check_case(kind, n, rep % 2 == 1, rng);
     for (int n : {8, 17, 33, 64, 100, 150})
       for (int rep = 0; rep < 4; ++rep, ++cases) check_case(kind, n, rep % 2 == 1, rng);
+  }
+  for (const char* kind : {"extreme", "extreme-signs", "extreme-rows"}) {
+    for (int n : {1, 2, 3, 5, 7, 12, 40, 150}) {
+      for (int rep = 0; rep < 6; ++rep, cases += 2) {
+        check_extreme_case<double>(kind, n, rep % 2 == 1, rng);
+        check_extreme_case<float>(kind, n, rep % 2 == 1, rng);
+      }
+    }
   }
   check_errors();
   std::printf("%d cases, %d failures\n", cases, failures);

@@ -2,7 +2,9 @@
 // one launch each on the stream torch passes (its current stream). Grid-stride loops: a grid of
 // at most kMaxBlocks blocks of kThreads threads, each thread taking every (grid size)-th element.
 // No torch headers: plain pointers, and the CUDA runtime linked statically, so the device is set
-// here (on this runtime's own per-thread state) rather than inherited from torch.
+// here (on this runtime's own per-thread state) rather than inherited from torch. Index values are
+// checked by index.hpp's checked_position, as on the CPU; each thread lowers the op's bad-position
+// slot once, at its end, if it met an out-of-range value.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -12,6 +14,7 @@
 #include <type_traits>
 
 #include "../dispatch.hpp"
+#include "../index.hpp"
 #include "../kernels.hpp"
 #include "../lerp.hpp"
 
@@ -27,14 +30,25 @@ int blocks_for(int64_t count) {
   return static_cast<int>(blocks < kMaxBlocks ? blocks : kMaxBlocks);
 }
 
+// Lowers the op's slot to a thread's lowest bad position (none: nothing to do; no slot: the
+// caller did not ask, as for index maps starfast built itself).
+__device__ void report_bad_index(uint64_t* first_bad, uint64_t thread_bad) {
+  static_assert(sizeof(unsigned long long) == sizeof(uint64_t), "atomicMin on 64 bits");
+  if (thread_bad != kNoBadIndex && first_bad != nullptr) {
+    atomicMin(reinterpret_cast<unsigned long long*>(first_bad), static_cast<unsigned long long>(thread_bad));
+  }
+}
+
 template <typename T, typename I>
 __global__ void permute_kernel(const T* __restrict__ rows, const I* __restrict__ index, T* __restrict__ out,
-                               int64_t length, int64_t total, bool shared) {
+                               int64_t length, int64_t total, bool shared, uint64_t* first_bad) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  uint64_t thread_bad = kNoBadIndex;
   for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < total; k += stride) {
-    const int64_t first = k / length * length;
-    out[k] = rows[first + static_cast<int64_t>(index[shared ? k - first : k])];
+    const int64_t first = k / length * length, p = k - first, at = shared ? p : k;
+    out[k] = rows[first + checked_position(index[at], length, p, at, thread_bad)];
   }
+  report_bad_index(first_bad, thread_bad);
 }
 
 // How lerp_gather reads and writes an element of each row type (torch's conversions: round to
@@ -60,16 +74,21 @@ struct Element<__half> {
 
 template <typename T, typename I>
 __global__ void lerp_gather_kernel(const T* __restrict__ theta, const T* __restrict__ source,
-                                   const void* __restrict__ index, T* __restrict__ out, int64_t length, double t) {
+                                   const void* __restrict__ index, T* __restrict__ out, int64_t length, double t,
+                                   uint64_t* first_bad) {
   using E = Element<T>;
   using acc_t = typename E::acc_t;
   const acc_t w = static_cast<acc_t>(t);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  uint64_t thread_bad = kNoBadIndex;
   for (int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; p < length; p += stride) {
     int64_t j = p;
-    if constexpr (!std::is_same<I, NoIndex>::value) j = static_cast<int64_t>(static_cast<const I*>(index)[p]);
+    if constexpr (!std::is_same<I, NoIndex>::value) {
+      j = checked_position(static_cast<const I*>(index)[p], length, p, p, thread_bad);
+    }
     out[p] = E::store(lerp_like_torch<acc_t>(E::load(theta[p]), E::load(source[j]), w));
   }
+  report_bad_index(first_bad, thread_bad);
 }
 
 // Makes `device` current for this runtime during a launch, and restores the previous one.
@@ -100,46 +119,46 @@ std::string launch_result(const char* op, cudaError_t status) {
 }
 
 template <typename T, typename I>
-void launch_permute(const PermuteArgs& args, cudaStream_t stream) {
+void launch_permute(const PermuteArgs& args, uint64_t* first_bad, cudaStream_t stream) {
   const int64_t total = args.num_rows * args.length;
   permute_kernel<T, I><<<blocks_for(total), kThreads, 0, stream>>>(
       static_cast<const T*>(args.rows), static_cast<const I*>(args.index), static_cast<T*>(args.out), args.length, total,
-      args.shared_index);
+      args.shared_index, first_bad);
 }
 
 template <typename T>
-void launch_lerp_gather(const LerpGatherArgs& args, cudaStream_t stream) {
+void launch_lerp_gather(const LerpGatherArgs& args, uint64_t* first_bad, cudaStream_t stream) {
   with_optional_index_type(args.index, args.index_type, [&](auto index) {
     lerp_gather_kernel<T, decltype(index)><<<blocks_for(args.length), kThreads, 0, stream>>>(
         static_cast<const T*>(args.theta), static_cast<const T*>(args.source), args.index, static_cast<T*>(args.out),
-        args.length, args.t);
+        args.length, args.t, first_bad);
   });
 }
 
 }  // namespace
 
-std::string permute_cuda(const PermuteArgs& args, int device, void* stream) {
+std::string permute_cuda(const PermuteArgs& args, uint64_t* first_bad, int device, void* stream) {
   if (args.num_rows * args.length == 0) return {};
   const DeviceGuard guard(device);
   if (guard.status() != cudaSuccess) return launch_result("permute", guard.status());
   with_index_type(args.index_type, [&](auto index) {
     with_element_type(args.element_size, [&](auto element) {
-      launch_permute<decltype(element), decltype(index)>(args, static_cast<cudaStream_t>(stream));
+      launch_permute<decltype(element), decltype(index)>(args, first_bad, static_cast<cudaStream_t>(stream));
     });
   });
   return launch_result("permute", cudaSuccess);
 }
 
-std::string lerp_gather_cuda(const LerpGatherArgs& args, int device, void* stream) {
+std::string lerp_gather_cuda(const LerpGatherArgs& args, uint64_t* first_bad, int device, void* stream) {
   if (args.length == 0) return {};
   const DeviceGuard guard(device);
   if (guard.status() != cudaSuccess) return launch_result("lerp_gather", guard.status());
   const auto cuda_stream = static_cast<cudaStream_t>(stream);
   switch (args.dtype) {
-    case FloatType::kFloat32: launch_lerp_gather<float>(args, cuda_stream); break;
-    case FloatType::kFloat64: launch_lerp_gather<double>(args, cuda_stream); break;
-    case FloatType::kBFloat16: launch_lerp_gather<__nv_bfloat16>(args, cuda_stream); break;
-    case FloatType::kFloat16: launch_lerp_gather<__half>(args, cuda_stream); break;
+    case FloatType::kFloat32: launch_lerp_gather<float>(args, first_bad, cuda_stream); break;
+    case FloatType::kFloat64: launch_lerp_gather<double>(args, first_bad, cuda_stream); break;
+    case FloatType::kBFloat16: launch_lerp_gather<__nv_bfloat16>(args, first_bad, cuda_stream); break;
+    case FloatType::kFloat16: launch_lerp_gather<__half>(args, first_bad, cuda_stream); break;
   }
   return launch_result("lerp_gather", cudaSuccess);
 }
