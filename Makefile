@@ -18,7 +18,7 @@ $(PY):
 # letting pip resolve a plain `torch` would pull a multi-GB CUDA build.
 $(VENV)/.deps: $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install numpy scipy safetensors tqdm pytest pytest-benchmark matplotlib scikit-learn mnist1d torchmetrics
+	$(PY) -m pip install numpy scipy safetensors tqdm pytest pytest-benchmark matplotlib scikit-learn mnist1d torchmetrics transformers
 	touch $@
 
 # The compiled core includes no torch headers, so any build mode works; editable for development.

@@ -28,7 +28,10 @@ from torch import nn
 
 from starfast.bank import Data, check_bank, run_bank
 from starfast.bn import batchnorm_buffer_names, recompute_bn
+from starfast import models
 from starfast.flat import ParamSpace
+from starfast.repair import repair_kind, repaired_buffers
+from starfast.spec import PermutationSpec
 from starfast.training_common import is_correct, per_example_loss
 
 LOSSES = ("auto", "cross_entropy", "binary")
@@ -169,7 +172,8 @@ class BarrierCurve:
     """Losses and accuracies at ``t`` along ``(1 - t) * a + t * b``, and the barriers.
 
     ``test_loss``/``test_acc`` are ``None`` without test data; ``loss_barrier`` and
-    ``acc_barrier`` map ``"train"`` (and ``"test"``) to eq. (1) on this grid.
+    ``acc_barrier`` map ``"train"`` (and ``"test"``) to eq. (1) on this grid; ``repair``: what was
+    done to the interior points' statistics (:func:`starfast.repair.repair_kind`).
     """
 
     t: torch.Tensor
@@ -179,6 +183,7 @@ class BarrierCurve:
     test_acc: Optional[torch.Tensor] = None
     loss_barrier: Dict[str, float] = field(default_factory=dict)
     acc_barrier: Dict[str, float] = field(default_factory=dict)
+    repair: str = "off"
 
     def to_dict(self) -> Dict[str, object]:
         """Plain lists and floats, ready for ``json.dump``."""
@@ -194,6 +199,7 @@ class BarrierCurve:
             "test_acc": listed(self.test_acc),
             "loss_barrier": dict(self.loss_barrier),
             "acc_barrier": dict(self.acc_barrier),
+            "repair": self.repair,
         }
 
 
@@ -213,6 +219,8 @@ def barrier_curve(
     loss: str = "auto",
     chunk_size: Optional[int] = None,
     memory_budget_bytes: Optional[int] = None,
+    repair: bool = False,
+    spec: Optional[PermutationSpec] = None,
 ) -> BarrierCurve:
     """Loss and accuracy along the segment from ``row_a`` to ``row_b``, and the barriers.
 
@@ -232,6 +240,11 @@ def barrier_curve(
         chunk_size, memory_budget_bytes: models per vmapped call, or its memory budget (see
             :func:`starfast.bn.recompute_bn`); ``chunk_size=1`` runs the points one by one without
             vmap, which can be faster on CPUs for convolutional nets.
+        repair: REPAIR the interior points (:mod:`starfast.repair`): their per-channel
+            pre-activation statistics set to the interpolation of the end points'; for a BatchNorm
+            network that is the recomputation done anyway (RESET), and nothing changes.
+        spec: the architecture's permutation spec, where REPAIR finds the layers to renormalise
+            (default: :func:`starfast.models.permutation_spec` of the skeleton).
 
     All points are one ``[T, P]`` bank: their BatchNorm statistics come from one batched
     :func:`~starfast.bn.recompute_bn` and their losses from one batched :func:`evaluate_rows` per
@@ -248,12 +261,30 @@ def barrier_curve(
     bank[weights == 1] = b
     chunking = dict(chunk_size=chunk_size, memory_budget_bytes=memory_budget_bytes)
     buffers = _path_buffers(skeleton, space, bank, grid, train_data, buffers_a, buffers_b, bn_batches, chunking)
+    kind = repair_kind(skeleton, repair)
+    interior = ((grid > 0) & (grid < 1)).nonzero().flatten()
+    # Each evaluated part: (its points on the grid, skeleton, its rows, their buffers).
+    parts = [(torch.arange(len(grid)), skeleton, bank, buffers)]
+    if kind == "repair" and len(interior):
+        spec = spec if spec is not None else models.permutation_spec(skeleton)
+        ends = (~((grid > 0) & (grid < 1))).nonzero().flatten()
+        points = _select_rows(bank, interior)
+        renormalised, repaired = repaired_buffers(
+            skeleton, spec, space, points, grid[interior], ((a, dict(buffers_a or {})), (b, dict(buffers_b or {}))),
+            train_data, max_batches=bn_batches, **chunking,
+        )
+        parts = [(ends, skeleton, bank[ends.to(bank.device)], {}), (interior, renormalised, points, repaired)]
 
     def evaluate(data: Data, argument: str) -> Tuple[torch.Tensor, torch.Tensor]:
-        losses, accuracies = evaluate_rows(skeleton, bank, buffers, data, space=space, loss=loss, argument=argument, **chunking)
-        return losses.cpu(), accuracies.cpu()
+        losses = torch.empty(len(grid), dtype=torch.float64)
+        accuracies = torch.empty(len(grid), dtype=torch.float64)
+        for where, module, rows, statistics in parts:
+            part_losses, part_accuracies = evaluate_rows(
+                module, rows, statistics, data, space=space, loss=loss, argument=argument, **chunking)
+            losses[where], accuracies[where] = part_losses.cpu(), part_accuracies.cpu()
+        return losses, accuracies
 
-    curve = BarrierCurve(grid, *evaluate(train_data, "train_data"))
+    curve = BarrierCurve(grid, *evaluate(train_data, "train_data"), repair=kind)
     splits = {"train": (curve.train_loss, curve.train_acc)}
     if test_data is not None:
         curve.test_loss, curve.test_acc = splits["test"] = evaluate(test_data, "test_data")

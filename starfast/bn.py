@@ -79,6 +79,7 @@ def recompute_bn(
     chunk_size: Optional[int] = None,
     memory_budget_bytes: Optional[int] = None,
     argument: str = "data",
+    fixed_buffers: Optional[Dict[str, torch.Tensor]] = None,
 ) -> Dict[str, torch.Tensor]:
     """BatchNorm running statistics of every row of ``rows``, over ``data``, in one pass.
 
@@ -93,6 +94,8 @@ def recompute_bn(
         memory_budget_bytes: budget of one vmapped call (default: 1 GiB on CPU, half the free
             memory on an accelerator).
         argument: the name of ``data`` in error messages.
+        fixed_buffers: other per-model buffers ``{name: [K, ...]}`` the rows run with (read, not
+            returned), e.g. REPAIR's goal statistics (:mod:`starfast.repair`).
 
     Returns:
         ``{buffer name: [K, ...]}`` (no leading ``K`` for a ``[P]`` row) with ``running_mean``,
@@ -109,7 +112,7 @@ def recompute_bn(
         return {}
     stats = _reset_stats(skeleton, bank.shape[0], bank.dtype, bank.device)
     run_bank(
-        skeleton, space, bank, stats, data,
+        skeleton, space, bank, {**(fixed_buffers or {}), **stats}, data,
         accumulating_batchnorms=[layer for _, layer in _tracking_batchnorms(skeleton)],
         argument=argument, max_batches=max_batches, chunk_size=chunk_size, memory_budget_bytes=memory_budget_bytes,
     )

@@ -20,8 +20,10 @@ import torch
 from starfast import bma, data, fusion, report
 from starfast.allocator import keep_freed_memory
 from starfast.arguments import DATA_ERRORS, check_data_dir, parse_arguments, parse_device, run_command
-from starfast.evaluation import EvaluationConfig, evaluate_run, write_results
-from starfast.matchers import MATCHERS, SINKHORN_FIELDS
+from starfast.evaluation import DEFAULT_EVAL_RESTARTS, DEFAULT_MATCHING_OPTIMA, EvaluationConfig, evaluate_run, write_results
+from starfast.activation_matching import DEFAULT_MATCH_EXAMPLES
+from starfast.matchers import DATA_MATCHERS, MATCHERS, SINKHORN_FIELDS, STE_FIELDS
+from starfast.ste_matching import DEFAULT_LR as STE_LR, DEFAULT_STEPS as STE_STEPS
 from starfast.report import format_table, verdict
 from starfast.files import StoredFileError
 from starfast.rundir import RunDir
@@ -39,9 +41,22 @@ def add_evaluation_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--eval-batch-size", type=int, default=500, help="evaluation batch size (default: 500)")
     group.add_argument("--match-init", choices=["identity", "sorted"], default="identity",
                        help="weight-matching start: identity (Git Re-Basin) or sorted (default: identity)")
+    group.add_argument("--match-restarts", type=int, metavar="R",
+                       help="restarts of the matcher per pair, batched, the best kept: weight matching's starts and "
+                            "group orders, Sinkhorn's noise draws (default: "
+                            f"{', '.join(f'{count} for {name}' for name, count in DEFAULT_EVAL_RESTARTS.items() if name != 'none')})")
+    group.add_argument("--matching-optima", type=int, default=DEFAULT_MATCHING_OPTIMA, metavar="K",
+                       help="per pair, also measure the barrier at the next best distinct optima the restarts reached, "
+                            f"K in all, for the spread due to the matching (1: only the best; default: {DEFAULT_MATCHING_OPTIMA})")
     group.add_argument("--eval-matcher", choices=MATCHERS, default="wm",
                        help="permutation finder aligning each measured pair: wm = weight matching, sinkhorn = Sinkhorn "
-                            "re-basin, none = no permutation (default: wm)")
+                            "re-basin, am = activation matching, ste = straight-through matching, none = no permutation "
+                            "(default: wm)")
+    group.add_argument("--repair", action="store_true",
+                       help="REPAIR every interpolated point: its per-channel pre-activation mean and std set to the "
+                            "interpolation of the end points' (on BatchNorm networks the usual recomputation, RESET)")
+    group.add_argument("--match-examples", type=int, metavar="N",
+                       help=f"training examples the data-based matchers (am, ste) observe (default: {DEFAULT_MATCH_EXAMPLES})")
     finders = parser.add_argument_group("Sinkhorn re-basin options (used where a matcher is sinkhorn)")
     finders.add_argument("--sinkhorn-lr", type=float, metavar="LR",
                          help=f"Adam learning rate on the logits (default: {DEFAULT_LR:g}; the paper searched "
@@ -51,27 +66,45 @@ def add_evaluation_flags(parser: argparse.ArgumentParser) -> None:
                          help=f"Sinkhorn temperature (default: {DEFAULT_TEMPERATURE:g})")
     finders.add_argument("--sinkhorn-iterations", type=int, metavar="I",
                          help=f"Sinkhorn normalisation iterations (default: {DEFAULT_ITERATIONS})")
+    straight = parser.add_argument_group("straight-through matching options (used where a matcher is ste)")
+    straight.add_argument("--ste-lr", type=float, metavar="LR", help=f"Adam learning rate on the free copy (default: {STE_LR:g})")
+    straight.add_argument("--ste-steps", type=int, metavar="K", help=f"optimisation steps (default: {STE_STEPS})")
 
 
-def sinkhorn_flags(args: argparse.Namespace) -> Dict[str, Any]:
-    """The ``--sinkhorn-*`` flags given, as :class:`~starfast.matchers.MatcherChoice` fields;
-    refused unless a matcher of the command line (``--eval-matcher``, and ``--matcher`` where it
-    exists) is ``sinkhorn``."""
-    given = {name: getattr(args, name) for name in SINKHORN_FIELDS if getattr(args, name) is not None}
-    if given and "sinkhorn" not in (args.eval_matcher, getattr(args, "matcher", None)):
-        where = "--eval-matcher sinkhorn" + (" or --matcher sinkhorn" if hasattr(args, "matcher") else "")
-        raise ValueError(f"--{next(iter(given)).replace('_', '-')} only applies to the sinkhorn matcher; add {where}")
+def finder_flags(args: argparse.Namespace, matcher: str, fields) -> Dict[str, Any]:
+    """The flags of ``fields`` given, as :class:`~starfast.matchers.MatcherChoice` fields; refused
+    unless a matcher of the command line (``--eval-matcher``, and ``--matcher`` where it exists) is
+    ``matcher``."""
+    given = {name: getattr(args, name) for name in fields if getattr(args, name) is not None}
+    if given and matcher not in (args.eval_matcher, getattr(args, "matcher", None)):
+        where = f"--eval-matcher {matcher}" + (f" or --matcher {matcher}" if hasattr(args, "matcher") else "")
+        raise ValueError(f"--{next(iter(given)).replace('_', '-')} only applies to the {matcher} matcher; add {where}")
     return given
+
+
+def matcher_fields(args: argparse.Namespace, matcher: str) -> Dict[str, Any]:
+    """The finder options of the command line that apply to ``matcher``, as
+    :class:`~starfast.matchers.MatcherChoice` fields. Every option given must apply to a matcher of
+    the command line (``--eval-matcher``, and ``--matcher`` where it exists): ``--sinkhorn-*`` to
+    ``sinkhorn``, ``--ste-*`` to ``ste``, ``--match-examples`` to a data-based one (``am``, ``ste``)."""
+    sinkhorn = finder_flags(args, "sinkhorn", SINKHORN_FIELDS)
+    ste = finder_flags(args, "ste", STE_FIELDS)
+    examples = {} if args.match_examples is None else {"match_examples": args.match_examples}
+    if examples and not set(DATA_MATCHERS) & {args.eval_matcher, getattr(args, "matcher", None)}:
+        where = "--eval-matcher am" + (" or --matcher am" if hasattr(args, "matcher") else "")
+        raise ValueError(f"--match-examples only applies to the data-based matchers (am, ste); add {where}")
+    return {**(sinkhorn if matcher == "sinkhorn" else {}), **(ste if matcher == "ste" else {}),
+            **(examples if matcher in DATA_MATCHERS else {})}
 
 
 def evaluation_config(args: argparse.Namespace) -> EvaluationConfig:
     """The evaluation flags as a (validated) :class:`EvaluationConfig`."""
-    sinkhorn = sinkhorn_flags(args)  # refused here when no matcher of the command line is sinkhorn
     return EvaluationConfig(
         heldout_pairs=args.heldout_pairs, heldout_source_pairs=args.heldout_source_pairs, star_sources=args.star_sources,
         ts=args.ts, bn_batches=args.bn_batches, batch_size=args.eval_batch_size,
-        match_init=None if args.match_init == "identity" else args.match_init,
-        matcher=args.eval_matcher, **(sinkhorn if args.eval_matcher == "sinkhorn" else {}),
+        match_init=None if args.match_init == "identity" else args.match_init, repair=args.repair,
+        match_restarts=args.match_restarts, matching_optima=args.matching_optima,
+        matcher=args.eval_matcher, **matcher_fields(args, args.eval_matcher),
     )
 
 
@@ -136,6 +169,8 @@ def check_application_flags(args: argparse.Namespace) -> None:
             raise ValueError(f"--{given[0].replace('_', '-')} needs --{flag}")
     if (args.bma or args.fusion) and args.eval_matcher != "wm":
         raise ValueError(f"--bma and --fusion align with weight matching; drop --eval-matcher {args.eval_matcher}")
+    if (args.bma or args.fusion) and args.repair:
+        raise ValueError("--repair applies to the barriers, which --bma and --fusion do not measure; drop --repair")
     defaults = {"bma_samples": 19, "bma_seed": 0, "fusion_sizes": [2, 5, 50], "fusion_ce_weight": 1.0, "fusion_star_seeds": 3}
     for name, value in defaults.items():
         if getattr(args, name) is None:

@@ -2,8 +2,10 @@
 
 ``evaluate_run(run, dataset)`` loads the source, held-out and star models of a run, aligns every
 pair it measures with the configured permutation finder (``config.matcher``: weight matching by
-default, Sinkhorn re-basin, or ``none`` to interpolate the models as they are; B permuted onto A,
-A is the star whenever one is involved, and B's BatchNorm statistics are permuted with it),
+default, Sinkhorn re-basin, activation or straight-through matching on ``match_examples``
+training examples, or ``none`` to interpolate the models as they are; B permuted onto A, A is the
+star whenever one is involved, and B's BatchNorm statistics are permuted with it), REPAIRs the
+paths when ``config.repair`` (:mod:`starfast.repair`),
 computes each pair's barrier curve with batched BatchNorm recomputation
 (:func:`starfast.barrier.barrier_curve`) and aggregates three kinds:
 
@@ -21,11 +23,17 @@ Each curve in ``curves[KIND]`` names its two models (``"a"``, the anchor, and ``
 ``"star star-0000"`` and ``"heldout seed 1000"``), so per-model summaries can be read off.
 
 The result is a JSON-ready dict ``{"dataset", "model", "regular_loss", "star_loss", "regular_test_loss",
-"star_test_loss", "barriers", "accuracy_barriers", "curves", "counts", "extra_heldout", "star_matchers", "config",
-"seconds"}`` (losses summarise each distinct model's own train/test loss; ``star_matchers`` names the
-matcher each star was trained with, ``config["matcher"]`` the one the evaluation used) where
+"star_test_loss", "barriers", "accuracy_barriers", "curves", "counts", "extra_heldout", "star_matchers", "repair",
+"config", "environment", "seeds", "seconds"}`` (losses summarise each distinct model's own train/test loss;
+``star_matchers`` names the matcher each star was trained with, ``config["matcher"]`` the one the evaluation
+used; ``repair`` is ``off``, ``repair`` or ``reset`` (``config.repair`` on a BatchNorm network),
+:mod:`starfast.repair`; ``environment`` the versions, CPU, threads and device
+(:mod:`starfast.environment`), ``seeds`` the models' seeds per role) where
 ``barriers[KIND][SPLIT]`` holds ``mean, std, min, max, values`` of the loss barriers on ``train`` and ``test``, and ``extra_heldout[NAME]`` the set's
-``recipe``, ``count``, own ``loss``/``test_loss`` and its two ``kinds``. :func:`write_results` stores it as
+``recipe``, ``count``, own ``loss``/``test_loss`` and its two ``kinds``. Each barrier summary also
+holds ``ci``, the mean's 95% bootstrap interval over the models and the matching's kept optima, and ``matching``, the mean's range
+over the next best optima of the matching (each curve's ``matching``: the restarts' objective and
+the barriers at up to ``matching_optima - 1`` other distinct optima), see :mod:`starfast.uncertainty`. :func:`write_results` stores it as
 ``RUN/results/results.json`` next to the table and plot made by :mod:`starfast.report`.
 """
 from __future__ import annotations
@@ -42,11 +50,16 @@ import torch
 from torch import nn
 
 from starfast import models
-from starfast.barrier import barrier_curve
+from starfast.barrier import BarrierCurve, barrier_curve
 from starfast.bn import has_batchnorm
+from starfast.repair import repair_kind
 from starfast.flat import ParamSpace
+from starfast.activation_matching import ActivationProbe
 from starfast.matchers import MatcherChoice, find_permutations
+from starfast.ops import permute
+from starfast.uncertainty import bootstrap_interval, matching_range, pair_values
 from starfast.progress import progress_bar
+from starfast.environment import environment
 from starfast.files import file_digest, read_json, write_json
 from starfast.rundir import MAIN_STARS, RunDir, RunDirError, checked_row, extra_role, extra_seeds, heldout_seeds, source_seeds
 
@@ -54,6 +67,14 @@ KINDS = ("regular_regular", "star_heldout", "star_source")
 SPLITS = ("train", "test")
 
 
+# Restarts of the evaluation's matcher per pair, when --match-restarts is not given: with 32, weight
+# matching reaches the best objective that 30 random group orders find on 96% of the default job's
+# model pairs, at 9.5x the time of one start (benchmarks/RESULTS.md, issue 26). Sinkhorn's steps
+# cost far more than weight matching's sweeps: one start unless asked.
+DEFAULT_EVAL_RESTARTS = {"wm": 32, "sinkhorn": 1, "none": 1}
+# Per pair, the barrier is also measured at the next best distinct optima the restarts reached, up
+# to this many optima in all: the spread due to the matching (:mod:`starfast.uncertainty`).
+DEFAULT_MATCHING_OPTIMA = 3
 MAX_TS = 1001  # points on a path: beyond this the curve is as fine as any plot, and the cost is not
 
 
@@ -61,10 +82,13 @@ MAX_TS = 1001  # points on a path: beyond this the curve is as fine as any plot,
 class EvaluationConfig(MatcherChoice):
     """How much to measure (``None`` counts mean "all available") and how pairs are aligned
     (``matcher`` and the ``sinkhorn_*`` options, :class:`~starfast.matchers.MatcherChoice`;
-    ``match_max_iter`` and ``match_init`` are weight matching's); validated on construction,
+    ``match_max_iter`` and ``match_init`` are weight matching's; ``match_restarts`` defaults to the
+    matcher's :data:`DEFAULT_EVAL_RESTARTS`; ``matching_optima``: how many of the distinct optima
+    the restarts reached are measured per pair, the best first); validated on construction,
     errors naming the CLI flag."""
 
     MATCHER_FLAG = "--eval-matcher"
+    RESTARTS_FLAG = "--match-restarts"
 
     heldout_pairs: Optional[int] = None  # held-out x held-out pairs (i < j)
     heldout_source_pairs: Optional[int] = 6  # held-out x source pairs
@@ -74,8 +98,13 @@ class EvaluationConfig(MatcherChoice):
     batch_size: int = 500
     match_max_iter: int = 100
     match_init: Optional[str] = None  # None (identity, Git Re-Basin) or "sorted"
+    repair: bool = False  # REPAIR every interior point of a path (starfast.repair)
+    match_restarts: Optional[int] = None  # None: the matcher's DEFAULT_EVAL_RESTARTS
+    matching_optima: int = DEFAULT_MATCHING_OPTIMA  # distinct optima of the restarts measured per pair
 
     def __post_init__(self) -> None:
+        if self.match_restarts is None:
+            object.__setattr__(self, "match_restarts", DEFAULT_EVAL_RESTARTS.get(self.matcher, 1))
         super().__post_init__()
         for name in ("heldout_pairs", "heldout_source_pairs", "star_sources"):
             value = getattr(self, name)
@@ -89,14 +118,17 @@ class EvaluationConfig(MatcherChoice):
             raise ValueError(f"--eval-batch-size must be >= 1, got {self.batch_size}")
         if self.match_max_iter < 1:
             raise ValueError(f"match_max_iter must be >= 1, got {self.match_max_iter}")
+        optima = self.matching_optima
+        if isinstance(optima, bool) or not isinstance(optima, int) or optima < 1:
+            raise ValueError(f"--matching-optima must be a positive int (1: only the best matching), got {optima!r}")
         if self.match_init not in (None, "sorted"):
             raise ValueError(f"--match-init must be identity or sorted, got {self.match_init!r}")
         if self.match_init is not None and self.matcher != "wm":
             raise ValueError(f"--match-init {self.match_init} is a weight-matching start; drop it or use --eval-matcher wm")
 
     def matcher_options(self) -> Dict[str, Any]:
-        """The finder's keywords: weight matching's sweep limit, or the Sinkhorn options."""
-        return {"max_iter": self.match_max_iter} if self.matcher == "wm" else super().matcher_options()
+        """The finder's keywords: weight matching's sweep limit and restarts, or the Sinkhorn options."""
+        return {"max_iter": self.match_max_iter, **super().matcher_options()} if self.matcher == "wm" else super().matcher_options()
 
 
 @dataclass
@@ -110,6 +142,12 @@ class LoadedModel:
     seed: Optional[int] = None
     sources: Optional[List[int]] = None  # a star's: the source seeds it was trained against
     matcher: Optional[str] = None  # a star's: the permutation finder Starlight used
+
+    @classmethod
+    def from_state(cls, label: str, state: Mapping[str, torch.Tensor], space: ParamSpace, digest: str,
+                   seed: Optional[int] = None) -> "LoadedModel":
+        """A model's state dict split into its row (``space``'s parameters) and its buffers."""
+        return cls(label, space.flatten(state), _buffers(state, space), digest, seed=seed)
 
     def state_dict(self, space: ParamSpace) -> Dict[str, torch.Tensor]:
         """Parameters (views of the row) and buffers, loadable into a module of ``space``."""
@@ -175,7 +213,12 @@ def evaluate_run(
                    **{kind: len(curves[kind]) for kind in curves}},
         "extra_heldout": {name: _extra_set_summary(run, name, members, curves) for name, members in extra.items()},
         "star_matchers": {star.label: star.matcher for star in stars},
+        "repair": repair_kind(skeleton, config.repair),
         "config": asdict(config),
+        "environment": environment(device),
+        "seeds": {"sources": [model.seed for model in sources], "heldout": [model.seed for model in heldout],
+                  "stars": [star.seed for star in stars],
+                  **{f"extra/{name}": [model.seed for model in members] for name, members in extra.items()}},
         "seconds": time.perf_counter() - started,
     }
     return results
@@ -209,22 +252,30 @@ def measure_pairs(
     train_data = lambda: dataset.eval_batches("train", config.batch_size)  # noqa: E731
     test_data = lambda: dataset.eval_batches("test", config.batch_size)  # noqa: E731
     batches_per_pair = _batches_per_pair(skeleton, dataset, config)
+    grouped = list(_grouped_by_anchor(list(pairs)))
+    needs_matching = any(store.get(anchor, partner) is None for anchor, partners in grouped for partner in partners)
+    probe = config.probe(skeleton, dataset) if needs_matching else None
     curves: List[Dict[str, Any]] = []
-    for anchor, partners in _grouped_by_anchor(list(pairs)):
+    for anchor, partners in grouped:
         todo = [partner for partner in partners if store.get(anchor, partner) is None]
-        matched = dict(zip((id(partner) for partner in todo), _match(anchor, todo, spec, space, config))) if todo else {}
+        matched = dict(zip((id(partner) for partner in todo), align(anchor, todo, spec, space, config, probe))) if todo else {}
         for partner in partners:
             curve = store.get(anchor, partner)
             if curve is None:
-                partner_buffers, partner_row = matched[id(partner)]
-                with progress_bar(total=batches_per_pair, desc=f"{anchor.label} ~ {partner.label}, {config.ts} points",
-                                  unit="batch", enabled=progress, nested=True) as pair_bar:
-                    measured = barrier_curve(
-                        skeleton, anchor.row, partner_row, _counted(train_data, pair_bar), _counted(test_data, pair_bar),
-                        config.ts, buffers_a=anchor.buffers or None, buffers_b=partner_buffers,
-                        bn_batches=config.bn_batches, space=space,
-                    )
-                curve = {"a": anchor.label, "b": partner.label, **measured.to_dict()}
+                alignments = matched[id(partner)]
+                with progress_bar(total=batches_per_pair * len(alignments), desc=f"{anchor.label} ~ {partner.label}, "
+                                  f"{config.ts} points", unit="batch", enabled=progress, nested=True) as pair_bar:
+                    measured = [pair_curve(skeleton, space, anchor, alignment.row, alignment.buffers,
+                                           _counted(train_data, pair_bar), _counted(test_data, pair_bar), config, spec)
+                                for alignment in alignments]
+                curve = {"a": anchor.label, "b": partner.label, **measured[0].to_dict()}
+                if alignments[0].objective is not None:
+                    curve["matching"] = {
+                        "objective": alignments[0].objective, "restarts": config.match_restarts,
+                        "optima": [{"objective": alignment.objective, "loss_barrier": dict(other.loss_barrier),
+                                    "acc_barrier": dict(other.acc_barrier)}
+                                   for alignment, other in zip(alignments[1:], measured[1:])],
+                    }
                 store.add(anchor, partner, curve)
             curves.append(curve)
             bar.update(1)
@@ -395,10 +446,13 @@ def own_sources(star: LoadedModel, sources: List[LoadedModel]) -> List[LoadedMod
 
 
 def _loaded(path: Path, label: str, state: Dict[str, torch.Tensor], space: ParamSpace, seed: int) -> LoadedModel:
-    row = checked_row(path, state, space)
+    return LoadedModel(label, checked_row(path, state, space), _buffers(state, space), file_digest(path), seed=seed)
+
+
+def _buffers(state: Mapping[str, torch.Tensor], space: ParamSpace) -> Dict[str, torch.Tensor]:
+    """The entries of a state dict that are not ``space``'s parameters (BatchNorm statistics)."""
     parameters = set(space.names)
-    buffers = {name: tensor for name, tensor in state.items() if name not in parameters}
-    return LoadedModel(label, row, buffers, file_digest(path), seed=seed)
+    return {name: tensor for name, tensor in state.items() if name not in parameters}
 
 
 def _limit(items: Sequence, count: Optional[int]) -> List:
@@ -412,20 +466,72 @@ def _grouped_by_anchor(items: List[Tuple[LoadedModel, LoadedModel]]):
         yield group[0][0], [partner for _, partner in group]
 
 
-def _match(anchor: LoadedModel, partners: List[LoadedModel], spec, space: ParamSpace, config: EvaluationConfig):
-    """Each partner aligned with the anchor by ``config.matcher``: ``[(permuted buffers, permuted
-    row)]`` (the rows come permuted from the finder; only the BatchNorm statistics are permuted
-    here). With ``none`` the partners are returned as they are, and nothing is matched."""
+def pair_curve(skeleton: nn.Module, space: ParamSpace, anchor: LoadedModel, partner_row: torch.Tensor,
+               partner_buffers: Mapping[str, torch.Tensor], train_data, test_data, config: EvaluationConfig,
+               spec=None) -> BarrierCurve:
+    """The barrier curve from ``anchor`` to an aligned partner (its row and buffers, from
+    :func:`align`) on ``config.ts`` points. An anchor without buffers gets its BatchNorm statistics
+    recomputed like the interior points. ``spec``: the permutation spec, which ``config.repair``
+    needs (REPAIR observes the groups' sites)."""
+    return barrier_curve(skeleton, anchor.row, partner_row, train_data, test_data, config.ts,
+                         buffers_a=anchor.buffers or None, buffers_b=partner_buffers, bn_batches=config.bn_batches,
+                         space=space, repair=config.repair, spec=spec)
+
+
+@dataclass
+class Alignment:
+    """A partner aligned with its anchor: its permuted ``row`` and ``buffers`` (BatchNorm
+    statistics), and the matching's objective (weight matching's ⟨anchor, row⟩; ``None`` otherwise)."""
+
+    row: torch.Tensor
+    buffers: Dict[str, torch.Tensor]
+    objective: Optional[float] = None
+
+
+def align(anchor: LoadedModel, partners: List[LoadedModel], spec, space: ParamSpace, config: EvaluationConfig,
+          probe: Optional[ActivationProbe] = None) -> List[List[Alignment]]:
+    """Each partner aligned with the anchor by ``config.matcher``: per partner, its
+    :class:`Alignment` by the best matching, then those by the next best distinct optima the
+    restarts reached (up to ``config.matching_optima`` in all; weight matching only). The rows come
+    permuted from the finder; the BatchNorm statistics are permuted here. With ``none`` the
+    partners are returned as they are, and nothing is matched. ``probe``: the data of a data-based
+    finder (``config.probe(skeleton, dataset)``)."""
     if not config.permutes:
-        return [(partner.buffers, partner.row) for partner in partners]
+        return [[Alignment(partner.row, partner.buffers)] for partner in partners]
     bank = torch.stack([partner.row for partner in partners])
     result = find_permutations(config.matcher, anchor.row, bank, spec, space=space, init=config.match_init,
-                               **config.matcher_options())
+                               probe=probe, **config.matcher_options())
+    objectives = getattr(result, "objective", None)
     matched = []
     for k, partner in enumerate(partners):
         perm = {name: index[k] for name, index in result.perms.items()}
-        matched.append((spec.apply(partner.buffers, perm), result.permuted[k]))
+        objective = None if objectives is None else float(objectives[-1, k])
+        alignments = [Alignment(result.permuted[k], spec.apply(partner.buffers, perm), objective)]
+        for other, other_objective in _other_optima(result, k, config.matching_optima - 1):
+            row = permute(partner.row, spec.index_map(space, other))
+            alignments.append(Alignment(row, spec.apply(partner.buffers, other), other_objective))
+        matched.append(alignments)
     return matched
+
+
+def _other_optima(result, k: int, count: int) -> List[Tuple[Dict[str, torch.Tensor], float]]:
+    """Up to ``count`` permutations of source ``k`` that other restarts of ``result`` ended at,
+    distinct from the answer and from each other, highest objective first, with their objectives."""
+    restart_perms = getattr(result, "restart_perms", None)
+    if count < 1 or restart_perms is None:
+        return []
+    objectives = result.restart_objectives[:, k]
+    kept = [{name: index[k] for name, index in result.perms.items()}]
+    others = []
+    for r in torch.argsort(objectives, descending=True, stable=True).tolist():
+        candidate = {name: index[r, k] for name, index in restart_perms.items()}
+        if any(all(torch.equal(candidate[name], seen[name]) for name in candidate) for seen in kept):
+            continue
+        kept.append(candidate)
+        others.append((candidate, float(objectives[r])))
+        if len(others) == count:
+            break
+    return others
 
 
 def summarise(values: Sequence) -> Optional[Dict[str, Any]]:
@@ -442,4 +548,16 @@ def summarise(values: Sequence) -> Optional[Dict[str, Any]]:
 
 
 def _barrier_table(curves: List[Dict[str, Any]], key: str) -> Dict[str, Optional[Dict[str, Any]]]:
-    return {split: summarise([curve[key][split] for curve in curves if split in curve[key]]) for split in SPLITS}
+    """Per split: the barriers' :func:`summarise`, with the mean's bootstrap interval over the
+    models and the matching's optima (``ci``) and its range over those optima (``matching``), see
+    :mod:`starfast.uncertainty`."""
+    table: Dict[str, Optional[Dict[str, Any]]] = {}
+    for split in SPLITS:
+        measured = [curve for curve in curves if split in curve[key]]
+        summary = summarise([curve[key][split] for curve in measured])
+        if summary is not None:
+            ends = [(curve["a"], curve["b"]) for curve in measured] if all("a" in curve for curve in measured) else None
+            summary["ci"] = bootstrap_interval(pair_values(measured, key, split), ends) if ends else None
+            summary["matching"] = matching_range(measured, key, split)
+        table[split] = summary
+    return table

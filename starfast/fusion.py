@@ -8,6 +8,9 @@ sources. For each number of sources ``|Z|`` (the first ``|Z|`` sources of the ru
 - regular: the single sources' accuracy, mean ± std and the best of the ``|Z|``;
 - ensemble: the average of the ``|Z|`` sources' probability vectors;
 - star: ``star_seeds`` stars trained on those sources, mean ± std and the best;
+- mergemany: the MergeMany model of the ``|Z|`` sources (:mod:`starfast.merge_many`: each aligned
+  by weight matching with the mean of the others until no permutation changes, averaged, its
+  BatchNorm statistics recomputed on the training data), with its rounds;
 
 and each method's test-time cost: forward FLOPs per example (counted by
 ``torch.utils.flop_counter.FlopCounterMode``: matmuls and convolutions), parameter memory, and the
@@ -35,7 +38,10 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from starfast import models
 from starfast.barrier import evaluate_rows
+from starfast.bn import recompute_bn
+from starfast.merge_many import merge_many
 from starfast.bma import nested_predictions, own_statistics
 from starfast.calibration import class_probabilities
 from starfast.evaluation import LoadedModel, counted_seeds, load_models, load_stars, summarise
@@ -49,7 +55,7 @@ from starfast.rundir import RunDir, RunDirError, fusion_star_set
 from starfast.starlight import StarlightOptions
 
 DEFAULT_SIZES = (2, 5, 50)
-METHODS = ("regular", "ensemble", "star")
+METHODS = ("regular", "ensemble", "star", "mergemany")
 
 
 @dataclass
@@ -145,6 +151,7 @@ def fusion_table(
         )
     recipe = star_recipe(run, config.star_epochs)
     test_data = lambda: dataset.eval_batches("test", config.batch_size)  # noqa: E731
+    train_data = lambda: dataset.eval_batches("train", config.batch_size)  # noqa: E731
     used = sources[: sizes[-1]]
     rows = torch.stack([source.row for source in used])
     source_statistics = own_statistics(skeleton, [source.buffers for source in used])
@@ -159,6 +166,11 @@ def fusion_table(
             run, dataset, sources[:size], recipe,
             ce_weight=config.ce_weight, star_seeds=config.star_seeds, device=device, progress=progress,
         )
+        merged = merge_many(rows[:size], models.permutation_spec(skeleton), space=space) if size > 1 else None
+        merged_row = rows[0] if merged is None else merged.row
+        merged_statistics = recompute_bn(skeleton, merged_row, train_data, space=space, argument="train_data")
+        _, merged_accuracy = evaluate_rows(skeleton, merged_row, merged_statistics or None, test_data, space=space,
+                                           argument="test_data")
         star_rows = torch.stack([star.row for star in stars])
         star_statistics = own_statistics(skeleton, [star.buffers for star in stars])
         _, star_accuracies = evaluate_rows(skeleton, star_rows, star_statistics, test_data, space=space, argument="test_data")
@@ -166,6 +178,7 @@ def fusion_table(
             "regular": [modules[used[0].label]],
             "ensemble": [modules[source.label] for source in used[:size]],
             "star": [_module(model_spec, stars[0], device)],
+            "mergemany": [_module(model_spec, LoadedModel("mergemany", merged_row, merged_statistics, ""), device)],
         }
         ensemble = ensembles[size - 1]
         table.append({
@@ -175,6 +188,8 @@ def fusion_table(
             "ensemble": {"accuracy": float(ensemble.correct.double().mean()), "nll": float(-ensemble.true_log_prob.mean())},
             "star": summarise(star_accuracies.tolist()),
             "stars": [star.label for star in stars],
+            "mergemany": {"accuracy": float(merged_accuracy), "rounds": 0 if merged is None else merged.rounds,
+                          "converged": True if merged is None else merged.converged},
             "cost": inference_costs(members, timing_batch, config.timing_repeats),
         })
     return {

@@ -33,13 +33,23 @@ is invariant to all other groups' permutations. Coordinate descent from the iden
 when one group is shared by the whole network (a transformer's residual stream mixes every
 block's weights into one cost matrix); the sorted start recovers a permuted copy exactly and gives
 a coupling-free first guess for unrelated models.
+
+Restarts (``restarts=R``): coordinate descent has many local optima (unrelated MLPs reach 6 to 13
+distinct matchings over 30 group orders, and barriers can double between them), so one run's
+answer depends on its luck. Restart 0 is the ordinary run (``init``, ``seed``); restart 1 starts
+from the sorted start (the identity when ``init`` is already ``"sorted"``); later restarts start
+from the identity and from random permutations in turn, each with group orders of its own
+(:func:`restart_plan`). All R·N rows advance together: they are more rows of the same batched cost
+matrices and assignments (at each position of a sweep the rows are grouped by the group their
+restart visits there), and each source keeps its restart of highest objective. Restart r of a source is exactly the run
+``match_weights(..., init=start_r, seed=seed_r)``; more restarts never lower the objective.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -48,6 +58,7 @@ from starfast.flat import ParamSpace
 from starfast.lap import assignment_objective, linear_assignment
 from starfast.ops import permute, trusted_index_maps
 from starfast.spec import Group, Perm, PermutationSpec
+from starfast.training_common import stream_seed
 from starfast.warm_start import WarmStart, row_margins
 
 ModelLike = Union[nn.Module, Mapping[str, torch.Tensor], torch.Tensor]
@@ -65,7 +76,10 @@ class MatchResult:
     never needs these. ``target``, ``margins`` (group -> ``[N, size]``, ``-inf`` where unknown),
     ``fingerprint`` (``[N, parameters]``: each source's squared norm per parameter) and
     ``source_scales`` (group -> ``[N, 1]``, the sources' largest unit norm, for the groups where a
-    warm start needed it) let a later call warm-start from this result.
+    warm start needed it) let a later call warm-start from this result. ``restart_objectives``
+    (``[R, N]`` float64, each restart's final objective), ``restart_perms`` (group -> ``[R, N,
+    size]``, each restart's answer) and ``restart`` (``[N]``, the restart each answer comes from)
+    describe the restarts (``None`` with one).
     """
 
     perms: Perm
@@ -78,6 +92,9 @@ class MatchResult:
     spec: PermutationSpec = field(repr=False)
     space: ParamSpace = field(repr=False)
     source_scales: Optional[Dict[str, torch.Tensor]] = field(default=None, repr=False)
+    restart_objectives: Optional[torch.Tensor] = None
+    restart_perms: Optional[Dict[str, torch.Tensor]] = field(default=None, repr=False)
+    restart: Optional[torch.Tensor] = None
 
     @functools.cached_property
     def index_maps(self) -> torch.Tensor:
@@ -94,6 +111,7 @@ def match_weights(
     max_iter: int = 100,
     seed: int = 0,
     out: Optional[torch.Tensor] = None,
+    restarts: int = 1,
 ) -> MatchResult:
     """Permutations of ``sources`` that best align them with ``target`` (see module docstring).
 
@@ -107,12 +125,17 @@ def match_weights(
     result's ``permuted``. It may be the ``permuted`` of the ``MatchResult`` passed as ``init``:
     the warm start then updates those rows in place, which saves a copy of the bank in time and
     memory but leaves that previous result unusable. It may also be the bank itself.
-    Returns a :class:`MatchResult`; with a single (non-bank) source its tensors have no N dim.
-    Raises ``ValueError`` when ``spec`` does not fit ``space`` exactly (e.g. the spec of a narrower
-    or wider model) or the bank is empty or of another width (:func:`check_problem`).
+    ``restarts``: runs per source from the starts and group orders of :func:`restart_plan`, batched;
+    each source keeps the best (see the module docstring). Restarts beyond the first hold R - 1
+    more working copies of the bank. Returns a :class:`MatchResult`; with a single (non-bank)
+    source its tensors have no N dim. Raises ``ValueError`` when ``spec`` does not fit ``space``
+    exactly (e.g. the spec of a narrower or wider model) or the bank is empty or of another width
+    (:func:`check_problem`).
     """
     if max_iter < 1:
         raise ValueError(f"match_weights: max_iter must be >= 1, got {max_iter}")
+    if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
+        raise ValueError(f"match_weights: restarts must be a positive int (--match-restarts), got {restarts!r}")
     if space is None:
         if not isinstance(target, nn.Module):
             raise ValueError("match_weights: pass space=ParamSpace(model) when the target is a row or state dict")
@@ -130,78 +153,124 @@ def match_weights(
     if isinstance(init, MatchResult):
         warm_start.check(init)
         previous = init if init.permuted.dim() == 2 else _with_source_dim(init, None)
-    if isinstance(init, str):
-        if init != "sorted":
-            raise ValueError(f"match_weights: init must be None, 'sorted', a dict of permutations or a MatchResult, got {init!r}")
-        init = _sorted_init(groups, space, target_views, space.views(bank))
-    perms = _initial_perms(spec, previous.perms if previous is not None else init, num_sources, target_row.device)
-    if previous is not None:
-        start = previous.permuted.to(bank.device)
-    elif init is not None:
-        with trusted_index_maps():  # index_map validates the perms it is given (check_perm)
-            start = permute(bank, spec.index_map(space, perms))
-    else:
-        start = bank
-    # The working rows, permuted in place as groups change; they are the result's ``permuted``.
-    work = _working_rows(out, start)
+    elif isinstance(init, str) and init != "sorted":
+        raise ValueError(f"match_weights: init must be None, 'sorted', a dict of permutations or a MatchResult, got {init!r}")
+    plan = restart_plan(spec, init, restarts, seed)
+    starts = [_start(spec, space, groups, start, previous, target_views, bank) for start, _ in plan]
+    perms = {name: torch.cat([start_perms[name] for start_perms, _ in starts]) for name in starts[0][0]}
+    # The working rows, restart-major ([R * N, P]), permuted in place as groups change; with one
+    # restart they are the result's ``permuted``.
+    work = _working_rows(out, starts[0][1]) if restarts == 1 else torch.cat([rows for _, rows in starts])
+    rows_total = work.shape[0]
     permuted = space.views(work)
     neighbours = _neighbours(groups)
     unknown = float("-inf")
-    margins = {group.name: torch.full((num_sources, group.size), unknown, dtype=torch.float64) for group in groups}
-    dirty = {group.name: torch.ones(num_sources, dtype=torch.bool) for group in groups}
+    margins = {group.name: torch.full((rows_total, group.size), unknown, dtype=torch.float64) for group in groups}
+    dirty = {group.name: torch.ones(rows_total, dtype=torch.bool) for group in groups}
     source_scales: Dict[str, torch.Tensor] = {}
     if previous is not None:
-        # Certified groups start clean for the sources whose margins survive the move.
-        carried, source_scales = warm_start.certify(previous, target_row, permuted)
+        # Certified groups start clean for the sources whose margins survive the move (restart 0's rows).
+        carried, source_scales = warm_start.certify(previous, target_row, space.views(work[:num_sources]))
         for name, kept in carried.items():
-            margins[name] = kept
-            dirty[name] = ~(kept > 0).all(1)
+            margins[name][:num_sources] = kept
+            dirty[name][:num_sources] = ~(kept > 0).all(1)
 
     objective = _Objective(target_views, permuted)
     history = [objective.total()]
-    sweeps = torch.zeros(num_sources, dtype=torch.long)
-    active = torch.ones(num_sources, dtype=torch.bool)
-    order_rng = torch.Generator().manual_seed(seed)
+    sweeps = torch.zeros(rows_total, dtype=torch.long)
+    active = torch.ones(rows_total, dtype=torch.bool)
+    order_rngs = [torch.Generator().manual_seed(order_seed) for _, order_seed in plan]
+    restart_of_row = torch.arange(rows_total) // num_sources
     for _ in range(max_iter):
         if not bool(active.any()):
             break
-        changed = torch.zeros(num_sources, dtype=torch.bool)
-        for group_index in torch.randperm(len(groups), generator=order_rng).tolist():
-            group = groups[group_index]
-            rows = (active & dirty[group.name]).nonzero().squeeze(1)
-            if rows.numel() == 0:
-                continue
-            dirty[group.name][rows] = False
-            all_rows = rows.numel() == num_sources
-            cost = group_cost(group, space, target_views, permuted, None if all_rows else rows.to(target_row.device))
-            relative = linear_assignment(cost, maximize=True)
-            current = torch.diagonal(cost, dim1=1, dim2=2).double().sum(-1)
-            gain = assignment_objective(cost, relative) - current
-            improved = (gain > 1e-12 * torch.clamp(current.abs(), min=1.0)).cpu()
-            margins[group.name][rows] = row_margins(cost, relative, improved.to(cost.device))
-            if not bool(improved.any()):
-                continue
-            accepted = rows[improved]
-            step = relative[improved.to(relative.device)]
-            perms[group.name][accepted] = torch.gather(perms[group.name][accepted], 1, step)
-            _regather(group, space, permuted, accepted.to(target_row.device), step)
-            objective.mark_changed(group, space, accepted)
-            changed[accepted] = True
-            for name in neighbours[group.name]:
-                dirty[name][accepted] = True
-                margins[name][accepted] = unknown
+        changed = torch.zeros(rows_total, dtype=torch.bool)
+        orders = torch.stack([torch.randperm(len(groups), generator=order_rng) for order_rng in order_rngs])
+        for visits in orders.T:  # one position of the sweep: restart r visits group visits[r]
+            visit_of_row = visits[restart_of_row]
+            for group_index in visits.unique().tolist():
+                group = groups[group_index]
+                rows = (active & dirty[group.name] & (visit_of_row == group_index)).nonzero().squeeze(1)
+                if rows.numel() == 0:
+                    continue
+                dirty[group.name][rows] = False
+                all_rows = rows.numel() == rows_total
+                cost = group_cost(group, space, target_views, permuted, None if all_rows else rows.to(target_row.device))
+                relative = linear_assignment(cost, maximize=True)
+                current = torch.diagonal(cost, dim1=1, dim2=2).double().sum(-1)
+                gain = assignment_objective(cost, relative) - current
+                improved = (gain > 1e-12 * torch.clamp(current.abs(), min=1.0)).cpu()
+                margins[group.name][rows] = row_margins(cost, relative, improved.to(cost.device))
+                if not bool(improved.any()):
+                    continue
+                accepted = rows[improved]
+                step = relative[improved.to(relative.device)]
+                perms[group.name][accepted] = torch.gather(perms[group.name][accepted], 1, step)
+                _regather(group, space, permuted, accepted.to(target_row.device), step)
+                objective.mark_changed(group, space, accepted)
+                changed[accepted] = True
+                for name in neighbours[group.name]:
+                    dirty[name][accepted] = True
+                    margins[name][accepted] = unknown
         sweeps[active] += 1
         active &= changed
         history.append(objective.total())
 
+    history = torch.stack(history)
+    restart_objectives = restart_index = restart_perms = None
+    if restarts > 1:
+        restart_perms = {name: perm.view(restarts, num_sources, -1) for name, perm in perms.items()}
+        restart_objectives = history[-1].view(restarts, num_sources)
+        restart_index = restart_objectives.argmax(0)  # the first best restart on ties
+        chosen = restart_index * num_sources + torch.arange(num_sources)
+        perms = {name: perm[chosen.to(perm.device)] for name, perm in perms.items()}
+        best_rows = work.index_select(0, chosen.to(work.device))
+        work = best_rows if out is None else _working_rows(out, best_rows)
+        history, sweeps = history[:, chosen], sweeps[chosen]
+        margins = {name: margin[chosen] for name, margin in margins.items()}
     result = MatchResult(
-        perms, work, torch.stack(history), sweeps, target_row.clone(), margins, warm_start.fingerprint, spec, space,
-        source_scales,
+        perms, work, history, sweeps, target_row.clone(), margins, warm_start.fingerprint, spec, space,
+        source_scales, restart_objectives, restart_perms, restart_index,
     )
     built = _built_index_maps(previous) if previous is not None else None
     if built is not None and all(torch.equal(perms[name], previous.perms[name].to(perms[name])) for name in perms):
         result.index_maps = built.to(bank.device)  # the permutations did not change: neither did their maps
     return _with_source_dim(result, 0) if single else result
+
+
+def restart_plan(spec: PermutationSpec, init: Any, restarts: int, seed: int) -> List[Tuple[Any, int]]:
+    """``(start, order seed)`` of each restart of :func:`match_weights`. Restart 0 is ``(init,
+    seed)``; restart 1 starts from ``"sorted"`` (from the identity when ``init`` is ``"sorted"``);
+    after that, even restarts start from the identity (``None``) and odd ones from a random
+    permutation of every group (the same for all sources), drawn from the stream ``(seed, r)``
+    that also seeds restart r's group orders. A plan of R restarts is the first R of any longer
+    one. Mixing the two starts reaches the best optimum more often than either alone
+    (benchmarks/RESULTS.md, issue 26)."""
+    plan = [(init, seed)]
+    for r in range(1, restarts):
+        order_seed = stream_seed(seed, r)
+        if r == 1:
+            start = None if isinstance(init, str) and init == "sorted" else "sorted"
+        elif r % 2 == 0:
+            start = None
+        else:
+            start = spec.random(torch.Generator().manual_seed(order_seed))
+        plan.append((start, order_seed))
+    return plan
+
+
+def _start(spec: PermutationSpec, space: ParamSpace, groups: List[Group], start: Any, previous: Optional["MatchResult"],
+           target_views, bank: torch.Tensor) -> Tuple[Perm, torch.Tensor]:
+    """One restart's starting permutations (group -> ``[N, size]``) and rows (the bank permuted by them)."""
+    if previous is not None and isinstance(start, MatchResult):
+        return _initial_perms(spec, previous.perms, bank.shape[0], bank.device), previous.permuted.to(bank.device)
+    if isinstance(start, str):
+        start = _sorted_init(groups, space, target_views, space.views(bank))
+    perms = _initial_perms(spec, start, bank.shape[0], bank.device)
+    if start is None:
+        return perms, bank
+    with trusted_index_maps():  # index_map validates the perms it is given (check_perm)
+        return perms, permute(bank, spec.index_map(space, perms))
 
 
 def check_problem(spec: PermutationSpec, space: ParamSpace, bank: torch.Tensor, caller: str) -> None:
@@ -386,6 +455,10 @@ def _with_source_dim(result: MatchResult, index: Optional[int]) -> MatchResult:
         objective=result.objective[:, index],
         sweeps=result.sweeps[index],
         margins={name: margin[index] for name, margin in result.margins.items()},
+        restart_objectives=None if result.restart_objectives is None else result.restart_objectives[:, index],
+        restart_perms=None if result.restart_perms is None else {
+            name: perm[:, index] for name, perm in result.restart_perms.items()},
+        restart=None if result.restart is None else result.restart[index],
     )
     built = _built_index_maps(result)
     if built is not None:

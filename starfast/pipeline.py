@@ -7,6 +7,9 @@ tensors, datasets and checkpoint paths, and the run directory's layout stays :cl
 - :func:`train_missing_models`: the source and held-out models (or an :class:`ExtraSet`'s) not yet
   finished, resumed from their checkpoints, ``parallel_seeds`` at a time; a finished model is
   reused only when it was trained with the recipe asked for;
+- :func:`import_missing_models`: source or held-out models taken from checkpoints trained
+  elsewhere (``--sources-from``/``--heldout-from``) instead of trained, each evaluated and stored
+  with its provenance;
 - :func:`train_missing_stars`: the stars of a star set (the main job's, or a fusion size's) not yet
   finished; a finished star is reused only when it was trained on the same sources with the same
   settings, and refused with a message naming the flag otherwise. Star seed ``s`` starts from θ₀ =
@@ -16,23 +19,26 @@ tensors, datasets and checkpoint paths, and the run directory's layout stays :cl
 from __future__ import annotations
 
 import math
-import platform
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-import starfast
 from starfast import models
-from starfast.files import load_checkpoint
+from starfast.checkpoint_import import fit_state_dict, read_checkpoint, weights_file
+from starfast.environment import versions
+from starfast.files import file_digest, load_checkpoint
 from starfast.flat import ParamSpace
 from starfast.models import ModelSpec
 from starfast.progress import progress_bar
 from starfast.recipes import Recipe
 from starfast.rundir import MAIN_STARS, RunDir, RunDirError, checked_row, extra_role, extra_seeds, heldout_seeds, source_seeds
 from starfast.starlight import StarlightOptions, StarResult, train_star
-from starfast.training import SpeedOptions, TrainedModel, TrainingDiverged, TrainingMetrics, init_model, train_model, train_models_parallel
+from starfast.training import (
+    SpeedOptions, TrainedModel, TrainingDiverged, TrainingMetrics, evaluate, init_model, train_model, train_models_parallel,
+)
 
 STAR_SEED_START = 2000
 # What each recorded star setting is called on the command line, for reuse refusals.
@@ -44,10 +50,14 @@ STAR_FLAGS = {
     "samples_per_step": "--samples-per-step",
     "rematch_async": "--rematch-async",
     "matcher": "--matcher",
+    "match_restarts": "--star-match-restarts",
     "sinkhorn_lr": "--sinkhorn-lr",
     "sinkhorn_steps": "--sinkhorn-steps",
     "sinkhorn_temperature": "--sinkhorn-temperature",
     "sinkhorn_iterations": "--sinkhorn-iterations",
+    "match_examples": "--match-examples",
+    "ste_lr": "--ste-lr",
+    "ste_steps": "--ste-steps",
     "recipe": "--star-epochs, --star-optimizer/--star-lr/--star-momentum/--star-weight-decay and the recipe flags",
 }
 
@@ -106,7 +116,7 @@ def model_metadata(spec: ModelSpec, dataset, recipe: Recipe, job: ModelJob, metr
         "device": str(dataset.device),
         "precision": "bf16" if speed.autocast_dtype(torch.device(dataset.device)) else "fp32",
         "rank": rank,
-        "versions": {"torch": torch.__version__, "starfast": starfast.__version__, "python": platform.python_version()},
+        "versions": versions(),
     }
 
 
@@ -210,6 +220,76 @@ def train_missing_models(
     return trained, failures
 
 
+IMPORT_KEY = "imported_from"  # in an imported model's JSON: the checkpoint's original path and SHA-256
+
+
+def import_missing_models(
+    run: RunDir,
+    spec: ModelSpec,
+    dataset,
+    imports: Sequence[Tuple[ModelJob, Path]],
+    *,
+    flag: str,
+    report: Callable[[str], None] = print,
+) -> Tuple[List[ModelJob], List[RuntimeError]]:
+    """Import each ``(job, checkpoint)`` of ``imports`` not yet in ``run`` (``flag`` names the option
+    that gave the checkpoints): the checkpoint is read and fitted to ``spec``
+    (:mod:`starfast.checkpoint_import`), evaluated on ``dataset``, and saved like a trained model
+    with its metrics and its provenance (:data:`IMPORT_KEY`: original path and SHA-256) in its JSON.
+    A model already imported from a checkpoint with the same bytes is reused; one trained here, or
+    imported from other bytes, is refused. Returns ``(imported_jobs, failures)``: a model that
+    learned nothing (:class:`LearningCheck`) is not saved."""
+    skeleton: Optional[torch.nn.Module] = None
+    chance = LearningCheck.of(dataset)
+    imported: List[ModelJob] = []
+    failures: List[RuntimeError] = []
+    reused = 0
+    for job, path in imports:
+        if run.is_finished(job.role, job.seed):
+            _check_import_origin(run, job, path, flag)
+            run.load_model(job.role, job.seed)  # reused only if its checksum holds
+            reused += 1
+            continue
+        if skeleton is None:
+            skeleton = spec.build().to(dataset.device).eval()
+        checkpoint = read_checkpoint(path)
+        state = fit_state_dict(checkpoint, skeleton.state_dict(), f"--arch {spec.arch} with --arch-kw {spec.kwargs}")
+        started = time.perf_counter()
+        skeleton.load_state_dict(state)
+        train_loss, train_accuracy = (value.item() for value in evaluate(skeleton, dataset, "train"))
+        test_loss, test_accuracy = (value.item() for value in evaluate(skeleton, dataset, "test"))
+        shortfall = chance.shortfall(train_accuracy, train_loss)
+        if shortfall is not None:
+            failures.append(ModelDidNotLearn(f"{checkpoint.path} ({flag}) learned nothing: {shortfall}; it was not imported"))
+            continue
+        metrics = {"train_loss": train_loss, "train_accuracy": train_accuracy, "test_loss": test_loss,
+                   "test_accuracy": test_accuracy, "seconds": time.perf_counter() - started}
+        run.save_model(job.role, job.seed, state, {
+            "model": spec.to_dict(), "dataset": dataset.name, "role": job.role, "seed": job.seed, "metrics": metrics,
+            IMPORT_KEY: {"path": str(checkpoint.path.resolve()), "sha256": checkpoint.sha256},
+            "versions": versions(),
+        })
+        imported.append(job)
+        report(f"imported {job.role}/seed-{job.seed:04d} from {checkpoint.path}: test accuracy {test_accuracy:.4f}, "
+               f"train loss {train_loss:.4g}")
+    if reused:
+        report(f"reused {reused} imported models in {run.path}")
+    return imported, failures
+
+
+def _check_import_origin(run: RunDir, job: ModelJob, path: Path, flag: str) -> None:
+    """Refuse a finished model that was not imported from a checkpoint with ``path``'s bytes."""
+    stored = run.model_path(job.role, job.seed)
+    origin = run.read_metadata(job.role, job.seed).get(IMPORT_KEY)
+    advice = f"use another --run-dir, or delete {stored} and its .json to import {path} in its place"
+    if origin is None:
+        raise RunDirError(f"{stored} was trained here, not imported; {flag} would put {path} in its place: {advice}")
+    digest = file_digest(weights_file(path))
+    if digest != origin["sha256"]:
+        raise RunDirError(f"{stored} was imported from {origin['path']} (sha256 {origin['sha256'][:12]}...) but {flag} now "
+                          f"gives {path} (sha256 {digest[:12]}...): {advice}")
+
+
 class ModelDidNotLearn(RuntimeError):
     """A trained model ended at chance accuracy or no better than a uniform guess."""
 
@@ -232,16 +312,22 @@ class LearningCheck:
         classes = 2 if dataset.binary else dataset.num_classes
         return cls(float(counts.max()) / float(counts.sum()), math.log(classes))
 
-    def failure(self, job: ModelJob, metrics: TrainingMetrics, recipe: Recipe) -> Optional[ModelDidNotLearn]:
-        at_chance = metrics.train_accuracy <= self.majority_rate + self.ACCURACY_MARGIN
-        no_better = metrics.train_loss >= self.uniform_loss
+    def shortfall(self, train_accuracy: float, train_loss: float) -> Optional[str]:
+        """Why a model with these final train metrics learned nothing, or ``None`` when it learned."""
+        at_chance = train_accuracy <= self.majority_rate + self.ACCURACY_MARGIN
+        no_better = train_loss >= self.uniform_loss
         if not (at_chance or no_better):
             return None
+        return (f"train accuracy {train_accuracy:.3f} (always answering the most frequent class gives "
+                f"{self.majority_rate:.3f}), train loss {train_loss:.4g} (a uniform guess gives {self.uniform_loss:.4g})")
+
+    def failure(self, job: ModelJob, metrics: TrainingMetrics, recipe: Recipe) -> Optional[ModelDidNotLearn]:
+        shortfall = self.shortfall(metrics.train_accuracy, metrics.train_loss)
+        if shortfall is None:
+            return None
         return ModelDidNotLearn(
-            f"{job.role} seed {job.seed} learned nothing: train accuracy {metrics.train_accuracy:.3f} (always answering the "
-            f"most frequent class gives {self.majority_rate:.3f}), train loss {metrics.train_loss:.4g} (a uniform guess "
-            f"gives {self.uniform_loss:.4g}) after {recipe.epochs} epochs at lr {recipe.lr}; it was not saved. Change the "
-            "recipe (--lr, --epochs, ...)"
+            f"{job.role} seed {job.seed} learned nothing: {shortfall} after {recipe.epochs} epochs at lr {recipe.lr}; it "
+            "was not saved. Change the recipe (--lr, --epochs, ...)"
         )
 
 

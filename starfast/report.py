@@ -3,9 +3,10 @@
 ``format_table(results)`` renders the paper-style summary (regular and star loss; train and test
 loss barriers of regular–regular, star–held-out and star–source pairs as mean ± std [min, max];
 each extra held-out set NAME adds its loss and its star–NAME and NAME–NAME barriers; a line
-below names the permutation finders the stars were trained and the pairs aligned with);
-``verdict(results)`` is the one-line answer to the paper's claim (see its docstring for the three
-conditions); ``write_table`` saves the table and the verdict as ``table.md``; ``plot_curves`` draws
+below names the permutation finders the stars were trained and the pairs aligned with, and REPAIR);
+``verdict(results)`` is the one-line answer to the paper's claim (see its docstring for the
+conditions); ``write_table`` saves the table, the verdict and the environment and seeds the results
+came from as ``table.md``; ``plot_curves`` draws
 loss and accuracy along t with ±1 std bands, star–held-out against regular–regular (the paper's
 Figure 2), as ``curves.png``.
 
@@ -17,9 +18,11 @@ made and written (the experiments' too).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from starfast.files import replaced_atomically
+from starfast.environment import environment_line
+from starfast.uncertainty import BOOTSTRAP_SEED, difference_side, pair_values
 
 ROWS = (
     ("regular_regular", "regular–regular barrier"),
@@ -31,7 +34,26 @@ ROWS = (
 def _cell(summary: Optional[Mapping[str, Any]], digits: int = 4) -> str:
     if not summary:
         return "—"
-    return f"{summary['mean']:.{digits}f} ± {summary['std']:.{digits}f} [{summary['min']:.{digits}f}, {summary['max']:.{digits}f}]"
+    return (f"{summary['mean']:.{digits}f} ± {summary['std']:.{digits}f} [{summary['min']:.{digits}f}, "
+            f"{summary['max']:.{digits}f}]{uncertainty_text(summary, digits)}")
+
+
+def uncertainty_text(summary: Mapping[str, Any], digits: int = 4) -> str:
+    """``"; 95% CI a–b; matching c–d"``: the mean's bootstrap interval and its range over the
+    matching's optima, where the summary has them (:mod:`starfast.uncertainty`); empty otherwise."""
+    parts = []
+    if summary.get("ci"):
+        ci = summary["ci"]
+        parts.append(f"{100 * ci['level']:.0f}% CI {ci['low']:.{digits}f}–{ci['high']:.{digits}f}")
+    if summary.get("matching"):
+        parts.append(f"matching {summary['matching']['low']:.{digits}f}–{summary['matching']['high']:.{digits}f}")
+    return "".join(f"; {part}" for part in parts)
+
+
+def pairs_of(curves) -> Tuple[List[List[float]], List[Tuple[str, str]]]:
+    """The train loss barriers of ``curves`` at each optimum their matching kept, and the two models
+    of each (for the bootstrap, :mod:`starfast.uncertainty`)."""
+    return pair_values(curves, "loss_barrier", "train"), [(curve["a"], curve["b"]) for curve in curves]
 
 
 def format_table(results: Mapping[str, Any]) -> str:
@@ -57,12 +79,21 @@ def format_table(results: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n\n" + matchers_line(results)
 
 
+REPAIR_WORDS = {
+    "off": "no REPAIR",
+    "repair": "REPAIR (interior points' pre-activation statistics renormalised to the end points' interpolation)",
+    "reset": "REPAIR = RESET here (BatchNorm statistics recomputed, as always)",
+}
+
+
 def matchers_line(results: Mapping[str, Any]) -> str:
     """Which permutation finders the results rest on: the stars' (Starlight's re-matching) and the
-    evaluation's (aligning each measured pair); results from before the choice existed used wm."""
+    evaluation's (aligning each measured pair), and whether the path was REPAIRed; results from
+    before the choices existed used wm and no REPAIR."""
     star_matchers = sorted(set((results.get("star_matchers") or {}).values())) or ["—"]
     evaluation = (results.get("config") or {}).get("matcher", "wm")
-    return f"permutations: stars trained with {', '.join(star_matchers)}; pairs aligned with {evaluation}"
+    repair = REPAIR_WORDS[results.get("repair", "off")]
+    return f"permutations: stars trained with {', '.join(star_matchers)}; pairs aligned with {evaluation}; {repair}"
 
 
 # The star-domain claim, as :func:`verdict` tests it on the train-split loss barriers.
@@ -90,7 +121,12 @@ def verdict(results: Mapping[str, Any]) -> str:
       minimum over all models, sources included, is reported beside it in
       docs/evidence/default-sweep.md);
     - **the star is trained as well**: mean star train loss <= ``CLAIM_LOSS_FACTOR`` × mean
-      regular train loss (an under-trained star has low barriers for the wrong reason).
+      regular train loss (an under-trained star has low barriers for the wrong reason);
+    - **beyond noise**: the difference star–held-out − regular–regular is below 0 beyond its
+      uncertainty: its 95% bootstrap interval over the models and the matching's kept optima (both
+      means on the same draws, :func:`starfast.uncertainty.difference_side`) lies below 0;
+      otherwise it is "within noise" (checked where the results carry intervals; older results
+      do not).
 
     Results without a star (or without regular pairs) get a line saying the claim was not tested.
     """
@@ -117,16 +153,27 @@ def verdict(results: Mapping[str, Any]) -> str:
     else:
         overlap = (f"per-model means overlap: largest held-out mean to the stars {worst_star:.3g}, "
                    f"smallest to the regular models {best_regular:.3g}")
+    # Results from before intervals existed are judged as they were.
+    measured_noise = "ci" in star and "ci" in regular
+    if measured_noise:
+        noise, difference = difference_side(pairs_of(results["curves"]["star_heldout"]),
+                                            pairs_of(results["curves"]["regular_regular"]))
     failures = [
         reason for failed, reason in (
+            (measured_noise and noise == "within noise", "the difference is within noise"),
             (ratio > CLAIM_RATIO, f"ratio above {CLAIM_RATIO:g}×"),
             (not separated, "per-model means overlap" if checked else "per-model means not checked"),
             (loss_factor > CLAIM_LOSS_FACTOR, f"star under-trained, loss above {CLAIM_LOSS_FACTOR:g}×"),
         ) if failed
     ]
     outcome = "the star-domain claim holds here" if not failures else f"the star-domain claim does not hold here ({'; '.join(failures)})"
+    intervals = ""
+    if measured_noise:
+        spread = f" {difference[0]:.3g} to {difference[1]:.3g}" if difference else ""
+        intervals = (f"; difference star − regular{spread} (95% bootstrap over models and matchings): "
+                     f"{'below, beyond noise' if noise == 'below' else noise}")
     return (f"verdict: star–held-out barrier {star['mean']:.3g} vs regular–regular {regular['mean']:.3g} "
-            f"({ratio:.2f}×, {overlap}); star train loss {star_loss:.3g} vs regular {regular_loss:.3g} "
+            f"({ratio:.2f}×, {overlap}{intervals}); star train loss {star_loss:.3g} vs regular {regular_loss:.3g} "
             f"({loss_factor:.1f}×): {outcome}")
 
 
@@ -143,8 +190,25 @@ def _model_means(curves, ends: Tuple[str, ...]) -> Dict[str, float]:
 
 
 def write_table(path: Path, results: Mapping[str, Any]) -> None:
-    """``table.md``: the table, then the verdict line."""
-    write_text(path, format_table(results) + "\n\n" + verdict(results) + "\n")
+    """``table.md``: the table, the verdict line, then where the numbers came from (environment and
+    seeds, where the results record them)."""
+    origin = [line for line in (environment_line(results.get("environment")), seeds_line(results.get("seeds"))) if line]
+    write_text(path, format_table(results) + "\n\n" + verdict(results) + "\n" + "".join(f"\n{line}\n" for line in origin))
+
+
+def seeds_line(seeds: Optional[Mapping[str, Sequence[int]]]) -> str:
+    """``seeds: sources 0–9, heldout 1000–1002, …`` (ranges where consecutive); empty without seeds."""
+    if not seeds:
+        return ""
+
+    def spelled(values: Sequence[int]) -> str:
+        values = sorted(values)
+        if values and values == list(range(values[0], values[-1] + 1)) and len(values) > 2:
+            return f"{values[0]}–{values[-1]}"
+        return ", ".join(map(str, values)) or "none"
+
+    return "seeds: " + "; ".join(f"{role} {spelled(values)}" for role, values in seeds.items()) + (
+        f" (bootstrap seed {BOOTSTRAP_SEED})")
 
 
 def plot_curves(path: Path, results: Mapping[str, Any]) -> bool:
@@ -256,15 +320,15 @@ def format_fusion_table(results: Mapping[str, Any]) -> str:
         f"Model fusion on {results['dataset']} ({results['arch']}): stars trained with ce-weight λ = "
         f"{results['ce_weight']:g} for {results['star_epochs']} epochs; test accuracy in %",
         "",
-        "| #models | regular | best of n | ensemble | star | best star |",
-        "|---|---|---|---|---|---|",
+        "| #models | regular | best of n | ensemble | star | best star | MergeMany |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in results["rows"]:
         stars = row["star"]
         lines.append(
             f"| {row['size']} | {_percent(row['regular'])} | {_percent(row['regular'], 'max')} | "
             f"{100 * row['ensemble']['accuracy']:.2f} | {_percent(stars)} (n={len(stars['values']) if stars else 0}) | "
-            f"{_percent(stars, 'max')} |"
+            f"{_percent(stars, 'max')} | {_mergemany(row)} |"
         )
     clock = results["rows"][0]["cost"]["regular"].get("clock", "wall time") if results["rows"] else "wall time"
     lines += [
@@ -273,13 +337,21 @@ def format_fusion_table(results: Mapping[str, Any]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for row in results["rows"]:
-        for method in ("regular", "ensemble", "star"):
+        for method in [method for method in ("regular", "ensemble", "star", "mergemany") if method in row["cost"]]:
             cost = row["cost"][method]
             lines.append(
                 f"| {row['size']} | {method} | {cost['flops_per_example']:,.0f} | {_bytes(cost['parameter_bytes'])} | "
                 f"{1000 * cost['seconds_per_batch']:.3f} | {cost['seconds_per_batch'] / row['cost']['regular']['seconds_per_batch']:.2f}× |"
             )
     return "\n".join(lines)
+
+
+def _mergemany(row: Mapping[str, Any]) -> str:
+    """MergeMany's accuracy and rounds (fusion results from before it existed have none)."""
+    merged = row.get("mergemany")
+    if merged is None:
+        return "—"
+    return f"{100 * merged['accuracy']:.2f} ({merged['rounds']} rounds{'' if merged['converged'] else ', not converged'})"
 
 
 def _bytes(count: float) -> str:

@@ -51,7 +51,7 @@ from torch import nn
 from starfast.flat import ParamSpace
 from starfast.files import TEMP_PATTERN, StoredFileError, load_state_dict, read_json, save_state_dict, write_json
 from starfast import data
-from starfast.models import ModelSpec, canonical_name
+from starfast.models import ModelSpec, canonical_arch, describe_change
 
 PathLike = Union[str, os.PathLike]
 
@@ -186,6 +186,10 @@ class RunDir:
             difference = _first_difference(stored.get(key), wanted[key], key)
             if difference:
                 where, old, new = difference
+                if where.startswith("model.source"):  # a user architecture whose file or spec changed
+                    change = describe_change(wanted["model"]["arch"], stored["model"]["source"], wanted["model"]["source"])
+                    raise RunDirError(f"run directory {self.path} was made before this change: {change}; use another "
+                                      "--run-dir, or restore the file")
                 raise RunDirError(
                     f"run directory {self.path} was created with {where} = {json.dumps(old)} but this run asks for "
                     f"{json.dumps(new)} ({_flag_for(where)}); use another --run-dir, or the same settings as before"
@@ -205,7 +209,7 @@ class RunDir:
             raise RunDirError(f"{self.config_path} is missing; train the models first (python -m starfast.train --stage models)")
         try:
             spec = ModelSpec.from_dict(config["model"])
-            canonical_name(spec.arch)  # an unknown architecture is this file's fault, not the code's
+            canonical_arch(spec.arch)  # an unknown architecture is this file's fault, not the code's
             return spec
         except (KeyError, TypeError, ValueError) as error:
             raise RunDirError(f"{self.config_path} has no valid 'model' entry ({type(error).__name__}: {error}); delete it "

@@ -37,7 +37,6 @@ slicing, so θ's gradient is assembled with one concatenation.
 """
 from __future__ import annotations
 
-import copy
 import functools
 import math
 import time
@@ -50,14 +49,16 @@ from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Seq
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.func import functional_call, replace_all_batch_norm_modules_, vmap
+from torch.func import functional_call, vmap
 
 from starfast.barrier import evaluate_rows
 from starfast.bn import has_batchnorm, recompute_bn
 from starfast.flat import ParamSpace
+from starfast.activation_matching import ActivationProbe
 from starfast.matchers import MatcherChoice, find_permutations
 from starfast.ops import lerp_gather, trusted_index_maps
 from starfast.progress import progress_bar
+from starfast.sites import batch_statistics_copy
 from starfast.recipes import Recipe
 from starfast.files import save_checkpoint
 from starfast.spec import Perm, PermutationSpec
@@ -98,9 +99,10 @@ class StarlightOptions(MatcherChoice):
     """How Starlight trains a star beyond its recipe; validated on construction (errors name the
     CLI flag), JSON-ready with :meth:`to_dict` (what a star's metadata records).
 
-    ``matcher`` and the ``sinkhorn_*`` options (:class:`~starfast.matchers.MatcherChoice`): the
-    permutation finder of the re-matches (``wm``, ``sinkhorn``, or ``none``: no permutation, no
-    index maps, ``lerp_gather`` without an index);
+    ``matcher``, ``match_restarts`` and the ``sinkhorn_*`` options
+    (:class:`~starfast.matchers.MatcherChoice`): the permutation finder of the re-matches (``wm``,
+    ``sinkhorn``, or ``none``: no permutation, no index maps, ``lerp_gather`` without an index) and
+    its restarts per source (restart 0 warm-starts from the previous match, the others start cold);
     ``t_sampling``: ``uniform``, ``beta`` or ``constant`` (see :func:`sample_t`); ``rematch_every``:
     re-match all sources every this many steps (``None``: at every epoch start); ``ce_weight``: λ of
     the added loss λ·L(θ) on the same batch (Section 4.2; 0 is the paper's Starlight);
@@ -108,6 +110,8 @@ class StarlightOptions(MatcherChoice):
     ``rematch_async``: re-match in a background thread (see :class:`SourceMatcher`; not
     bit-reproducible, not available under ``torch.distributed``).
     """
+
+    RESTARTS_FLAG = "--star-match-restarts"
 
     t_sampling: str = "uniform"
     rematch_every: Optional[int] = None
@@ -163,13 +167,6 @@ def sample_draws(num_sources: int, count: int, t_sampling: str, generator: torch
 # -- the objective ---------------------------------------------------------------------------------
 
 
-def batch_statistics_copy(skeleton: nn.Module) -> nn.Module:
-    """A copy of ``skeleton`` whose BatchNorm layers always use batch statistics and keep none."""
-    model = copy.deepcopy(skeleton)
-    replace_all_batch_norm_modules_(model)
-    return model.train()
-
-
 class StarLosses(NamedTuple):
     """What one evaluation of the objective gives: ``total`` (differentiable), and, detached,
     ``interpolated`` ``[S]`` (each draw's chunk loss) and ``at_theta`` (``None`` without ce_weight)."""
@@ -201,7 +198,7 @@ class StarObjective:
         self.space = space if space is not None else ParamSpace(skeleton)
         self.bank = bank
         self.binary, self.label_smoothing, self.ce_weight = binary, label_smoothing, ce_weight
-        self.model = batch_statistics_copy(skeleton).to(bank.device)
+        self.model = batch_statistics_copy(skeleton).train().to(bank.device)
         self._batched_forward = vmap(self._forward, randomness="different")
 
     def _forward(self, params: Dict[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
@@ -239,7 +236,8 @@ class SourceMatcher:
     """The permutations ``perms`` (group -> ``[N, size]``) aligning each source with θ, and their
     index maps ``index_maps`` ``[N, P]`` (int32 when P < 2^31), which are only ever updated in place.
 
-    :meth:`rematch` runs the chosen finder (``choice``, :func:`~starfast.matchers.find_permutations`)
+    :meth:`rematch` runs the chosen finder (``choice``, :func:`~starfast.matchers.find_permutations`;
+    ``probe``: the data of a data-based finder, see :attr:`~starfast.matchers.MatcherChoice.needs_data`)
     batched against θ, warm-started from the previous match's result (cold, i.e. from the
     identity, the first time; from the permutations after a resume): for weight matching, groups
     whose assignment provably survived θ's move since then are not re-solved. Keeping that result
@@ -269,8 +267,9 @@ class SourceMatcher:
         rank: int = 0,
         world_size: int = 1,
         choice: MatcherChoice = MatcherChoice(),
+        probe: Optional[ActivationProbe] = None,
     ):
-        self.bank, self.spec, self.space, self.choice = bank, spec, space, choice
+        self.bank, self.spec, self.space, self.choice, self.probe = bank, spec, space, choice, probe
         self.seed, self.rank, self.world_size = seed, rank, world_size
         index_dtype = torch.int32 if space.size < 2**31 else torch.int64
         self.index_maps: Optional[torch.Tensor] = None
@@ -340,7 +339,7 @@ class SourceMatcher:
         out = getattr(init, "permuted", None)  # a previous result (not bare permutations): update its rows
         result = find_permutations(
             self.choice.matcher, target, self.bank, self.spec, space=self.space, init=init, seed=seed, out=out,
-            **self.choice.matcher_options(),
+            probe=self.probe, **self.choice.matcher_options(),
         )
         self._last = result
         self.seconds += time.perf_counter() - started
@@ -452,6 +451,7 @@ def train_star(
         perms, rematches = resumed["perms"], resumed["rematches"]
     matcher = SourceMatcher(
         bank, spec, space, perms=perms, rematches=rematches, seed=seed, rank=rank, world_size=world_size, choice=options,
+        probe=options.probe(skeleton, dataset) if rank == 0 else None,
     )
 
     bar = progress_bar(total=recipe.epochs, initial=start_epoch, desc="starlight", unit="epoch", enabled=not quiet and rank == 0, nested=True)

@@ -10,6 +10,8 @@ Appendix D.2), which the evaluation measures against the stars; ``--stage star``
 from seed ``2000 + s``, apart from the source and held-out seeds), with the regular recipe changed
 by ``--star-epochs``, ``--star-optimizer``, ``--star-lr``, ``--star-momentum`` and
 ``--star-weight-decay`` (a star optimizer other than the regular one does not inherit ``--lr``);
+``--sources-from PATTERN`` and ``--heldout-from PATTERN`` import those models from checkpoints
+trained elsewhere instead (:mod:`starfast.checkpoint_import`, :func:`starfast.pipeline.import_missing_models`);
 ``--stage evaluate`` measures the barriers and writes the report; ``--stage all`` (the default)
 runs models, star and evaluate, reusing whatever the run directory already holds.
 
@@ -27,7 +29,7 @@ import statistics
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from tqdm.auto import tqdm
@@ -38,13 +40,14 @@ from starfast.arguments import (
     DATA_ERRORS, check_data_dir, name_parser, parse_arch_kw, parse_arguments, parse_device, parse_extra_heldout,
     parse_milestones, run_command, auto_or_count,
 )
-from starfast.evaluate import add_evaluation_flags, evaluation_config, run_evaluation, sinkhorn_flags
+from starfast.evaluate import add_evaluation_flags, evaluation_config, matcher_fields, run_evaluation
 from starfast.evaluation import EvaluationConfig
 from starfast.files import StoredFileError, write_json
 from starfast.matchers import MATCHERS
 from starfast.models import ModelSpec
 from starfast.workload import Workload, choose_workload
-from starfast.pipeline import ExtraSet, ModelJob, regular_jobs, train_missing_models, train_missing_stars
+from starfast.checkpoint_import import find_checkpoints
+from starfast.pipeline import ExtraSet, ModelJob, import_missing_models, regular_jobs, train_missing_models, train_missing_stars
 from starfast.recipes import (
     MAIN_JOB_ARCH_KW, OPTIMIZERS, SCHEDULES, STAR_EPOCHS_FACTOR, Recipe, default_star_epochs, main_job_arch_kw, resolve,
     resolve_own,
@@ -69,17 +72,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--stage", choices=sorted(STAGES), default="all", help="what to run (default: all)")
     parser.add_argument("--run-dir", type=Path, help="run directory (default: runs/<dataset>-<arch>)")
-    parser.add_argument("--arch", type=name_parser(models.canonical_name), default="mlp", metavar="NAME",
+    parser.add_argument("--arch", type=name_parser(models.canonical_arch), default="mlp", metavar="NAME",
                         help=f"architecture: {', '.join(models.names())}; family names "
-                             f"{', '.join(models.ALIASES)} also work (default: mlp)")
+                             f"{', '.join(models.ALIASES)} also work; or your own network: package.module:factory or "
+                             "path/to/file.py:factory, a function given the --arch-kw values and whichever of "
+                             "num_classes, in_channels, input_shape it names (default: mlp)")
     parser.add_argument("--arch-kw", type=parse_arch_kw, action="append", default=[], metavar="KEY=VALUE",
                         help="architecture option, repeatable (e.g. --arch-kw width=64); default: none, except "
                              f"{ARCH_KW_DEFAULTS_HELP} (replaced as a whole by any --arch-kw)")
     parser.add_argument("--dataset", type=name_parser(data.canonical_name), default="digits", metavar="NAME",
                         help=f"dataset: {', '.join(data.names())} (default: digits)")
     parser.add_argument("--data-dir", type=Path, help="where file-based datasets live (default: $STARFAST_DATA or ~/.cache/starfast)")
-    parser.add_argument("--sources", type=int, default=10, help="number of source models, seeds 0..N-1 (default: 10)")
-    parser.add_argument("--heldout", type=int, default=3, help="number of held-out models, seeds 1000.. (default: 3)")
+    parser.add_argument("--sources", type=int, help="number of source models, seeds 0..N-1 (default: 10, or as many "
+                                                    "as --sources-from names)")
+    parser.add_argument("--heldout", type=int, help="number of held-out models, seeds 1000.. (default: 3, or as many as "
+                                                    "--heldout-from names)")
+    parser.add_argument("--sources-from", metavar="PATTERN",
+                        help="import the source models from checkpoints trained elsewhere instead of training them: a "
+                             "glob or a folder of .safetensors/.pt/.pth/.bin state dicts (also under a 'state_dict' or "
+                             "'model' key) or Hugging Face-style folders, in natural order as seeds 0..")
+    parser.add_argument("--heldout-from", metavar="PATTERN", help="import the held-out models likewise (seeds 1000..)")
     parser.add_argument("--extra-heldout", type=parse_extra_heldout, action="append", default=[],
                         metavar="NAME:COUNT[:KEY=VALUE,...]",
                         help="an extra held-out set, repeatable: COUNT models (seeds 3000..) in RUN/extra/NAME trained with "
@@ -127,7 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     star.add_argument("--rematch-async", action="store_true", help="re-match in a background thread while training")
     star.add_argument("--matcher", choices=MATCHERS, default="wm",
                       help="permutation finder of Starlight's re-matching: wm = weight matching, sinkhorn = Sinkhorn "
-                           "re-basin (options --sinkhorn-*), none = no permutation (default: wm)")
+                           "re-basin (options --sinkhorn-*), am = activation matching (--match-examples), ste = "
+                           "straight-through matching (--ste-*, --match-examples), none = no permutation (default: wm)")
+    star.add_argument("--star-match-restarts", type=int, default=1, metavar="R",
+                      help="restarts of every re-match per source, batched, the best kept (restart 0 warm-starts from "
+                           "the previous match; default: 1)")
     add_evaluation_flags(parser)
 
     speed = parser.add_argument_group("speed")
@@ -173,6 +189,7 @@ class RunContext:
     recipe: Recipe
     star_recipe: Recipe
     extra_sets: Tuple[ExtraSet, ...]
+    imports: Dict[str, Tuple[str, List[Path]]]  # role -> (the flag, the checkpoints to import as its seeds)
     star_options: StarlightOptions
     evaluation: EvaluationConfig
     speed: SpeedOptions
@@ -209,11 +226,19 @@ class RunContext:
 
 
 def models_stage(context: RunContext) -> int:
-    """Train the missing source, held-out and extra held-out models (this rank's share of them)."""
+    """Import the models given by ``--sources-from``/``--heldout-from`` (rank 0), and train the
+    missing source, held-out and extra held-out models (this rank's share of them)."""
     distributed = context.distributed
-    sets = context.model_sets()
-    share = set([job for _, jobs, _ in sets for job in jobs][distributed.rank :: distributed.world_size])
     failures: List[RuntimeError] = []
+    imported_roles = set(context.imports)
+    if distributed.rank == 0:
+        for role, (flag, checkpoints) in context.imports.items():
+            jobs = [job for job in regular_jobs(context.sources, context.heldout) if job.role == role]
+            failures += import_missing_models(context.run, context.spec, context.dataset, list(zip(jobs, checkpoints)),
+                                              flag=flag, report=context.report)[1]
+    sets = [(recipe, [job for job in jobs if job.role not in imported_roles], flags)
+            for recipe, jobs, flags in context.model_sets()]
+    share = set([job for _, jobs, _ in sets for job in jobs][distributed.rank :: distributed.world_size])
     for recipe, jobs, flags in sets:
         failures += train_missing_models(
             context.run, context.spec, context.dataset, recipe, [job for job in jobs if job in share],
@@ -300,6 +325,30 @@ def star_recipe_flags(args: argparse.Namespace, star_epochs: int) -> Dict[str, A
             "weight_decay": args.star_weight_decay}
 
 
+IMPORT_FLAGS = {"sources": "--sources-from", "heldout": "--heldout-from"}
+
+
+def checkpoints_to_import(args: argparse.Namespace) -> Dict[str, Tuple[str, List[Path]]]:
+    """Per role given ``--sources-from``/``--heldout-from``: the flag and the checkpoints it names
+    (:class:`~starfast.checkpoint_import.CheckpointImportError` when it names none)."""
+    patterns = {role: getattr(args, f"{role}_from") for role in IMPORT_FLAGS}
+    return {role: (IMPORT_FLAGS[role], find_checkpoints(pattern, IMPORT_FLAGS[role]))
+            for role, pattern in patterns.items() if pattern is not None}
+
+
+def model_count(args: argparse.Namespace, role: str, default: int, imports: Mapping[str, Tuple[str, List[Path]]]) -> int:
+    """``--sources``/``--heldout``: as given, else the number of checkpoints imported for the role,
+    else ``default``; a count that contradicts the checkpoints is refused."""
+    given = getattr(args, role)
+    if role not in imports:
+        return default if given is None else given
+    flag, checkpoints = imports[role]
+    if given is not None and given != len(checkpoints):
+        raise ValueError(f"--{role} {given} but {flag} names {len(checkpoints)} checkpoints ({checkpoints[0]} ...); drop "
+                         f"--{role} (the checkpoints set the count) or change the pattern")
+    return len(checkpoints)
+
+
 def build_context(args: argparse.Namespace, parser: argparse.ArgumentParser, distributed: Distributed) -> RunContext:
     """Every flag checked and turned into options before anything is loaded or written."""
     try:
@@ -323,18 +372,22 @@ def build_context(args: argparse.Namespace, parser: argparse.ArgumentParser, dis
             recipe, star_recipe = smoke.recipe(recipe), smoke.recipe(star_recipe)
             extra_sets = tuple(replace(extra, count=min(extra.count, smoke.SIZES["heldout"]), recipe=smoke.recipe(extra.recipe))
                                for extra in extra_sets)
-            for flag, cap in smoke.SIZES.items():
-                setattr(args, flag, min(getattr(args, flag), cap))
+            args.star_seeds = min(args.star_seeds, smoke.SIZES["star_seeds"])
         star_options = StarlightOptions(
             t_sampling=args.t_sampling, rematch_every=args.rematch_every, ce_weight=args.ce_weight,
             samples_per_step=args.samples_per_step, rematch_async=args.rematch_async, matcher=args.matcher,
-            **(sinkhorn_flags(args) if args.matcher == "sinkhorn" else {}),
+            match_restarts=args.star_match_restarts, **matcher_fields(args, args.matcher),
         )
         speed = SpeedOptions(precision=args.precision)
-        source_seeds(args.sources), heldout_seeds(args.heldout)
-        if args.sources < 1 or args.heldout < 1:
+        imports = checkpoints_to_import(args)
+        sources, heldout = (model_count(args, role, default, imports) for role, default in (("sources", 10), ("heldout", 3)))
+        if args.smoke:  # imported checkpoints are used as they are; trained ones are capped
+            sources, heldout = (count if role in imports else min(count, smoke.SIZES[role])
+                                for role, count in (("sources", sources), ("heldout", heldout)))
+        source_seeds(sources), heldout_seeds(heldout)
+        if sources < 1 or heldout < 1:
             raise ValueError(f"--sources and --heldout must each be >= 1 (a star needs sources, the tables held-out "
-                             f"models), got --sources {args.sources} --heldout {args.heldout}")
+                             f"models), got --sources {sources} --heldout {heldout}")
         if star_recipe.batch_size % star_options.samples_per_step:
             raise ValueError(f"--samples-per-step {star_options.samples_per_step} must divide --batch-size "
                              f"{star_recipe.batch_size} (each draw gets an equal chunk)")
@@ -363,10 +416,10 @@ def build_context(args: argparse.Namespace, parser: argparse.ArgumentParser, dis
         workload = choose_workload(skeleton, device, threads=args.threads, parallel_seeds=args.parallel_seeds)
     except ValueError as error:
         parser.error(str(error))
-    run = RunDir(args.run_dir or Path("runs") / f"{args.dataset}-{args.arch}{'-smoke' if args.smoke else ''}")
+    run = RunDir(args.run_dir or Path("runs") / f"{args.dataset}-{models.run_label(args.arch)}{'-smoke' if args.smoke else ''}")
     return RunContext(
-        run, device, dataset, spec, recipe, star_recipe, extra_sets, star_options, evaluation, speed, sources=args.sources,
-        heldout=args.heldout, star_seeds=args.star_seeds, workload=workload, progress=not args.quiet,
+        run, device, dataset, spec, recipe, star_recipe, extra_sets, imports, star_options, evaluation, speed,
+        sources=sources, heldout=heldout, star_seeds=args.star_seeds, workload=workload, progress=not args.quiet,
         distributed=distributed, smoke=args.smoke,
     )
 

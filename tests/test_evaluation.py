@@ -83,7 +83,7 @@ def test_results_file_table_and_plot(tmp_path, digits):
     for kind in ("regular_regular", "star_heldout", "star_source"):
         for split in ("train", "test"):
             summary = stored["barriers"][kind][split]
-            assert set(summary) == {"mean", "std", "min", "max", "values"}
+            assert set(summary) == {"mean", "std", "min", "max", "values", "ci", "matching"}
             assert summary["min"] <= summary["mean"] <= summary["max"]
             assert len(stored["curves"][kind][0]["t"]) == 3
     assert (folder / "table.md").read_text().startswith("| quantity |")
@@ -122,7 +122,7 @@ def test_an_interrupted_evaluation_resumes_at_the_next_pair(tmp_path, digits, mo
     from starfast import evaluation
 
     run = make_run(tmp_path, digits)
-    config = EvaluationConfig(ts=3, batch_size=600)
+    config = EvaluationConfig(ts=3, batch_size=600, matching_optima=1)  # one barrier curve per pair
     uninterrupted = evaluate_run(run, digits, config=config, progress=False)
     (run.results_folder / "partial.json").unlink()  # kept until write_results: start afresh
     real_curve, measured, interrupt_at = evaluation.barrier_curve, [], [3]

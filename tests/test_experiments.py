@@ -12,7 +12,7 @@ import types
 import pytest
 import torch
 
-from starfast import evaluation, pipeline
+from starfast import pipeline
 from starfast.evaluation import EvaluationConfig, LoadedModel
 from starfast.experiments import __main__ as cli
 from starfast.experiments.catalog import EXPERIMENTS, Settings
@@ -69,19 +69,19 @@ def test_points_share_models_and_star_sets_and_a_second_run_trains_and_measures_
 
 
 def test_an_interrupted_cell_resumes_at_its_next_pair(tmp_path, counted, monkeypatch):
-    measure = evaluation.barrier_curve
+    store = StoredCurves.add
     calls = []
 
-    def killed_at_the_third(*args, **kwargs):
+    def killed_at_the_third(*args, **kwargs):  # the third pair is measured, but killed before it is stored
         calls.append(1)
         if len(calls) == 3:
             raise RuntimeError("killed")
-        return measure(*args, **kwargs)
+        return store(*args, **kwargs)
 
-    monkeypatch.setattr(evaluation, "barrier_curve", killed_at_the_third)
+    monkeypatch.setattr(StoredCurves, "add", killed_at_the_third)
     points, errors = sweep("grid", [11], tmp_path)
     assert points == {} and "killed" in errors[""]
-    monkeypatch.setattr(evaluation, "barrier_curve", measure)
+    monkeypatch.setattr(StoredCurves, "add", store)
     points, errors = sweep("grid", [11], tmp_path)
     total = 1 * 2 + (1 + 2 * 2)  # star × held-out, held-out pairs and held-out × source pairs
     assert not errors and points[""][0]["measured_now"] == total - 2

@@ -1,4 +1,4 @@
-"""Model fusion (Table 2): accuracies equal a plain evaluation of the stored models, the cost
+"""Model fusion (Table 2): accuracies (MergeMany's too) equal a plain evaluation of the stored models, the cost
 columns equal hand counts, fusion stars are trained once (checkpointed) and reused, and the CLI
 validates its flags."""
 import json
@@ -6,7 +6,9 @@ import json
 import pytest
 import torch
 
-from starfast import data, pipeline
+from starfast import data, models, pipeline
+from starfast.flat import ParamSpace
+from starfast.merge_many import merge_many
 from starfast.evaluate import main as evaluate_main
 from starfast.files import load_state_dict, write_json
 from starfast.fusion import FusionConfig, fusion_table, star_recipe, usable_sizes, write_fusion
@@ -86,9 +88,16 @@ def test_table_matches_a_plain_evaluation_and_stars_are_reused(tmp_path, digits,
             module.load_state_dict(load_state_dict(path))
             stars.append(float((plain_probabilities(module, digits).argmax(-1) == labels).double().mean()))
         assert row["star"]["values"] == pytest.approx(stars, abs=1e-12)
+        merged = spec.build()
+        space = ParamSpace(merged)
+        bank = space.stack([run.build_model("sources", seed) for seed in range(size)])
+        space.load_(merged, merge_many(bank, models.permutation_spec(merged), space=space).row)
+        merged_accuracy = float((plain_probabilities(merged, digits).argmax(-1) == labels).double().mean())
+        assert row["mergemany"]["accuracy"] == pytest.approx(merged_accuracy, abs=1e-12) and row["mergemany"]["converged"]
         cost = row["cost"]
-        assert [cost[m]["flops_per_example"] for m in ("regular", "ensemble", "star")] == [flops, size * flops, flops]
-        assert [cost[m]["parameter_bytes"] for m in ("regular", "ensemble", "star")] == [parameter_bytes, size * parameter_bytes, parameter_bytes]
+        methods = ("regular", "ensemble", "star", "mergemany")
+        assert [cost[m]["flops_per_example"] for m in methods] == [flops, size * flops, flops, flops]
+        assert [cost[m]["parameter_bytes"] for m in methods] == [parameter_bytes, size * parameter_bytes, parameter_bytes, parameter_bytes]
         assert all(cost[m]["seconds_per_batch"] > 0 and cost[m]["clock"] == "cpu time, 1 thread" for m in cost)
 
     # A second call trains nothing and finds the same stars.
@@ -106,7 +115,7 @@ def test_table_matches_a_plain_evaluation_and_stars_are_reused(tmp_path, digits,
     folder = write_fusion(run, results)
     assert json.loads((folder / "fusion.json").read_text())["rows"][0]["size"] == 2
     table = (folder / "fusion.md").read_text()
-    assert "| 3 | ensemble |" in table and "best star" in table
+    assert "| 3 | ensemble |" in table and "best star" in table and "| 3 | mergemany |" in table and "MergeMany" in table
 
 
 def test_cli(tmp_path, digits, capsys):
@@ -115,6 +124,7 @@ def test_cli(tmp_path, digits, capsys):
     assert evaluate_main([str(run.path), "--fusion", "--fusion-sizes", "2,9", "--fusion-star-seeds", "1", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "--fusion-sizes 9 dropped: the run has 2 source models" in out and "| 2 | star |" in out
+    assert "| 2 | mergemany |" in out
     assert evaluate_main([str(run.path), "--fusion", "--fusion-sizes", "9", "--quiet"]) == 1
     assert "fewer than every --fusion-sizes value" in capsys.readouterr().err
     for bad in (["--fusion", "--fusion-sizes", "2,x"], ["--fusion", "--fusion-sizes", "0"], ["--fusion", "--fusion-ce-weight", "-1"],

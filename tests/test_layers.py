@@ -7,14 +7,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "starfast"
 
 # Lowest first. A module's layer is that of its longest listed prefix.
 LAYERS = [
-    ("core", ["starfast._C", "starfast.extension", "starfast.allocator", "starfast.names", "starfast.progress", "starfast.files", "starfast.flat",
-              "starfast.spec", "starfast.ops", "starfast.lap", "starfast.models", "starfast.data", "starfast.recipes",
+    ("core", ["starfast._C", "starfast.extension", "starfast.allocator", "starfast.workload", "starfast.names", "starfast.progress", "starfast.files", "starfast.checkpoint_import", "starfast.flat",
+              "starfast.spec", "starfast.tracing", "starfast.spec_check", "starfast.ops", "starfast.lap", "starfast.models", "starfast.data", "starfast.recipes",
               "starfast.testing"]),
     ("algorithm support", ["starfast.training_common", "starfast.bank", "starfast.bn", "starfast.warm_start",
-                           "starfast.calibration"]),
-    ("algorithms", ["starfast.matching", "starfast.sinkhorn", "starfast.matchers", "starfast.barrier", "starfast.training", "starfast.starlight", "starfast.theory"]),
+                           "starfast.calibration", "starfast.sites", "starfast.uncertainty"]),
+    ("algorithms", ["starfast.matching", "starfast.sinkhorn", "starfast.activation_matching", "starfast.ste_matching", "starfast.repair", "starfast.merge_many", "starfast.matchers", "starfast.barrier", "starfast.training", "starfast.starlight", "starfast.theory"]),
     ("run directory", ["starfast.rundir"]),
-    ("pipeline", ["starfast.pipeline", "starfast.evaluation", "starfast.bma", "starfast.fusion", "starfast.report",
+    ("pipeline", ["starfast.environment", "starfast.pipeline", "starfast.in_memory", "starfast.evaluation", "starfast.bma", "starfast.fusion", "starfast.report",
                   "starfast.experiments", "starfast.smoke"]),
     ("cli", ["starfast.arguments", "starfast.train", "starfast.evaluate", "starfast.theory.cli", "starfast.theory.__main__",
              "starfast.experiments.__main__", "starfast.check"]),

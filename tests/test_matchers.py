@@ -9,7 +9,7 @@ import torch
 from torch.func import functional_call
 
 from starfast import models
-from starfast.evaluation import EvaluationConfig, LoadedModel, _match
+from starfast.evaluation import EvaluationConfig, LoadedModel, align
 from starfast.files import write_json
 from starfast.flat import ParamSpace
 from starfast.matchers import MatcherChoice, find_permutations
@@ -218,12 +218,12 @@ def test_the_evaluation_with_none_measures_the_models_as_they_are(rng):
     space, spec = ParamSpace(skeleton), models.permutation_spec(skeleton)
     buffers = dict(skeleton.named_buffers())
     loaded = [LoadedModel(f"m{k}", 0.2 * torch.randn(space.size, generator=rng), buffers, "") for k in range(3)]
-    unmatched = _match(loaded[0], loaded[1:], spec, space, EvaluationConfig(matcher="none"))
-    for (got_buffers, got_row), partner in zip(unmatched, loaded[1:]):
-        assert got_row is partner.row and got_buffers is partner.buffers
-    aligned = _match(loaded[0], loaded[1:], spec, space, EvaluationConfig(matcher="sinkhorn", sinkhorn_steps=3))
-    for (_, row), partner in zip(aligned, loaded[1:]):  # a permutation of the partner's weights
-        assert torch.equal(row.sort().values, partner.row.sort().values)
+    unmatched = align(loaded[0], loaded[1:], spec, space, EvaluationConfig(matcher="none"))
+    for (got,), partner in zip(unmatched, loaded[1:]):
+        assert got.row is partner.row and got.buffers is partner.buffers
+    aligned = align(loaded[0], loaded[1:], spec, space, EvaluationConfig(matcher="sinkhorn", sinkhorn_steps=3))
+    for (got,), partner in zip(aligned, loaded[1:]):  # a permutation of the partner's weights
+        assert torch.equal(got.row.sort().values, partner.row.sort().values)
 
 
 # -- flags and settings ------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import torch
 
 from starfast import data, models, smoke
 from starfast.arguments import DATA_ERRORS, check_data_dir, name_parser, parse_arch_kw, parse_arguments, parse_device, run_command
+from starfast.environment import environment
 from starfast.experiments.catalog import EXPERIMENTS, PRESETS, Experiment
 from starfast.experiments.cells import cell_tasks
 from starfast.experiments.launch import LAUNCHERS, LauncherError, make_executor, run_cells
@@ -156,6 +157,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "verdict": (f"verdict ({experiment.name}): none: a smoke run, judged by completing; its numbers mean nothing"
                     if args.smoke else verdict(experiment, points, missing)),
         "curves_measured_now": sum(point["measured_now"] for point in points),
+        "environment": environment(torch.device(args.device)),
         "seconds": time.perf_counter() - started,
     }
     # A run with a failed cell never replaces complete results: its outputs go to NAME/incomplete/.

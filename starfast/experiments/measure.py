@@ -25,6 +25,7 @@ from starfast.flat import ParamSpace
 from starfast.experiments.plan import Perturbation, Point
 from starfast.progress import progress_bar
 from starfast.rundir import RunDir, RunDirError, extra_role, extra_seeds, heldout_seeds, source_seeds
+from starfast.uncertainty import bootstrap_interval, matching_range, pair_values
 
 SPLITS = ("train", "test")
 PERTURBATION_SEED = 4000
@@ -39,6 +40,8 @@ class StoredCurves:
         # Only the settings that differ from the defaults: a setting added later (at its default,
         # which measures as before) does not make the stored curves unreachable.
         defaults = asdict(EvaluationConfig())
+        # Except the matching's restarts: every curve stored before they existed was matched from one start.
+        defaults["match_restarts"] = 1
         self.settings = {key: value for key, value in asdict(config).items() if defaults.get(key, _ABSENT) != value}
         self.measured = 0  # curves added by this store (not found on disk)
 
@@ -117,7 +120,9 @@ def measure_point(run: RunDir, dataset: Any, point: Point, star_set: str, *, dev
 def summarise_pairs(curves: Sequence[Dict[str, Any]], heldout: Sequence[str]) -> Dict[str, Any]:
     """Per split: ``pairs`` (every pair's loss barrier: mean, std, min, max), ``per_heldout`` (each
     held-out model's mean over the pairs it ends) and ``over_heldout`` (those means summarised:
-    the paper's error bars over held-out models); ``accuracy_pairs`` for the accuracy barriers."""
+    the paper's error bars over held-out models, with ``ci``, the bootstrap interval of their mean
+    over the models, and ``matching``, its range over the matching's optima, see
+    :mod:`starfast.uncertainty`); ``accuracy_pairs`` for the accuracy barriers."""
     summary: Dict[str, Any] = {}
     for split in SPLITS:
         per_model: Dict[str, List[float]] = {label: [] for label in heldout}
@@ -126,11 +131,16 @@ def summarise_pairs(curves: Sequence[Dict[str, Any]], heldout: Sequence[str]) ->
                 if curve[end] in per_model:
                     per_model[curve[end]].append(curve["loss_barrier"][split])
         means = {label: sum(values) / len(values) for label, values in per_model.items() if values}
+        over_heldout = summarise(list(means.values()))
+        if over_heldout is not None:
+            ends = [(curve["a"], curve["b"]) for curve in curves]
+            over_heldout["ci"] = bootstrap_interval(pair_values(curves, "loss_barrier", split), ends, credited=heldout)
+            over_heldout["matching"] = matching_range(curves, "loss_barrier", split, credited=heldout)
         summary[split] = {
             "pairs": summarise([curve["loss_barrier"][split] for curve in curves]),
             "accuracy_pairs": summarise([curve["acc_barrier"][split] for curve in curves]),
             "per_heldout": means,
-            "over_heldout": summarise(list(means.values())),
+            "over_heldout": over_heldout,
         }
     return summary
 

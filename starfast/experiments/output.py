@@ -3,7 +3,11 @@
 All barriers are train-split loss barriers (eq. 1), as in the paper's figures and Tables 7–12.
 A point's "star–held-out" and "regular–regular" numbers are means ± std over the held-out models
 of each held-out model's mean barrier over its pairs (the paper's error bars "across held-out
-models"); the min and max columns are over single pairs (Table 8).
+models"), then the mean's 95% bootstrap interval over the models and the matching's kept optima,
+and its range over those optima (:mod:`starfast.uncertainty`); the min and max columns are over single pairs
+(Table 8). The verdict counts a difference (star below regular, a step along the axis) only when
+the bootstrap interval of the difference (both means on the same draws of the models and of the
+matching's kept optima) excludes 0, and counts it "within noise" otherwise.
 
 The figure takes the paper's form: ``sweep`` draws the star–held-out barrier against the sweep
 axis with error bars, and regular–regular as the paper draws its reference (one band when every
@@ -20,7 +24,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 from starfast.experiments.catalog import Experiment
 from starfast.experiments.plan import spelled
 from starfast.files import write_json
-from starfast.report import CLAIM_LOSS_FACTOR, pyplot, save_figure, write_text
+from starfast.report import CLAIM_LOSS_FACTOR, pairs_of, pyplot, save_figure, uncertainty_text, write_text
+from starfast.environment import environment_line
+from starfast.uncertainty import BOOTSTRAP_SEED, compare, difference_side
 
 SPLIT = "train"
 
@@ -30,7 +36,21 @@ def _barrier(point: Mapping[str, Any], kind: str, key: str = "over_heldout") -> 
 
 
 def _mean_std(summary: Optional[Mapping[str, Any]]) -> str:
-    return "—" if not summary else f"{summary['mean']:.4f} ± {summary['std']:.4f}"
+    return "—" if not summary else f"{summary['mean']:.4f} ± {summary['std']:.4f}{uncertainty_text(summary)}"
+
+
+def _side(first: Mapping[str, Any], first_kind: str, second: Mapping[str, Any], second_kind: str) -> str:
+    """Whether the mean barrier of ``first_kind`` at point ``first`` is below, above or within noise
+    of that of ``second_kind`` at ``second`` (:func:`starfast.uncertainty.difference_side`, the
+    per-held-out means on the same draws of the models); points without curves (or measured
+    before intervals existed) compare their means."""
+    a, b = _barrier(first, first_kind), _barrier(second, second_kind)
+    curves = [point.get("curves", {}).get(kind) for point, kind in ((first, first_kind), (second, second_kind))]
+    if "ci" not in a or "ci" not in b or not all(curves):
+        return compare((a["mean"], a["mean"]), (b["mean"], b["mean"]))
+    heldout = sorted(set(first["barriers"][first_kind][SPLIT]["per_heldout"]) | set(second["barriers"][second_kind][SPLIT]["per_heldout"]))
+    side, _ = difference_side(pairs_of(curves[0]), pairs_of(curves[1]), credited=heldout)
+    return side
 
 
 def _number(summary: Optional[Mapping[str, Any]], key: str) -> str:
@@ -74,9 +94,10 @@ def verdict(experiment: Experiment, points: Sequence[Mapping[str, Any]], missing
     if not measured:
         return f"verdict ({experiment.name}): nothing was measured" + (f" (failed: {', '.join(missing)})" if missing else "")
     ratios = [_barrier(point, "star_heldout")["mean"] / _barrier(point, "regular_regular")["mean"] for point in measured]
-    below = sum(ratio < 1 for ratio in ratios)
-    parts = [f"star–held-out below regular–regular at {below} of {len(measured)} points "
-             f"({min(ratios):.2f}–{max(ratios):.2f}× of it)"]
+    sides = [_side(point, "star_heldout", point, "regular_regular") for point in measured]
+    below, unclear = sides.count("below"), sides.count("within noise")
+    parts = [f"star–held-out below regular–regular at {below} of {len(measured)} points"
+             + (f", within noise at {unclear}" if unclear else "") + f" ({min(ratios):.2f}–{max(ratios):.2f}× of it)"]
     # A star (or perturbed star) far worse than the regular models has a low barrier for the wrong reason.
     worse = [point["label"] for point in measured if point.get("star_loss") and point.get("regular_loss")
              and point["star_loss"][SPLIT]["mean"] > CLAIM_LOSS_FACTOR * point["regular_loss"][SPLIT]["mean"]]
@@ -86,11 +107,13 @@ def verdict(experiment: Experiment, points: Sequence[Mapping[str, Any]], missing
     in_part = False  # the barrier falls overall, but not at every step
     if "falls" in experiment.claims:
         barriers = [_barrier(point, "star_heldout")["mean"] for point in measured]
-        steps = sum(later < earlier for earlier, later in zip(barriers, barriers[1:]))
+        moves = [_side(later, "star_heldout", earlier, "star_heldout") for earlier, later in zip(measured, measured[1:])]
+        steps, still = moves.count("below"), moves.count("within noise")
         first, last = measured[0], measured[-1]
         parts.insert(0, f"star–held-out goes from {barriers[0]:.4f} at {first['label']} to {barriers[-1]:.4f} at "
-                        f"{last['label']} ({steps} of {len(barriers) - 1} steps down)")
-        in_part = holds and barriers[-1] < barriers[0] and steps < len(barriers) - 1
+                        f"{last['label']} ({steps} of {len(barriers) - 1} steps down"
+                        + (f", {still} within noise" if still else "") + ")")
+        in_part = holds and _side(last, "star_heldout", first, "star_heldout") == "below" and steps < len(barriers) - 1
         holds = holds and steps == len(barriers) - 1
     if "separated" in experiment.claims:
         separated = [point["label"] for point in measured
@@ -104,7 +127,7 @@ def verdict(experiment: Experiment, points: Sequence[Mapping[str, Any]], missing
         parts.append(f"control {control['label']} (not the paper's claim): star–held-out {ratio:.2f}× regular–regular, "
                      f"star loss {losses:.3g}× the regular models'")
     outcome = ("the paper's trend holds here" if holds else "the paper's trend holds here only in part: not every step is "
-               "down" if in_part else "the paper's trend does not hold here")
+               "down beyond noise" if in_part else "the paper's trend does not hold here")
     if missing:
         outcome += f" (points not measured: {', '.join(missing)})"
     return f"verdict ({experiment.name}): {'; '.join(parts)}: {outcome}"
@@ -213,11 +236,13 @@ OUTPUT_NAMES = ("results.json", "table.md", "figure.png")  # an experiment's out
 
 
 def write_outputs(folder: Path, experiment: Experiment, results: Mapping[str, Any]) -> List[str]:
-    """``results.json``, ``table.md`` (notes, table, verdict) and ``figure.png`` into ``folder``;
-    returns the names written (of :data:`OUTPUT_NAMES`)."""
+    """``results.json``, ``table.md`` (notes with the environment, table, verdict) and ``figure.png``
+    into ``folder``; returns the names written (of :data:`OUTPUT_NAMES`)."""
     points = results["points"]
     write_json(folder / "results.json", dict(results))
     notes = [f"{experiment.name}: {experiment.paper}; {results['note']}"] + ([results["analogue"]] if results["analogue"] else [])
+    if results.get("environment"):  # results from before environments were recorded have none
+        notes.append(f"{environment_line(results['environment'])}; bootstrap seed {BOOTSTRAP_SEED}")
     write_text(folder / "table.md", "\n".join(notes) + "\n\n" + format_table(experiment, points) + "\n\n" + results["verdict"] + "\n")
     title = f"{experiment.paper.split(',')[0].split(' (')[0]} analogue: {results['dataset']}, {results['model']}"
     drawn = plot(folder / "figure.png", experiment, points, title)

@@ -11,6 +11,9 @@ the stem or the previous transition's conv) and the ``k`` channels of each earli
 segment is one group; it acts on its producer's output axis and, at the segment's offset, on
 every consumer of the concatenation: each later layer's BatchNorm (parameters and running stats)
 and conv input axis, the transition's (or final) BatchNorm and conv (or classifier) input axis.
+A segment is observed at its first consumer's conv (or classifier) input, after BN-ReLU, at its
+offset: later consumers see the same units through other BatchNorms, at a cost that grows with
+the block's depth.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from torch import nn
 
 from starfast.models.layer_axes import input_axes, output_axes
 from starfast.models.options import image_channels, positive_int
-from starfast.spec import Axis, Group, PermutationSpec
+from starfast.spec import Axis, Group, PermutationSpec, Site
 
 LAYERS_PER_BLOCK = 12
 BLOCKS = 3
@@ -77,6 +80,7 @@ class DenseNet40(nn.Module):
 
     def permutation_spec(self) -> PermutationSpec:
         axes: Dict[str, List[Axis]] = {}  # group name -> axes, in creation order
+        sites: Dict[str, Tuple[Site, ...]] = {}  # group name -> where it is first read
         sizes: Dict[str, int] = {}
         segments: List[Tuple[str, int, int]] = []  # (group, offset, size) of the current concatenation
 
@@ -88,6 +92,7 @@ class DenseNet40(nn.Module):
         def consume(bn_name: str, bn: nn.Module, consumer_name: str, consumer: nn.Module) -> None:
             for group, offset, _ in segments:
                 axes[group] += output_axes(bn_name, bn, offset) + input_axes(consumer_name, consumer, offset)
+                sites.setdefault(group, (Site(consumer_name, "input", 1, offset),))
 
         start_segment("conv1", self.conv1.out_channels, output_axes("conv1", self.conv1))
         for b in range(1, BLOCKS + 1):
@@ -101,7 +106,7 @@ class DenseNet40(nn.Module):
                 segments.clear()
                 start_segment(f"trans{b}.conv", transition.conv.out_channels, output_axes(f"trans{b}.conv", transition.conv))
         consume("bn", self.bn, "fc", self.fc)
-        return PermutationSpec([Group(name, sizes[name], tuple(group_axes)) for name, group_axes in axes.items()])
+        return PermutationSpec([Group(name, sizes[name], tuple(group_axes), sites[name]) for name, group_axes in axes.items()])
 
 
 def build_densenet40(num_classes: int, in_channels: int, input_shape, *, growth: int = 12) -> DenseNet40:

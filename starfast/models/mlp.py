@@ -2,7 +2,8 @@
 
 ``MLP`` flattens each example, applies ``depth`` hidden Linear layers of ``width`` units, each
 followed by an elementwise activation, and a Linear output layer. Every hidden layer's units are
-one permutation group (that layer's weight rows and bias, the next layer's weight columns).
+one permutation group (that layer's weight rows and bias, the next layer's weight columns),
+observed at the next layer's input (after the activation).
 
 ``MLP.stacked_forward`` runs K models whose parameters are stacked ``[K, ...]`` as one batched
 matmul per layer: training many small seeds at once (``--parallel-seeds``) pays ``vmap`` and
@@ -22,7 +23,7 @@ from torch import nn
 from starfast.models.layer_axes import input_axes, output_axes
 from starfast.models.options import activation_maker
 from starfast.models.options import boolean, positive_int
-from starfast.spec import Group, PermutationSpec
+from starfast.spec import Group, PermutationSpec, Site
 
 
 class MLP(nn.Module):
@@ -79,7 +80,7 @@ class MLP(nn.Module):
         for i, layer in enumerate(self.hidden):
             consumer_name, consumer = consumers[i]
             axes = output_axes(f"hidden.{i}", layer) + input_axes(consumer_name, consumer)
-            groups.append(Group(f"hidden.{i}", layer.out_features, axes))
+            groups.append(Group(f"hidden.{i}", layer.out_features, axes, (Site(consumer_name, "input", 1),)))
         return PermutationSpec(groups)
 
 

@@ -12,6 +12,11 @@ the residual stream shares one group, from the stem (or a projection shortcut) t
 projection shortcut — the stem / shortcut / last conv of each block and their BatchNorms as
 producers, the first conv / shortcut input / classifier as consumers. Each inner conv of a block
 (its output, BatchNorm, and the next conv's input) is a group of its own.
+
+Sites (where activation matching and REPAIR observe a group): the input of the layer that consumes
+it, i.e. after BatchNorm and the activation — each block's first conv for a stream (the stream
+after the block's closing activation), the classifier for the last one, the next conv for an
+inner group.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ from torch import nn
 
 from starfast.models.layer_axes import input_axes, output_axes
 from starfast.models.options import activation_maker, image_channels, scaled_channels
-from starfast.spec import Axis, Group, PermutationSpec
+from starfast.spec import Axis, Group, PermutationSpec, Site
 
 
 @dataclass(frozen=True)
@@ -34,25 +39,30 @@ class BlockAxes:
     inner: Tuple[Group, ...]  # groups private to the block
     writes: Tuple[Axis, ...]  # axes producing the outgoing stream
     new_stream_size: Optional[int]  # a projection shortcut starts a new stream of this size; None keeps the stream
+    read_sites: Tuple[Site, ...] = ()  # where the block's incoming stream can be observed
 
 
 def residual_stream_spec(
-    stem_writes: Sequence[Axis], stem_size: int, blocks: Sequence[BlockAxes], head_reads: Sequence[Axis]
+    stem_writes: Sequence[Axis], stem_size: int, blocks: Sequence[BlockAxes], head_reads: Sequence[Axis],
+    head_sites: Sequence[Site] = (),
 ) -> PermutationSpec:
-    """Spec of a residual network: streams named ``residual0``, ``residual1``… plus the blocks' inner groups."""
+    """Spec of a residual network: streams named ``residual0``, ``residual1``… plus the blocks' inner
+    groups. A stream is observed wherever a block (or the head) reads it: ``read_sites``, ``head_sites``."""
     groups: List[Group] = []
     streams = 0
-    stream, size = list(stem_writes), stem_size
+    stream, size, sites = list(stem_writes), stem_size, []
     for block in blocks:
         stream.extend(block.reads)
+        sites.extend(block.read_sites)
         if block.new_stream_size is not None:
-            groups.append(Group(f"residual{streams}", size, tuple(stream)))
+            groups.append(Group(f"residual{streams}", size, tuple(stream), tuple(sites)))
             streams += 1
-            stream, size = [], block.new_stream_size
+            stream, size, sites = [], block.new_stream_size, []
         groups.extend(block.inner)
         stream.extend(block.writes)
     stream.extend(head_reads)
-    groups.append(Group(f"residual{streams}", size, tuple(stream)))
+    sites.extend(head_sites)
+    groups.append(Group(f"residual{streams}", size, tuple(stream), tuple(sites)))
     return PermutationSpec(groups)
 
 
@@ -119,7 +129,8 @@ def resnet_spec(model: nn.Module) -> PermutationSpec:
             blocks.append(_post_activation_block_axes(f"layer{stage}.{i}", block))
         stage += 1
     stem_writes = output_axes("conv1", model.conv1) + output_axes("bn1", model.bn1)
-    return residual_stream_spec(stem_writes, model.conv1.out_channels, blocks, input_axes("fc", model.fc))
+    return residual_stream_spec(stem_writes, model.conv1.out_channels, blocks, input_axes("fc", model.fc),
+                                (Site("fc", "input", 1),))
 
 
 def _post_activation_block_axes(prefix: str, block: nn.Module) -> BlockAxes:
@@ -133,7 +144,7 @@ def _post_activation_block_axes(prefix: str, block: nn.Module) -> BlockAxes:
     inner = []
     for (conv_name, conv, bn_name, bn), (next_conv_name, next_conv, _, _) in zip(layers, layers[1:]):
         axes = output_axes(conv_name, conv) + output_axes(bn_name, bn) + input_axes(next_conv_name, next_conv)
-        inner.append(Group(conv_name, conv.out_channels, axes))
+        inner.append(Group(conv_name, conv.out_channels, axes, (Site(next_conv_name, "input", 1),)))
     first_name, first_conv = layers[0][0], layers[0][1]
     last_name, last_conv, last_bn_name, last_bn = layers[-1]
     reads = input_axes(first_name, first_conv)
@@ -144,7 +155,7 @@ def _post_activation_block_axes(prefix: str, block: nn.Module) -> BlockAxes:
         reads += input_axes(f"{prefix}.downsample.0", shortcut_conv)
         writes += output_axes(f"{prefix}.downsample.0", shortcut_conv) + output_axes(f"{prefix}.downsample.1", shortcut_bn)
         new_stream_size = last_conv.out_channels
-    return BlockAxes(reads, tuple(inner), writes, new_stream_size)
+    return BlockAxes(reads, tuple(inner), writes, new_stream_size, (Site(first_name, "input", 1),))
 
 
 def build_resnet18(num_classes: int, in_channels: int, input_shape, *, width: float = 1, activation: str = "relu") -> ResNet:

@@ -10,7 +10,7 @@ average pooling and a single Linear layer (the usual CIFAR choice).
 
 Spec: each conv's output channels are one group (the conv's weight rows and bias, its BatchNorm's
 parameters and running statistics when it has one, and the next conv's — or the classifier's —
-input axis).
+input axis), observed at that consumer's input (after BatchNorm, the activation and any pooling).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from torch import nn
 
 from starfast.models.layer_axes import input_axes, output_axes
 from starfast.models.options import activation_maker, boolean, image_channels, scaled_channels
-from starfast.spec import Group, PermutationSpec
+from starfast.spec import Group, PermutationSpec, Site
 
 POOL = "M"
 CONFIGS = {
@@ -56,7 +56,7 @@ class VGG(nn.Module):
             conv, after = self.features[i], self.features[i + 1]
             norm = output_axes(f"features.{i + 1}", after) if isinstance(after, nn.BatchNorm2d) else ()
             axes = output_axes(f"features.{i}", conv) + norm + input_axes(consumer_name, consumer)
-            groups.append(Group(f"features.{i}", conv.out_channels, axes))
+            groups.append(Group(f"features.{i}", conv.out_channels, axes, (Site(consumer_name, "input", 1),)))
         return PermutationSpec(groups)
 
 

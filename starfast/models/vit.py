@@ -17,6 +17,11 @@ Spec — every group below is exactly function-preserving:
 - ``blocks.{i}.attn.v{h}``: head ``h``'s value dims, carried into ``out``'s input axis.
 - ``blocks.{i}.mlp``: the MLP's hidden units.
 
+Sites (where activation matching and REPAIR observe a group) are post-normalisation: the stream
+at every LayerNorm's consumer (the q/k/v projections' input, ``fc1``'s input, the head's input),
+a head's query/key dims at the query and key outputs, its value dims at ``out``'s input, the MLP's
+hidden units at ``fc2``'s input (after GELU).
+
 Permuting whole heads is also a symmetry but is not a gather of single units, so it is not
 included.
 """
@@ -28,7 +33,7 @@ from torch import nn
 
 from starfast.models.layer_axes import input_axes, output_axes
 from starfast.models.options import image_channels, positive_int
-from starfast.spec import Axis, Group, PermutationSpec
+from starfast.spec import Axis, Group, PermutationSpec, Site
 
 
 class Attention(nn.Module):
@@ -100,9 +105,11 @@ class VisionTransformer(nn.Module):
         dim = self.head.in_features
         stream = list(output_axes("patch_embed", self.patch_embed)) + [Axis("cls_token", 2), Axis("pos_embed", 2)]
         groups = []
+        stream_sites = []
         for i, block in enumerate(self.blocks):
             prefix = f"blocks.{i}"
             attn = block.attn
+            stream_sites += [Site(f"{prefix}.attn.query", "input", -1), Site(f"{prefix}.mlp.fc1", "input", -1)]
             stream += output_axes(f"{prefix}.norm1", block.norm1)
             for projection in ("query", "key", "value"):
                 stream += input_axes(f"{prefix}.attn.{projection}", getattr(attn, projection))
@@ -118,12 +125,15 @@ class VisionTransformer(nn.Module):
                 value = output_axes(f"{prefix}.attn.value", attn.value, offset) + input_axes(
                     f"{prefix}.attn.out", attn.out, offset
                 )
-                groups.append(Group(f"{prefix}.attn.qk{h}", head_dim, query_key))
-                groups.append(Group(f"{prefix}.attn.v{h}", head_dim, value))
+                query_key_sites = (Site(f"{prefix}.attn.query", "output", -1, offset), Site(f"{prefix}.attn.key", "output", -1, offset))
+                groups.append(Group(f"{prefix}.attn.qk{h}", head_dim, query_key, query_key_sites))
+                groups.append(Group(f"{prefix}.attn.v{h}", head_dim, value, (Site(f"{prefix}.attn.out", "input", -1, offset),)))
             hidden_axes = output_axes(f"{prefix}.mlp.fc1", block.mlp.fc1) + input_axes(f"{prefix}.mlp.fc2", block.mlp.fc2)
-            groups.append(Group(f"{prefix}.mlp", block.mlp.fc1.out_features, hidden_axes))
+            mlp_sites = (Site(f"{prefix}.mlp.fc2", "input", -1),)
+            groups.append(Group(f"{prefix}.mlp", block.mlp.fc1.out_features, hidden_axes, mlp_sites))
         stream += output_axes("norm", self.norm) + input_axes("head", self.head)
-        return PermutationSpec([Group("stream", dim, tuple(stream))] + groups)
+        stream_sites.append(Site("head", "input", -1))
+        return PermutationSpec([Group("stream", dim, tuple(stream), tuple(stream_sites))] + groups)
 
 
 def build_vit(

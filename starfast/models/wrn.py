@@ -9,7 +9,9 @@ The ``activation`` option (relu, elu, silu) replaces every ReLU; the default bui
 Spec (via :func:`starfast.models.resnet.residual_stream_spec`): the stream is read by each
 block's ``bn1``, ``conv1`` and shortcut input, written by ``conv2`` and the shortcut conv, and
 finally read by the last BatchNorm and the classifier; each block's ``conv1`` output (with
-``bn2`` and ``conv2``'s input) is an inner group.
+``bn2`` and ``conv2``'s input) is an inner group. Sites are post-normalisation: a stream is
+observed at each block's ``conv1`` input (``act(bn1(stream))``) and the classifier's input, an
+inner group at ``conv2``'s input.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from torch import nn
 from starfast.models.layer_axes import input_axes, output_axes
 from starfast.models.options import activation_maker, image_channels
 from starfast.models.resnet import BlockAxes, residual_stream_spec
-from starfast.spec import Group, PermutationSpec
+from starfast.spec import Group, PermutationSpec, Site
 
 
 class PreActBlock(nn.Module):
@@ -54,8 +56,8 @@ class PreActBlock(nn.Module):
             reads += input_axes(f"{prefix}.shortcut", self.shortcut)
             writes += output_axes(f"{prefix}.shortcut", self.shortcut)
             new_stream_size = self.conv2.out_channels
-        inner = (Group(f"{prefix}.conv1", self.conv1.out_channels, inner_axes),)
-        return BlockAxes(reads, inner, writes, new_stream_size)
+        inner = (Group(f"{prefix}.conv1", self.conv1.out_channels, inner_axes, (Site(f"{prefix}.conv2", "input", 1),)),)
+        return BlockAxes(reads, inner, writes, new_stream_size, (Site(f"{prefix}.conv1", "input", 1),))
 
 
 class WideResNet(nn.Module):
@@ -95,7 +97,8 @@ class WideResNet(nn.Module):
             block.block_axes(f"stages.{s}.{i}") for s, stage in enumerate(self.stages) for i, block in enumerate(stage)
         ]
         head_reads = output_axes("bn", self.bn) + input_axes("fc", self.fc)
-        return residual_stream_spec(output_axes("conv1", self.conv1), self.conv1.out_channels, blocks, head_reads)
+        return residual_stream_spec(output_axes("conv1", self.conv1), self.conv1.out_channels, blocks, head_reads,
+                                    (Site("fc", "input", 1),))
 
 
 def build_wrn(num_classes: int, in_channels: int, input_shape, *, depth: int = 22, width: int = 1,
