@@ -2,12 +2,14 @@
 #              pure-PyTorch references), the C++ tests and the CUDA compile check
 # make demo  — the main job on the bundled default data
 # make bench — the pytest-benchmark suite
+# make bench-gpu — on a CUDA machine: the CUDA tests, the self-check and the GPU benchmarks, ~10 min,
+#              appended to benchmarks/RESULTS.md (benchmarks/gpu.py; without a GPU it says so and exits 0)
 # make theory — the paper's Appendix A experiments (Lemma 2, Tables 3 and 4)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test test-python test-fallback test-cpp cuda-check bench demo theory clean
+.PHONY: install test test-python test-fallback test-cpp cuda-check bench bench-gpu demo theory clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -69,6 +71,9 @@ endif
 bench: install
 	$(PY) -m pip install lapx >/dev/null 2>&1 || echo "lapx not installable: its column is skipped"
 	$(PY) -m pytest benchmarks -q --benchmark-columns=median,iqr,rounds --benchmark-sort=name
+
+bench-gpu: install
+	$(PY) benchmarks/gpu.py
 
 # The default main job, no tuning flags: mlp (3 hidden layers of 24) on digits, 10 sources,
 # 3 held-out, 3 stars trained 90 epochs; the barrier table and the verdict line (README, "The main job").

@@ -137,6 +137,7 @@ def train_missing_models(
     rank: int = 0,
     report: Callable[[str], None] = print,
     recipe_flags: str = "recipe flags",
+    judge_learning: bool = True,
 ) -> Tuple[List[ModelJob], List[RuntimeError]]:
     """Train the unfinished ``jobs`` into ``run`` (finished models are never retrained; one trained
     with another recipe is refused, the message naming ``recipe_flags``).
@@ -145,7 +146,8 @@ def train_missing_models(
     removed. With ``parallel_seeds`` K > 1, models of one role whose checkpoints are at the same
     epoch are trained K at a time. ``report`` gets one line per trained model. Returns
     ``(trained_jobs, failures)``: a seed whose loss diverged (:class:`TrainingDiverged`) or that
-    learned nothing (:class:`ModelDidNotLearn`) is not saved, and does not stop the others. A
+    learned nothing (:class:`ModelDidNotLearn`; unless ``judge_learning`` is False, as in smoke runs,
+    which are judged by completing) is not saved, and does not stop the others. A
     finished model whose file fails its checksum raises :class:`StoredFileError`.
     """
     if parallel_seeds < 1:
@@ -201,7 +203,7 @@ def train_missing_models(
         by_seed = {job.seed: (job, path) for job, path in zip(group, paths)}
         for result in results:
             job, path = by_seed[result.seed]
-            failed = chance.failure(job, result.metrics, recipe)
+            failed = chance.failure(job, result.metrics, recipe) if judge_learning else None
             if failed is not None:
                 failures.append(failed)
                 path.unlink(missing_ok=True)  # retraining the same seed and recipe would fail the same way

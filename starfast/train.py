@@ -27,14 +27,14 @@ import contextlib
 import os
 import statistics
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from tqdm.auto import tqdm
 
-from starfast import data, models
+from starfast import data, models, smoke
 from starfast.allocator import keep_freed_memory
 from starfast.arguments import (
     DATA_ERRORS, check_data_dir, name_parser, parse_arch_kw, parse_arguments, parse_device, parse_extra_heldout,
@@ -101,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu or cuda (default: cuda if available); under torchrun cuda means cuda:LOCAL_RANK")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or per-model lines")
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"smoke run: the same code path on {smoke.TRAIN_EXAMPLES} train / {smoke.TEST_EXAMPLES} test "
+                             f"examples, {smoke.EPOCHS} epoch per model and star, at most {smoke.SIZES['sources']} sources, "
+                             f"{smoke.SIZES['heldout']} held-out models and {smoke.SIZES['star_seeds']} star (default "
+                             "run directory runs/<dataset>-<arch>-smoke); its numbers mean nothing")
 
     recipe = parser.add_argument_group("recipe overrides (defaults: Appendix B of the paper, or a short preset for bundled data)")
     recipe.add_argument("--epochs", type=int)
@@ -194,6 +199,7 @@ class RunContext:
     workload: Workload
     progress: bool
     distributed: Distributed
+    smoke: bool = False
 
     def config(self) -> Dict[str, Any]:
         config = {
@@ -237,7 +243,7 @@ def models_stage(context: RunContext) -> int:
         failures += train_missing_models(
             context.run, context.spec, context.dataset, recipe, [job for job in jobs if job in share],
             parallel_seeds=context.workload.parallel_seeds, speed=context.speed, progress=context.progress,
-            rank=distributed.rank, report=context.report, recipe_flags=flags,
+            rank=distributed.rank, report=context.report, recipe_flags=flags, judge_learning=not context.smoke,
         )[1]
     for failure in failures:
         print(f"error: {failure}", file=sys.stderr)
@@ -362,6 +368,11 @@ def build_context(args: argparse.Namespace, parser: argparse.ArgumentParser, dis
             raise ValueError(f"--extra-heldout names must differ, got {', '.join(names)}")
         extra_sets = tuple(ExtraSet(name, count, resolve_own(args.arch, args.dataset, recipe_flags(args), own))
                            for name, count, own in args.extra_heldout)
+        if args.smoke:
+            recipe, star_recipe = smoke.recipe(recipe), smoke.recipe(star_recipe)
+            extra_sets = tuple(replace(extra, count=min(extra.count, smoke.SIZES["heldout"]), recipe=smoke.recipe(extra.recipe))
+                               for extra in extra_sets)
+            args.star_seeds = min(args.star_seeds, smoke.SIZES["star_seeds"])
         star_options = StarlightOptions(
             t_sampling=args.t_sampling, rematch_every=args.rematch_every, ce_weight=args.ce_weight,
             samples_per_step=args.samples_per_step, rematch_async=args.rematch_async, matcher=args.matcher,
@@ -370,6 +381,9 @@ def build_context(args: argparse.Namespace, parser: argparse.ArgumentParser, dis
         speed = SpeedOptions(precision=args.precision)
         imports = checkpoints_to_import(args)
         sources, heldout = (model_count(args, role, default, imports) for role, default in (("sources", 10), ("heldout", 3)))
+        if args.smoke:  # imported checkpoints are used as they are; trained ones are capped
+            sources, heldout = (count if role in imports else min(count, smoke.SIZES[role])
+                                for role, count in (("sources", sources), ("heldout", heldout)))
         source_seeds(sources), heldout_seeds(heldout)
         if sources < 1 or heldout < 1:
             raise ValueError(f"--sources and --heldout must each be >= 1 (a star needs sources, the tables held-out "
@@ -382,6 +396,11 @@ def build_context(args: argparse.Namespace, parser: argparse.ArgumentParser, dis
     except ValueError as error:
         parser.error(str(error))
     dataset = data.load(args.dataset, data_dir=args.data_dir, device=device)
+    if args.smoke:
+        try:
+            dataset = smoke.dataset(dataset)
+        except ValueError as error:
+            parser.error(str(error))
     try:
         for checked in (recipe, star_recipe, *(extra.recipe for extra in extra_sets)):
             steps_per_epoch(dataset, checked.batch_size, distributed.world_size)
@@ -397,11 +416,11 @@ def build_context(args: argparse.Namespace, parser: argparse.ArgumentParser, dis
         workload = choose_workload(skeleton, device, threads=args.threads, parallel_seeds=args.parallel_seeds)
     except ValueError as error:
         parser.error(str(error))
-    run = RunDir(args.run_dir or Path("runs") / f"{args.dataset}-{models.run_label(args.arch)}")
+    run = RunDir(args.run_dir or Path("runs") / f"{args.dataset}-{models.run_label(args.arch)}{'-smoke' if args.smoke else ''}")
     return RunContext(
         run, device, dataset, spec, recipe, star_recipe, extra_sets, imports, star_options, evaluation, speed,
         sources=sources, heldout=heldout, star_seeds=args.star_seeds, workload=workload, progress=not args.quiet,
-        distributed=distributed,
+        distributed=distributed, smoke=args.smoke,
     )
 
 
@@ -425,10 +444,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if distributed.rank == 0:
                 context.run.prepare(context.config())
             distributed.barrier()
+            if context.smoke:
+                print(smoke.BANNER)
             for stage in STAGES[args.stage]:
                 status = stage(context)
                 if status:
                     return status
+            if context.smoke:
+                print(f"smoke run completed in {context.run.path}. {smoke.BANNER}")
             return 0
     except (StoredFileError, TrainingDiverged, StarlightDiverged, OSError, *DATA_ERRORS) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -15,9 +15,9 @@ LAYERS = [
     ("algorithms", ["starfast.matching", "starfast.sinkhorn", "starfast.activation_matching", "starfast.ste_matching", "starfast.repair", "starfast.merge_many", "starfast.matchers", "starfast.barrier", "starfast.training", "starfast.starlight", "starfast.theory"]),
     ("run directory", ["starfast.rundir"]),
     ("pipeline", ["starfast.environment", "starfast.pipeline", "starfast.in_memory", "starfast.evaluation", "starfast.bma", "starfast.fusion", "starfast.report",
-                  "starfast.experiments"]),
+                  "starfast.experiments", "starfast.smoke"]),
     ("cli", ["starfast.arguments", "starfast.train", "starfast.evaluate", "starfast.theory.cli", "starfast.theory.__main__",
-             "starfast.experiments.__main__"]),
+             "starfast.experiments.__main__", "starfast.check"]),
 ]
 
 

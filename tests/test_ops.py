@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from starfast import extension, ops
+from starfast.testing.op_inputs import block_index, mismatches
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 needs_extension = pytest.mark.needs_extension
@@ -22,19 +23,6 @@ FLOATS = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 def dtype_id(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
-
-
-def block_index(length: int, rng: torch.Generator) -> torch.Tensor:
-    """A realistic index map: contiguous blocks (rows of weight matrices) moved as a whole."""
-    block = 7
-    blocks = torch.randperm(length // block, generator=rng)
-    index = (blocks.unsqueeze(1) * block + torch.arange(block)).reshape(-1)
-    return torch.cat([index, torch.arange(index.numel(), length)])
-
-
-def mismatches(got: torch.Tensor, want: torch.Tensor) -> str:
-    differ = got != want
-    return f"{int(differ.sum())} of {got.numel()} elements differ, e.g. {got[differ][:3].tolist()} vs {want[differ][:3].tolist()}"
 
 
 @needs_extension

@@ -260,3 +260,13 @@ class TensorDataset(Dataset):
         """
         check_split(split)
         return self._ready(self._inputs[split]), self._labels[split]
+
+    def subset(self, num_train: int, num_test: int) -> "TensorDataset":
+        """The first `num_train` train and `num_test` test examples (all of a smaller split), with
+        the same name, normalisation and augmentation: what smoke runs (`--smoke`) train on."""
+        if num_train < 1 or num_test < 1:
+            raise ValueError(f"a subset needs at least one example per split, got {num_train} and {num_test}")
+        return TensorDataset(self.name, self._inputs["train"][:num_train], self._labels["train"][:num_train],
+                             self._inputs["test"][:num_test], self._labels["test"][:num_test], self.num_classes,
+                             self.device, binary=self.binary, normalisation=self.normalisation,
+                             augmentation=self.augmentation)

@@ -11,6 +11,7 @@ reused, so a second invocation trains and measures nothing. ``--list`` shows the
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import shutil
 import sys
 import time
@@ -19,7 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from starfast import data, models
+from starfast import data, models, smoke
 from starfast.arguments import DATA_ERRORS, check_data_dir, name_parser, parse_arch_kw, parse_arguments, parse_device, run_command
 from starfast.environment import environment
 from starfast.experiments.catalog import EXPERIMENTS, PRESETS, Experiment
@@ -32,6 +33,7 @@ from starfast.names import resolve_name
 from starfast.progress import progress_bar
 from starfast.rundir import RunDir
 
+SMOKE_VALUES = 1  # a smoke run measures the first value of the sweep (unless --values says otherwise)
 INCOMPLETE_NAME = "incomplete"  # RUN/experiments/NAME/incomplete: the outputs of a run in which a cell failed
 
 
@@ -65,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--data-dir", type=Path, help="where file-based datasets live")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or per-model lines")
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"smoke run of the preset: its dataset, model and recipes on {smoke.TRAIN_EXAMPLES} train / "
+                             f"{smoke.TEST_EXAMPLES} test examples, {smoke.EPOCHS} epoch per model and star, at most "
+                             f"{smoke.SIZES['sources']} sources, {smoke.SIZES['heldout']} held-out models and "
+                             f"{smoke.SIZES['star_seeds']} star per point, the sweep's first value (default "
+                             "run directory runs/experiments-<preset>-smoke); its numbers mean nothing")
     return parser
 
 
@@ -104,10 +112,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         settings = experiment.settings(args.preset, dataset=args.dataset, arch=args.arch, arch_kw=dict(args.arch_kw),
                                        epochs=args.epochs, star_epochs=args.star_epochs, ce_weight=args.ce_weight)
         values = _values(experiment, args.values, args.preset)
+        if args.smoke:
+            sizes = {key: min(count, smoke.SIZES[key]) for key, count in sizes.items()}
+            settings = replace(settings, recipe=smoke.recipe(settings.recipe), star_recipe=smoke.recipe(settings.star_recipe),
+                               note=f"{smoke.BANNER} (a smoke run of: {settings.note})")
+            values = values if args.values else values[:SMOKE_VALUES]
+            print(smoke.BANNER)
         cells = experiment.cells(settings, values, sizes)
         check_data_dir(args.data_dir)
         parse_device(args.device)
-        base = RunDir(args.run_dir or Path("runs") / f"experiments-{args.preset}")
+        base = RunDir(args.run_dir or Path("runs") / f"experiments-{args.preset}{'-smoke' if args.smoke else ''}")
         # Stars with the cross-entropy term (Table 11) or other epochs are written beside the preset's, not over them.
         output_name = "-".join([experiment.name, *(f"{flag}={spelled(getattr(args, flag))}"
                                                    for flag in ("ce_weight", "epochs", "star_epochs") if getattr(args, flag))])
@@ -115,7 +129,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                  options=dict(args.launcher_kw))
     except (ValueError, TypeError, LauncherError) as error:
         parser.error(str(error))
-    tasks = cell_tasks(experiment.name, cells, base, device=args.device, data_dir=args.data_dir, progress=not args.quiet)
+    tasks = cell_tasks(experiment.name, cells, base, device=args.device, data_dir=args.data_dir, progress=not args.quiet,
+                       smoke_run=args.smoke)
     bar = progress_bar(total=sum(len(cell.points) for cell in cells), desc=f"{experiment.name} sweep", unit="point",
                        enabled=not args.quiet)
     try:
@@ -138,7 +153,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "dataset": settings.dataset, "model": f"{settings.arch} {dict(settings.arch_kw) or ''}".rstrip(),
         "recipe": settings.recipe.to_dict(), "star_recipe": settings.star_recipe.to_dict(), "axis": experiment.axis,
         "cells": {cell.key or "base": tasks[index].folder for index, cell in enumerate(cells)},
-        "points": points, "failed": errors, "verdict": verdict(experiment, points, missing),
+        "points": points, "failed": errors, "smoke": args.smoke,
+        "verdict": (f"verdict ({experiment.name}): none: a smoke run, judged by completing; its numbers mean nothing"
+                    if args.smoke else verdict(experiment, points, missing)),
         "curves_measured_now": sum(point["measured_now"] for point in points),
         "environment": environment(torch.device(args.device)),
         "seconds": time.perf_counter() - started,
@@ -158,6 +175,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(results["verdict"])
     names = [name for name in OUTPUT_NAMES if (folder / name).exists()]
     print(f"({results['seconds']:.1f} s; written to {folder}/{', '.join(names)})")
+    if args.smoke:
+        print(smoke.BANNER)
     if errors:
         kept = " (the complete results of an earlier run there are kept)" if (complete / "results.json").exists() else ""
         print(f"error: {len(errors)} of {len(cells)} cells failed; these partial results are in {folder}, not in "

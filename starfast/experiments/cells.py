@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from starfast import data
+from starfast import data, smoke
 from starfast.experiments.measure import measure_point
 from starfast.experiments.plan import Cell
 from starfast.models import ModelSpec
@@ -35,15 +35,18 @@ class CellFailed(RuntimeError):
 
 
 def run_cell(experiment: str, cell: Cell, run: RunDir, *, device: torch.device, data_dir: Optional[Path] = None,
-             progress: bool = True, on_point: Callable[[], None] = lambda: None) -> List[Dict[str, Any]]:
+             progress: bool = True, on_point: Callable[[], None] = lambda: None, smoke_run: bool = False) -> List[Dict[str, Any]]:
     """Run ``cell`` in ``run`` (see the module docstring); returns each point's measurements, and
-    calls ``on_point`` after each point."""
+    calls ``on_point`` after each point. A smoke run (:mod:`starfast.smoke`) reads the smoke subset
+    of the data and keeps models that learned nothing."""
     def report(line: str) -> None:
         if progress:
             tqdm.write(line)
 
     with run.locked(f"python -m starfast.experiments {experiment} (cell {cell.key or 'base'})"):
         dataset = data.load(cell.run.dataset, data_dir=data_dir, device=device)
+        if smoke_run:
+            dataset = smoke.dataset(dataset)
         spec = ModelSpec.for_dataset(cell.run.arch, dataset, dict(cell.run.arch_kw))
         stored = run.read_config() or {}
         counts = {role: max(wanted, stored.get(role) if isinstance(stored.get(role), int) else 0)
@@ -53,7 +56,8 @@ def run_cell(experiment: str, cell: Cell, run: RunDir, *, device: torch.device, 
                      **({"extra_heldout": extra_sets} if extra_sets else {})})
         regular = regular_jobs(cell.run.sources, cell.run.heldout)
         for recipe, jobs in [(cell.run.recipe, regular), *((extra.recipe, extra.jobs()) for extra in cell.run.extra_sets)]:
-            _, failures = train_missing_models(run, spec, dataset, recipe, jobs, progress=progress, report=report)
+            _, failures = train_missing_models(run, spec, dataset, recipe, jobs, progress=progress, report=report,
+                                               judge_learning=not smoke_run)
             if failures:
                 raise CellFailed(f"{run.path}: {len(failures)} model(s) could not be trained, first: {failures[0]}")
         measured = []
@@ -81,11 +85,12 @@ class CellTask:
     data_dir: Optional[str] = None
     progress: bool = True
     on_point: Optional[Callable[[], None]] = field(default=None, compare=False)
+    smoke: bool = False
 
     def __call__(self) -> List[Dict[str, Any]]:
         return run_cell(self.experiment, self.cell, RunDir(self.folder), device=torch.device(self.device),
                         data_dir=None if self.data_dir is None else Path(self.data_dir), progress=self.progress,
-                        on_point=self.on_point or (lambda: None))
+                        on_point=self.on_point or (lambda: None), smoke_run=self.smoke)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         """submitit's hook when a job is pre-empted or times out: submit the same task again; its
@@ -96,8 +101,8 @@ class CellTask:
 
 
 def cell_tasks(experiment: str, cells: Sequence[Cell], base: RunDir, *, device: str = "cpu",
-               data_dir: Optional[Path] = None, progress: bool = True) -> List[CellTask]:
+               data_dir: Optional[Path] = None, progress: bool = True, smoke_run: bool = False) -> List[CellTask]:
     """One task per cell: the base run directory for the cell of the base model and recipe
     (key ``""``), ``base.variant(key)`` for the others."""
     return [CellTask(experiment, cell, str((base.variant(cell.key) if cell.key else base).path), device,
-                     None if data_dir is None else str(data_dir), progress) for cell in cells]
+                     None if data_dir is None else str(data_dir), progress, smoke=smoke_run) for cell in cells]
