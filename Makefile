@@ -76,7 +76,7 @@ bench-gpu: install
 	$(PY) benchmarks/gpu.py
 
 # The default main job, no tuning flags: mlp (3 hidden layers of 24) on digits, 10 sources,
-# 3 held-out, 3 stars trained 90 epochs; the barrier table and the verdict line (README, "The main job").
+# 5 held-out, 3 stars trained 90 epochs; the barrier table and the verdict line (README, "The main job").
 demo: install
 	$(PY) -m starfast.train
 

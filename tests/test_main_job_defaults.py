@@ -27,7 +27,7 @@ def test_the_default_job_is_the_measured_digits_setting(tmp_path):
     assert context.star_recipe.epochs == STAR_EPOCHS_FACTOR["digits"] * BUNDLED_PRESETS["digits"].epochs == 90
     # Apart from its length the star trains with the regular recipe.
     assert context.star_recipe.to_dict() == {**context.recipe.to_dict(), "epochs": 90}
-    assert (context.sources, context.heldout, context.star_seeds) == (10, 3, 3)
+    assert (context.sources, context.heldout, context.star_seeds) == (10, 5, 3)
     assert context.star_options.t_sampling == "uniform"  # the paper's sampling
 
 
