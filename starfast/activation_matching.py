@@ -44,6 +44,7 @@ from torch.func import functional_call, vmap
 from starfast.bank import has_convolutions
 from starfast.flat import ParamSpace
 from starfast.lap import linear_assignment
+from starfast.matching import finder_bank
 from starfast.ops import permute
 from starfast.sinkhorn import working_rows
 from starfast.sites import SiteKey, batch_statistics_copy, observing
@@ -135,12 +136,7 @@ def activation_match(
     ``target``'s (see the module docstring). ``out``: a contiguous ``[N, P]`` tensor that becomes
     the result's ``permuted`` (not the sources themselves). ``models_per_call``: sources per
     vmapped forward (default: one for convolutional nets on the CPU, else :data:`MODELS_PER_CALL`)."""
-    if target.dim() != 1 or target.shape[0] != space.size:
-        raise ValueError(f"activation_match: target must be one row [{space.size}], got {tuple(target.shape)}")
-    single = sources.dim() == 1
-    bank = (sources.unsqueeze(0) if single else sources).detach().to(device=target.device, dtype=target.dtype)
-    if bank.dim() != 2 or bank.shape[1] != space.size:
-        raise ValueError(f"activation_match: sources must be [N, {space.size}] rows, got {tuple(sources.shape)}")
+    bank, single = finder_bank(target, sources, spec, space, "activation_match")
     if not isinstance(probe, ActivationProbe):
         raise TypeError("activation matching needs data: pass probe=ActivationProbe(skeleton, inputs) "
                         "(or ActivationProbe.from_dataset(skeleton, dataset, examples))")

@@ -281,6 +281,19 @@ def check_problem(spec: PermutationSpec, space: ParamSpace, bank: torch.Tensor, 
     space.check_bank(bank, caller)
 
 
+def finder_bank(target: torch.Tensor, sources: torch.Tensor, spec: PermutationSpec, space: ParamSpace,
+                caller: str) -> Tuple[torch.Tensor, bool]:
+    """``(bank, single)``: a finder's ``sources`` (``[N, P]`` or one ``[P]``) as a detached ``[N, P]``
+    bank on ``target``'s device and dtype, and whether one row was given; ``target`` must be one
+    row of ``space`` and the problem pass :func:`check_problem` (errors name ``caller``)."""
+    if target.dim() != 1 or target.shape[0] != space.size:
+        raise ValueError(f"{caller}: target must be one row [{space.size}], got {tuple(target.shape)}")
+    single = sources.dim() == 1
+    bank = (sources.unsqueeze(0) if single else sources).detach().to(device=target.device, dtype=target.dtype)
+    check_problem(spec, space, bank, caller)
+    return bank, single
+
+
 def group_cost(group: Group, space: ParamSpace, target_views, permuted, rows: Optional[torch.Tensor]) -> torch.Tensor:
     """``cost[b, j, k] = Σ_axes ⟨target unit j, permuted source b unit k⟩`` for ``rows`` (None: all).
 

@@ -56,7 +56,7 @@ import torch
 
 from starfast.flat import ParamSpace
 from starfast.lap import linear_assignment
-from starfast.matching import check_problem, group_cost
+from starfast.matching import finder_bank, group_cost
 from starfast.ops import permute, trusted_index_maps
 from starfast.spec import Group, Perm, PermutationSpec
 from starfast.training_common import stream_seed
@@ -129,11 +129,7 @@ def sinkhorn_match(
     check_options(lr, steps, temperature, iterations)
     if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
         raise ValueError(f"sinkhorn_match: restarts must be a positive int (--match-restarts), got {restarts!r}")
-    if target.dim() != 1 or target.shape[0] != space.size:
-        raise ValueError(f"sinkhorn_match: target must be one row [{space.size}], got {tuple(target.shape)}")
-    single = sources.dim() == 1
-    bank = (sources.unsqueeze(0) if single else sources).detach().to(device=target.device, dtype=target.dtype)
-    check_problem(spec, space, bank, "sinkhorn_match")
+    bank, single = finder_bank(target, sources, spec, space, "sinkhorn_match")
     target = target.detach()
     sources_count, device = bank.shape[0], bank.device
     groups = list(spec.groups)

@@ -33,7 +33,7 @@ from torch.func import functional_call, vmap
 
 from starfast.activation_matching import ActivationProbe
 from starfast.flat import ParamSpace
-from starfast.matching import MatchResult, match_weights
+from starfast.matching import MatchResult, finder_bank, match_weights
 from starfast.ops import permute
 from starfast.sinkhorn import working_rows
 from starfast.sites import batch_statistics_copy
@@ -92,12 +92,7 @@ def ste_match(
     ``None``: weight matching's (``seed`` and ``max_iter`` are its options). ``out``: a contiguous
     ``[N, P]`` tensor (not the sources) that becomes the result's ``permuted``."""
     check_options(lr, steps)
-    if target.dim() != 1 or target.shape[0] != space.size:
-        raise ValueError(f"ste_match: target must be one row [{space.size}], got {tuple(target.shape)}")
-    single = sources.dim() == 1
-    bank = (sources.unsqueeze(0) if single else sources).detach().to(device=target.device, dtype=target.dtype)
-    if bank.dim() != 2 or bank.shape[1] != space.size:
-        raise ValueError(f"ste_match: sources must be [N, {space.size}] rows, got {tuple(sources.shape)}")
+    bank, single = finder_bank(target, sources, spec, space, "ste_match")
     if not isinstance(probe, ActivationProbe) or probe.labels is None:
         raise TypeError("straight-through matching trains on a loss: pass probe=ActivationProbe.from_dataset(skeleton, "
                         "dataset, examples) (inputs with their labels)")
