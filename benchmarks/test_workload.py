@@ -1,4 +1,4 @@
-"""The default job's models stage (13 digits MLPs × 30 epochs) under the workload starfast chooses
+"""The default job's models stage (15 digits MLPs × 30 epochs) under the workload starfast chooses
 (one thread, 8 seeds at once) against torch's default threads and one seed at a time, each on an
 idle machine and with one core kept busy by another process (issue 23's target: the chosen
 workload with one core busy at most 1.5× its idle time).
